@@ -1,0 +1,1 @@
+//! Yardsticks for the three stages: evaluator CNN, FID, precision/recall, PSNR, SSIM.

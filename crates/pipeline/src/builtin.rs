@@ -1,0 +1,35 @@
+//! Config files compiled into the binary, so `pipeline` works from any folder; `--config`
+//! takes a path or one of these names.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+/// `(name, TOML text)` of every built-in config.
+pub const CONFIGS: &[(&str, &str)] = &[
+    ("vae-fmnist", include_str!("../../../configs/vae-fmnist.toml")),
+    ("vae-fmnist-full", include_str!("../../../configs/vae-fmnist-full.toml")),
+];
+
+/// Resolves `--config`: an existing file, or a built-in name (written to a temporary file so
+/// every error still names a file).
+pub fn resolve(arg: &str) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    let name = arg.trim_end_matches(".toml").rsplit('/').next().unwrap_or(arg);
+    match CONFIGS.iter().find(|(n, _)| *n == name) {
+        Some((n, text)) => {
+            let dir = std::env::temp_dir().join(format!("ldm-builtin-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let file = dir.join(format!("{n}.toml"));
+            std::fs::write(&file, text)?;
+            Ok(file)
+        }
+        None => {
+            let names: Vec<&str> = CONFIGS.iter().map(|(n, _)| *n).collect();
+            bail!("--config {arg}: no such file, and not a built-in config (built-in: {})", names.join(", "))
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! The command line: each subcommand parses its flags and calls one library function.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ldm_common::device::DeviceChoice;
+
+/// Latent diffusion in Rust: train a VAE, train a diffusion model on its latents, generate.
+#[derive(Debug, Parser)]
+#[command(name = "pipeline", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train the VAE (stage 1) and store its latent scale factor.
+    TrainVae(TrainVaeArgs),
+    /// Held-out reconstruction PSNR/SSIM and KL per latent dimension of a trained VAE.
+    EvalVae(EvalVaeArgs),
+}
+
+/// Flags shared by every training command.
+#[derive(Debug, Args)]
+pub struct TrainFlags {
+    /// Training steps (overrides `train.steps`).
+    #[arg(long, value_parser = positive_u64, allow_negative_numbers = true)]
+    pub steps: Option<u64>,
+    /// Images per step (overrides `train.batch_size`).
+    #[arg(long, value_parser = positive_usize, allow_negative_numbers = true)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate (overrides `train.lr`).
+    #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// Seed of every random choice (overrides `train.seed`).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Continue from `<out>/checkpoint` with the same optimizer state and data order.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainVaeArgs {
+    /// A config file, or the name of a built-in one (vae-fmnist, vae-fmnist-full, vae-animals).
+    #[arg(long, default_value = "vae-fmnist")]
+    pub config: String,
+    /// Data set folder (overrides `data.dir`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Output run folder.
+    #[arg(long, default_value = "runs/vae")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalVaeArgs {
+    /// A run folder written by `train-vae`.
+    #[arg(long, default_value = "runs/vae")]
+    pub vae: PathBuf,
+    /// Evaluate only the first N held-out images (0 = all).
+    #[arg(short = 'n', long, default_value_t = 0)]
+    pub n: usize,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct DeviceFlag {
+    /// cpu (burn-flex), libtorch (CPU via libtorch), cuda, cuda:N, or auto (CUDA when this
+    /// build and machine have it).
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+fn positive_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<i128>() {
+        Ok(v) if v >= 1 && v <= u64::MAX as i128 => Ok(v as u64),
+        _ => Err("expected a positive integer".into()),
+    }
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    positive_u64(s).map(|v| v as usize)
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err("expected a positive number".into()),
+    }
+}

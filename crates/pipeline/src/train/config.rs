@@ -1,0 +1,152 @@
+//! The `[train]` section shared by every training command.
+
+use serde::{Deserialize, Serialize};
+
+/// How the learning rate moves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecay {
+    Constant,
+    /// Cosine from `lr` down to `lr / 10` at the last step.
+    Cosine,
+}
+
+/// Optimisation and bookkeeping of one training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps in total (`--steps`).
+    #[serde(default = "d_steps")]
+    pub steps: u64,
+    /// Images per step (`--batch-size`).
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Peak learning rate of AdamW (`--lr`).
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    /// Linear warm-up from 0 to `lr` over this many steps.
+    #[serde(default = "d_warmup")]
+    pub warmup_steps: u64,
+    #[serde(default = "d_decay")]
+    pub lr_decay: LrDecay,
+    /// Decoupled weight decay of AdamW.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Per-parameter gradient-norm clipping (burn's `GradientClipping::Norm`); 0 disables it.
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    /// Seed of every random choice (`--seed`).
+    #[serde(default)]
+    pub seed: u64,
+    /// Steps between metric rows (and progress-bar updates).
+    #[serde(default = "d_log")]
+    pub log_every: u64,
+    /// Steps between sample grids.
+    #[serde(default = "d_sample")]
+    pub sample_every: u64,
+    /// Steps between checkpoints.
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: u64,
+}
+
+fn d_steps() -> u64 {
+    2000
+}
+fn d_batch() -> usize {
+    64
+}
+fn d_lr() -> f64 {
+    1e-3
+}
+fn d_warmup() -> u64 {
+    100
+}
+fn d_decay() -> LrDecay {
+    LrDecay::Cosine
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_log() -> u64 {
+    10
+}
+fn d_sample() -> u64 {
+    500
+}
+fn d_ckpt() -> u64 {
+    500
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        crate::config::parse_str("").expect("all keys have defaults")
+    }
+}
+
+impl TrainConfig {
+    /// Checks values; messages name the key and its flag.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("steps", "--steps", self.steps),
+            ("batch_size", "--batch-size", self.batch_size as u64),
+            ("log_every", "", self.log_every),
+            ("sample_every", "", self.sample_every),
+            ("checkpoint_every", "", self.checkpoint_every),
+        ];
+        for (key, flag, value) in positive {
+            if value == 0 {
+                let via = if flag.is_empty() { String::new() } else { format!(" ({flag})") };
+                return Err(format!("train.{key} = 0{via}: expected at least 1"));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(format!("train.lr = {} (--lr): expected a positive number", self.lr));
+        }
+        if !(self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
+            return Err("train.weight_decay and train.grad_clip must be >= 0".into());
+        }
+        Ok(())
+    }
+
+    /// Learning rate at `step` (0-based): linear warm-up, then constant or cosine decay.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        match self.lr_decay {
+            LrDecay::Constant => self.lr,
+            LrDecay::Cosine => {
+                let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f64;
+                let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+                let min = self.lr / 10.0;
+                min + 0.5 * (self.lr - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine() {
+        let c = TrainConfig {
+            steps: 1100,
+            warmup_steps: 100,
+            lr: 1.0,
+            ..TrainConfig::default()
+        };
+        assert!((c.lr_at(0) - 0.01).abs() < 1e-12);
+        assert!((c.lr_at(99) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(100) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(600) - 0.55).abs() < 1e-12);
+        assert!((c.lr_at(1100) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn zero_steps_is_refused() {
+        let c = TrainConfig { steps: 0, ..TrainConfig::default() };
+        assert_eq!(c.validate().unwrap_err(), "train.steps = 0 (--steps): expected at least 1");
+    }
+}

@@ -1,0 +1,9 @@
+//! Training, shared by every stage: config, loop, metrics and resumable state.
+
+pub mod config;
+pub mod metrics;
+pub mod state;
+pub mod trainer;
+
+pub use config::TrainConfig;
+pub use trainer::{Outcome, TrainTask, train};

@@ -1,0 +1,129 @@
+//! Helpers of the integration tests: run the real `pipeline` binary on small data made here.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs `pipeline` with `args` from `cwd`.
+pub fn pipeline_in(cwd: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(cwd)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the pipeline binary runs")
+}
+
+/// Runs `pipeline` with `args` from the test's temporary folder.
+pub fn pipeline(args: &[&str]) -> Output {
+    pipeline_in(&std::env::temp_dir(), args)
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts a failure whose last stderr line is one `error: ...` line containing `needle`,
+/// with no panic.
+pub fn assert_error(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected a failure, got success; stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(
+        (last.starts_with("error: ") || last.starts_with("error:")) && last.contains(needle),
+        "expected an error line containing {needle:?}, got: {err}"
+    );
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Writes a tiny MNIST-style IDX data set: `n` training and `n / 4` held-out 28x28 images of
+/// 4 classes (a bright square whose position encodes the class), with `classes.txt`.
+pub fn write_tiny_idx(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (prefix, count) in [("train", n), ("t10k", n / 4)] {
+        let mut pixels = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..count {
+            let label = (i % 4) as u8;
+            let (ox, oy) = (4 + 12 * (label as usize % 2), 4 + 12 * (label as usize / 2));
+            let size = 6 + (i * 7 % 5);
+            for y in 0..28 {
+                for x in 0..28 {
+                    let inside = (ox..ox + size).contains(&x) && (oy..oy + size).contains(&y);
+                    pixels.push(if inside { 200 + (i % 50) as u8 } else { (i * 13 % 20) as u8 });
+                }
+            }
+            labels.push(label);
+        }
+        let images = ldm_common::data::idx::encode_idx_u8(&[count, 28, 28], &pixels);
+        let labels = ldm_common::data::idx::encode_idx_u8(&[count], &labels);
+        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte.gz")), gzip(&images)).unwrap();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gzip(&labels)).unwrap();
+    }
+    std::fs::write(dir.join("classes.txt"), "top-left\ntop-right\nbottom-left\nbottom-right\n").unwrap();
+}
+
+/// A VAE config small enough to train a few steps in well under a second.
+pub fn tiny_vae_config(data_dir: &Path, extra_vae: &str) -> String {
+    format!(
+        r#"
+[data]
+source = "idx"
+dir = "{}"
+resolution = 32
+channels = 1
+
+[vae]
+downsample_factor = 4
+latent_channels = 2
+base_channels = 8
+channel_mult = [1, 1, 2]
+groups = 4
+{extra_vae}
+
+[train]
+steps = 4
+batch_size = 8
+lr = 1e-3
+warmup_steps = 1
+log_every = 1
+sample_every = 2
+checkpoint_every = 2
+"#,
+        data_dir.display()
+    )
+}
+
+/// A temporary folder with the tiny IDX set in `data/` and its config in `vae.toml`.
+pub struct TinyVae {
+    pub dir: tempfile::TempDir,
+}
+
+impl TinyVae {
+    pub fn new(extra_vae: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_idx(&dir.path().join("data"), 64);
+        std::fs::write(dir.path().join("vae.toml"), tiny_vae_config(&dir.path().join("data"), extra_vae)).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+}
