@@ -11,6 +11,9 @@ pub enum DiffusionError {
         value: String,
         expected: String,
     },
+    /// A sampling loop stopped because its progress callback asked it to.
+    #[error("sampling cancelled after {done} of {total} steps")]
+    Cancelled { done: usize, total: usize },
 }
 
 /// Shorthand for the crate's results.

@@ -10,6 +10,13 @@ pub mod denoiser;
 pub mod error;
 
 // -- math (schedules, parameterizations, losses, samplers) --
+pub mod guidance;
+pub mod loss;
+pub mod parameterization;
+pub mod process;
+pub mod sampler;
+pub mod schedule;
+pub mod spacing;
 
 // -- networks (embeddings, U-Net, DiT, text encoder) --
 pub mod attention;

@@ -9,6 +9,12 @@ use anyhow::{Result, bail};
 pub const CONFIGS: &[(&str, &str)] = &[
     ("vae-fmnist", include_str!("../../../configs/vae-fmnist.toml")),
     ("vae-fmnist-full", include_str!("../../../configs/vae-fmnist-full.toml")),
+    ("vae-animals", include_str!("../../../configs/vae-animals.toml")),
+    ("ldm-fmnist", include_str!("../../../configs/ldm-fmnist.toml")),
+    ("ldm-fmnist-unet", include_str!("../../../configs/ldm-fmnist-unet.toml")),
+    ("ldm-animals", include_str!("../../../configs/ldm-animals.toml")),
+    ("fashion-mnist", include_str!("../../../pipelines/fashion-mnist.toml")),
+    ("animals", include_str!("../../../pipelines/animals.toml")),
 ];
 
 /// Resolves `--config`: an existing file, or a built-in name (written to a temporary file so

@@ -19,6 +19,112 @@ pub enum Command {
     TrainVae(TrainVaeArgs),
     /// Held-out reconstruction PSNR/SSIM and KL per latent dimension of a trained VAE.
     EvalVae(EvalVaeArgs),
+    /// Train the latent diffusion model (stage 2) on a trained VAE's latents.
+    TrainLdm(TrainLdmArgs),
+    /// Held-out loss and variational bound (nats per latent dimension) of a trained LDM.
+    EvalLdm(EvalLdmArgs),
+    /// Print a noise schedule as CSV (t, beta, alphas_cumprod, snr, posterior terms).
+    Schedule(ScheduleArgs),
+    /// Generate images: encode -> diffuse -> decode, with class guidance.
+    Generate(GenerateCliArgs),
+    /// Run a whole recipe: train-vae, train-ldm, then a grid with one row per class.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainLdmArgs {
+    /// A config file, or the name of a built-in one (ldm-fmnist, ldm-animals, ...).
+    #[arg(long, default_value = "ldm-fmnist")]
+    pub config: String,
+    /// The VAE run folder whose latents are learned.
+    #[arg(long, default_value = "runs/vae")]
+    pub vae: PathBuf,
+    /// Output run folder.
+    #[arg(long, default_value = "runs/ldm")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalLdmArgs {
+    /// A run folder written by `train-ldm`.
+    #[arg(long, default_value = "runs/ldm")]
+    pub model: PathBuf,
+    /// Evaluate only the first N held-out latents (0 = all).
+    #[arg(short = 'n', long, default_value_t = 0)]
+    pub n: usize,
+    /// Timesteps drawn per latent for the bound's Monte-Carlo estimate.
+    #[arg(long, default_value_t = 4, value_parser = positive_usize, allow_negative_numbers = true)]
+    pub repeats: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// An LDM config (its `[schedule]` section is used), or a built-in name.
+    #[arg(long, default_value = "ldm-fmnist")]
+    pub config: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateCliArgs {
+    /// What to draw: for a class-conditional model, a prompt naming a class ("cat", "a cat").
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// The class to draw, by name.
+    #[arg(long)]
+    pub class: Option<String>,
+    /// Classifier-free guidance scale w (1 = none; default: the model's `guidance.cfg`).
+    #[arg(long, allow_negative_numbers = true)]
+    pub cfg: Option<f64>,
+    /// A run folder written by `train-ldm` (default: the model of the README's first command).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Sampler: ddpm, ddim, dpm-solver++, heun or langevin (default: the model's).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Denoising steps (default: the model's `sampler.steps`).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
+    pub steps: Option<i64>,
+    /// DDIM eta: 0 deterministic, 1 ancestral.
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Number of images.
+    #[arg(short = 'n', long, default_value_t = 16, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
+    pub n: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder.
+    #[arg(long, default_value = "generated")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A recipe file (pipelines/*.toml) or the name of a built-in one (animals, fashion-mnist).
+    pub recipe: String,
+    /// Steps of the VAE stage (overrides the VAE config).
+    #[arg(long, value_parser = positive_u64, allow_negative_numbers = true)]
+    pub vae_steps: Option<u64>,
+    /// Steps of the LDM stage (overrides the LDM config).
+    #[arg(long, value_parser = positive_u64, allow_negative_numbers = true)]
+    pub ldm_steps: Option<u64>,
+    /// Output folder (overrides the recipe's `out`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceFlag,
 }
 
 /// Flags shared by every training command.

@@ -7,7 +7,7 @@ use clap::Parser;
 
 use ldm_common::device::select;
 use ldm_pipeline::cli::{Cli, Command};
-use ldm_pipeline::{builtin, interrupt, vae_stage};
+use ldm_pipeline::{builtin, generate, interrupt, ldm_stage, recipe, vae_stage};
 
 fn main() -> ExitCode {
     interrupt::install();
@@ -73,5 +73,127 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::TrainLdm(a) => {
+            let device = select(a.device.device)?;
+            let config = builtin::resolve(&a.config)?;
+            let overrides = ldm_stage::Overrides {
+                steps: a.train.steps,
+                batch_size: a.train.batch_size,
+                lr: a.train.lr,
+                seed: a.train.seed,
+            };
+            eprintln!("train-ldm on {} -> {}", device.description, a.out.display());
+            match ldm_stage::train_ldm(&config, &a.vae, &overrides, &a.out, &device.device, a.train.resume)? {
+                Some(s) => {
+                    println!(
+                        "trained the LDM ({} parameters) for {} steps; outputs in {} (model.safetensors = EMA weights, ldm.json, metrics.csv, samples/)",
+                        s.num_params,
+                        s.steps,
+                        s.out.display()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => interrupted(&a.out),
+            }
+        }
+        Command::EvalLdm(a) => {
+            let device = select(a.device.device)?;
+            let run = ldm_stage::LdmRun::load(&a.model, &device.device)?;
+            let e = ldm_stage::eval_ldm(&run, a.n, a.repeats, a.seed, &device.device)?;
+            println!(
+                "{}: held-out loss {:.5}; variational bound {:.4} nats per latent dim (prior {:.4} + diffusion {:.4}; {} latents x {} timesteps)",
+                a.model.display(),
+                e.loss,
+                e.vlb_nats_per_dim,
+                e.prior_nats_per_dim,
+                e.diffusion_nats_per_dim,
+                e.latents,
+                e.timesteps_per_latent
+            );
+            if let Some(path) = a.json {
+                ldm_common::checkpoint::write_json(&path, &e)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schedule(a) => {
+            let config: ldm_stage::LdmRunConfig = ldm_pipeline::config::read(&builtin::resolve(&a.config)?)?;
+            let schedule = ldm_diffusion::schedule::Schedule::new(&config.schedule)?;
+            print!("{}", schedule.to_csv());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Generate(a) => {
+            let device = select(a.device.device)?;
+            let model = match a.model {
+                Some(m) => m,
+                None => generate::default_model()?,
+            };
+            let run = ldm_stage::LdmRun::load(&model, &device.device)?;
+            let mut sampler = run.config.sampler.clone();
+            if let Some(name) = &a.sampler {
+                sampler.kind = name.parse()?;
+            }
+            if let Some(steps) = a.steps {
+                let t = run.schedule.num_timesteps();
+                if steps < 1 || steps as usize > t {
+                    anyhow::bail!("--steps {steps}: expected 1 to {t} (the model's number of timesteps)");
+                }
+                sampler.steps = steps as usize;
+            }
+            if let Some(eta) = a.eta {
+                sampler.eta = eta;
+            }
+            if a.n < 1 {
+                anyhow::bail!("-n {}: expected at least one image", a.n);
+            }
+            let args = generate::GenerateArgs {
+                prompt: a.prompt,
+                class: a.class,
+                cfg: a.cfg,
+                sampler,
+                n: a.n as usize,
+                seed: a.seed,
+                out: a.out.clone(),
+            };
+            let record = generate::generate(&run, &args, &device.device)?;
+            println!(
+                "wrote {} images, grid.png and generate.json to {} ({}, cfg {}, {} {} steps, seed {})",
+                record.n,
+                a.out.display(),
+                record.class.as_deref().map(|c| format!("class {c}")).unwrap_or_else(|| "unconditional".into()),
+                record.cfg,
+                record.sampler.kind,
+                record.sampler.steps,
+                record.seed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(a) => {
+            let device = select(a.device.device)?;
+            let overrides = recipe::RunOverrides { vae_steps: a.vae_steps, ldm_steps: a.ldm_steps, out: a.out };
+            eprintln!("run {} on {}", a.recipe, device.description);
+            match recipe::run(&a.recipe, &overrides, &device.device)? {
+                Some(s) => {
+                    println!(
+                        "recipe done: VAE {}, LDM {}, grid {} (one row per class); `pipeline generate` now uses this model by default",
+                        s.vae.display(),
+                        s.ldm.display(),
+                        s.grid.display()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("interrupted: checkpoints saved; run the same command again to resume");
+                    Ok(ExitCode::from(INTERRUPTED))
+                }
+            }
+        }
     }
+}
+
+fn interrupted(out: &std::path::Path) -> Result<ExitCode> {
+    eprintln!(
+        "interrupted: checkpoint saved in {}; continue with the same command and --resume",
+        out.join("checkpoint").display()
+    );
+    Ok(ExitCode::from(INTERRUPTED))
 }

@@ -1,0 +1,314 @@
+//! Samplers: plain functions `sample_x(model, schedule, x, timesteps, ..., hooks)` over a
+//! [`Denoiser`] that answers eps at an integer timestep (the k-diffusion shape).
+//!
+//! Conventions shared by every sampler:
+//! - `x` lives at the noise level of `timesteps[0]`; the list is strictly descending and may
+//!   start below T - 1 (image-to-image / SDEdit start from a partially noised latent).
+//! - Step `i` moves from `timesteps[i]` to `timesteps[i + 1]`, the last step to the data
+//!   (alphabar = 1), so the result is a clean latent.
+//! - Every alphabar is read through [`Schedule::alpha_bar`] (floored at 2^-24 for
+//!   zero-terminal-SNR schedules), the same value the parameterization conversions use.
+//! - Randomness only comes from [`SampleHooks`]' noise source; guidance is a wrapper denoiser
+//!   ([`crate::guidance`]), never a branch here.
+
+mod ddim;
+mod ddpm;
+mod dpm_solver;
+mod heun;
+mod langevin;
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+pub use ddim::{ddim_sigma, sample_ddim};
+pub use ddpm::{DdpmVariance, sample_ddpm};
+pub use dpm_solver::sample_dpm_solver_pp;
+pub use heun::sample_heun;
+pub use langevin::sample_langevin;
+
+use crate::denoiser::Denoiser;
+use crate::error::{DiffusionError, Result};
+use crate::schedule::Schedule;
+use crate::spacing::{TimestepSpacing, timesteps};
+
+type NoiseFn<'a> = Box<dyn FnMut([usize; 4]) -> Tensor<4> + 'a>;
+type AfterStepFn<'a> = Box<dyn FnMut(usize, Option<usize>, Tensor<4>) -> Tensor<4> + 'a>;
+type ProgressFn<'a> = Box<dyn FnMut(usize, usize) -> bool + 'a>;
+
+/// What a sampling loop asks of its caller: fresh noise, a chance to edit the latent after each
+/// step, and progress reporting with cancellation.
+pub struct SampleHooks<'a> {
+    noise: NoiseFn<'a>,
+    after_step: Option<AfterStepFn<'a>>,
+    progress: Option<ProgressFn<'a>>,
+}
+
+impl<'a> SampleHooks<'a> {
+    /// Hooks drawing N(0, I) noise of a requested shape from `noise`.
+    pub fn new(noise: impl FnMut([usize; 4]) -> Tensor<4> + 'a) -> Self {
+        Self {
+            noise: Box::new(noise),
+            after_step: None,
+            progress: None,
+        }
+    }
+
+    /// Hooks whose noise is drawn on the host from `seed` (one stream per draw, purpose
+    /// `"sample-noise"`), so a seed gives the same samples on every backend.
+    pub fn seeded(seed: u64, device: Device) -> Self {
+        let mut draw = 0u64;
+        Self::new(move |shape| {
+            let mut rng = ldm_common::rng::stream(seed, "sample-noise", draw);
+            draw += 1;
+            ldm_common::rng::randn(&mut rng, shape, &device)
+        })
+    }
+
+    /// `f(step, t_next, x) -> x` runs after every step; `t_next` is the timestep `x` now lives
+    /// at (`None` after the last step: `x` is clean). Inpainting replaces the known region of
+    /// `x` here with the known latent noised to `t_next`.
+    pub fn with_after_step(
+        mut self,
+        f: impl FnMut(usize, Option<usize>, Tensor<4>) -> Tensor<4> + 'a,
+    ) -> Self {
+        self.after_step = Some(Box::new(f));
+        self
+    }
+
+    /// `f(done, total) -> keep_going` runs after every step; `false` cancels the loop, which
+    /// then returns [`DiffusionError::Cancelled`].
+    pub fn with_progress(mut self, f: impl FnMut(usize, usize) -> bool + 'a) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// N(0, I) noise shaped like `x`.
+    fn noise_like(&mut self, x: &Tensor<4>) -> Tensor<4> {
+        (self.noise)(x.dims())
+    }
+
+    /// After step `i` of `total`, landing at `next`: the after-step edit, then progress.
+    fn end_step(
+        &mut self,
+        i: usize,
+        total: usize,
+        next: Option<usize>,
+        x: Tensor<4>,
+    ) -> Result<Tensor<4>> {
+        let x = match &mut self.after_step {
+            Some(f) => f(i, next, x),
+            None => x,
+        };
+        if let Some(progress) = &mut self.progress
+            && !progress(i + 1, total)
+        {
+            return Err(DiffusionError::Cancelled {
+                done: i + 1,
+                total,
+            });
+        }
+        Ok(x)
+    }
+}
+
+/// `(i, t_i, t_{i+1})` for every step, `None` for the step that lands on the data.
+fn steps(timesteps: &[usize]) -> impl Iterator<Item = (usize, usize, Option<usize>)> + '_ {
+    timesteps
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (i, t, timesteps.get(i + 1).copied()))
+}
+
+/// alphabar at the level a step lands on: 1 for the data.
+fn alpha_bar_to(schedule: &Schedule, next: Option<usize>) -> f64 {
+    next.map_or(1.0, |s| schedule.alpha_bar(s))
+}
+
+/// Checks a timestep list: non-empty, strictly descending, below T.
+pub fn check_timesteps(schedule: &Schedule, timesteps: &[usize]) -> Result<()> {
+    let n = schedule.num_timesteps();
+    let ok = !timesteps.is_empty()
+        && timesteps[0] < n
+        && timesteps.windows(2).all(|w| w[0] > w[1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(DiffusionError::InvalidConfig {
+            key: "timesteps".into(),
+            value: format!("{timesteps:?}"),
+            expected: format!("a non-empty, strictly descending list of indices below {n}"),
+        })
+    }
+}
+
+/// Which sampler runs. Config / CLI names: `ddpm`, `ddim`, `dpm-solver++`, `heun`, `langevin`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SamplerKind {
+    #[serde(rename = "ddpm")]
+    Ddpm,
+    #[default]
+    #[serde(rename = "ddim")]
+    Ddim,
+    #[serde(rename = "dpm-solver++")]
+    DpmSolverPP,
+    #[serde(rename = "heun")]
+    Heun,
+    #[serde(rename = "langevin")]
+    Langevin,
+}
+
+impl SamplerKind {
+    pub const ALL: [Self; 5] = [
+        Self::Ddpm,
+        Self::Ddim,
+        Self::DpmSolverPP,
+        Self::Heun,
+        Self::Langevin,
+    ];
+
+    /// The config / CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddpm => "ddpm",
+            Self::Ddim => "ddim",
+            Self::DpmSolverPP => "dpm-solver++",
+            Self::Heun => "heun",
+            Self::Langevin => "langevin",
+        }
+    }
+}
+
+impl fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SamplerKind {
+    type Err = DiffusionError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| DiffusionError::InvalidConfig {
+                key: "sampler".into(),
+                value: s.into(),
+                expected: format!(
+                    "one of {}",
+                    Self::ALL.map(Self::name).join(", ")
+                ),
+            })
+    }
+}
+
+/// Everything that picks and tunes a sampler. TOML (`[sampler]`): `kind`, `steps`, `eta`,
+/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SamplerOptions {
+    pub kind: SamplerKind,
+    /// Number of denoising steps (timesteps visited).
+    pub steps: usize,
+    /// DDIM stochasticity: 0 deterministic, 1 the DDPM posterior variance (DDIM eq. 16).
+    pub eta: f64,
+    pub spacing: TimestepSpacing,
+    /// Variance of the ancestral DDPM sampler.
+    pub ddpm_variance: DdpmVariance,
+    /// Langevin corrector signal-to-noise ratio r (Song et al. 2021, Algorithm 5).
+    pub langevin_snr: f64,
+    /// Langevin corrector steps M per timestep (0: predictor only).
+    pub corrector_steps: usize,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            kind: SamplerKind::Ddim,
+            steps: 50,
+            eta: 0.0,
+            spacing: TimestepSpacing::Trailing,
+            ddpm_variance: DdpmVariance::Posterior,
+            langevin_snr: 0.16,
+            corrector_steps: 1,
+        }
+    }
+}
+
+impl SamplerOptions {
+    /// Checks the options against a schedule; messages name the key.
+    pub fn validate(&self, schedule: &Schedule) -> Result<()> {
+        let invalid = |key: &str, value: f64, expected: &str| {
+            Err(DiffusionError::InvalidConfig {
+                key: key.into(),
+                value: value.to_string(),
+                expected: expected.into(),
+            })
+        };
+        if !(0.0..=1.0).contains(&self.eta) {
+            return invalid("sampler.eta", self.eta, "a number in [0, 1]");
+        }
+        if !(self.langevin_snr > 0.0 && self.langevin_snr.is_finite()) {
+            return invalid(
+                "sampler.langevin_snr",
+                self.langevin_snr,
+                "a positive number (0.16 in Song et al. 2021)",
+            );
+        }
+        self.timesteps(schedule).map(|_| ())
+    }
+
+    /// The descending timesteps these options visit on `schedule`.
+    pub fn timesteps(&self, schedule: &Schedule) -> Result<Vec<usize>> {
+        timesteps(schedule.num_timesteps(), self.steps, self.spacing)
+    }
+}
+
+/// Runs the sampler of `options` from `x` at `options.timesteps(schedule)[0]`.
+pub fn sample(
+    model: &dyn Denoiser,
+    schedule: &Schedule,
+    x: Tensor<4>,
+    options: &SamplerOptions,
+    hooks: &mut SampleHooks,
+) -> Result<Tensor<4>> {
+    options.validate(schedule)?;
+    let ts = options.timesteps(schedule)?;
+    sample_from(model, schedule, x, &ts, options, hooks)
+}
+
+/// Runs the sampler of `options` over explicit `timesteps` (e.g. the tail of the list from
+/// [`crate::spacing::for_strength`] for image-to-image); `options.steps` and `spacing` are
+/// ignored.
+pub fn sample_from(
+    model: &dyn Denoiser,
+    schedule: &Schedule,
+    x: Tensor<4>,
+    timesteps: &[usize],
+    options: &SamplerOptions,
+    hooks: &mut SampleHooks,
+) -> Result<Tensor<4>> {
+    match options.kind {
+        SamplerKind::Ddpm => {
+            sample_ddpm(model, schedule, x, timesteps, options.ddpm_variance, hooks)
+        }
+        SamplerKind::Ddim => sample_ddim(model, schedule, x, timesteps, options.eta, hooks),
+        SamplerKind::DpmSolverPP => sample_dpm_solver_pp(model, schedule, x, timesteps, hooks),
+        SamplerKind::Heun => sample_heun(model, schedule, x, timesteps, hooks),
+        SamplerKind::Langevin => sample_langevin(
+            model,
+            schedule,
+            x,
+            timesteps,
+            options.langevin_snr,
+            options.corrector_steps,
+            hooks,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,459 @@
+//! Stage 2 wired to the VAE and disk: `pipeline train-ldm`, `pipeline eval-ldm`, and
+//! [`LdmRun`], a trained latent diffusion model loaded from its run folder.
+//!
+//! An LDM run folder holds `config.toml`, `model.safetensors` (the EMA weights, used for
+//! sampling), `ldm.json` (the VAE it belongs to, by path and checksum; shapes; classes),
+//! `metrics.csv`, `samples/step-*.png`, `latents/` (the cache) and `checkpoint/`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
+use ldm_common::data::{self, BatchOrder, Splits};
+use ldm_common::rng::{randn, stream};
+use ldm_common::weights::{load_record, load_safetensors, save_record, save_safetensors};
+use ldm_diffusion::backbone::{BackboneConfig, BackboneModel, ConditioningSpec};
+use ldm_diffusion::denoiser::{Backbone, Conditioning};
+use ldm_diffusion::loss::{LossWeighting, diffusion_loss};
+use ldm_diffusion::parameterization::Parameterization;
+use ldm_diffusion::process::q_sample;
+use ldm_diffusion::schedule::{Schedule, ScheduleConfig};
+use rand::RngExt;
+
+use crate::latents::{self, LatentSet, LatentSource};
+use crate::sampling::{self, GuidanceConfig};
+use ldm_diffusion::sampler::SamplerOptions;
+use crate::train::{self, Outcome, TrainConfig, TrainTask};
+use crate::vae_stage::VaeRun;
+use crate::{ema, run_dir};
+
+/// What the diffusion model is conditioned on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConditioningKind {
+    /// Unconditional.
+    None,
+    /// The class label, through a label embedding with a learned null class.
+    Class,
+}
+
+/// The `[diffusion]` section: what is learned and how.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionSettings {
+    #[serde(default)]
+    pub parameterization: Parameterization,
+    #[serde(default)]
+    pub loss: LossWeighting,
+    /// Which latent of q(z|x) is cached and learned.
+    #[serde(default = "d_latents")]
+    pub latents: LatentSource,
+    /// Decay of the EMA of the weights used for sampling.
+    #[serde(default = "d_ema")]
+    pub ema_decay: f64,
+    #[serde(default = "d_cond")]
+    pub conditioning: ConditioningKind,
+    /// Probability of replacing the condition by the null class in training (classifier-free
+    /// guidance, Ho & Salimans 2022).
+    #[serde(default = "d_uncond")]
+    pub p_uncond: f64,
+}
+
+fn d_latents() -> LatentSource {
+    LatentSource::Mean
+}
+fn d_ema() -> f64 {
+    0.999
+}
+fn d_cond() -> ConditioningKind {
+    ConditioningKind::None
+}
+fn d_uncond() -> f64 {
+    0.1
+}
+
+impl Default for DiffusionSettings {
+    fn default() -> Self {
+        crate::config::parse_str("").expect("all keys have defaults")
+    }
+}
+
+/// A `train-ldm` config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdmRunConfig {
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub diffusion: DiffusionSettings,
+    #[serde(default)]
+    pub backbone: BackboneConfig,
+    /// The sampler of the preview grids and `generate`'s default.
+    #[serde(default)]
+    pub sampler: SamplerOptions,
+    #[serde(default)]
+    pub guidance: GuidanceConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+impl LdmRunConfig {
+    /// Checks every section before anything is built.
+    pub fn validate(&self) -> Result<()> {
+        self.train.validate().map_err(anyhow::Error::msg)?;
+        self.diffusion.loss.validate()?;
+        self.diffusion.parameterization.check_schedule(&self.schedule)?;
+        let d = &self.diffusion;
+        if !(0.0..1.0).contains(&d.ema_decay) {
+            bail!("diffusion.ema_decay = {}: expected a number in [0, 1)", d.ema_decay);
+        }
+        if !(0.0..1.0).contains(&d.p_uncond) {
+            bail!("diffusion.p_uncond = {}: expected a probability in [0, 1)", d.p_uncond);
+        }
+        let schedule = Schedule::new(&self.schedule)?;
+        self.sampler.validate(&schedule)?;
+        self.guidance.validate()?;
+        Ok(())
+    }
+}
+
+/// What `ldm.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LdmInfo {
+    /// The VAE run folder, as given to `train-ldm`.
+    pub vae_dir: PathBuf,
+    /// SHA-256 of the VAE's `model.safetensors`: a model is refused with any other VAE.
+    pub vae_sha256: String,
+    pub latent_shape: [usize; 3],
+    pub class_names: Vec<String>,
+    pub num_params: usize,
+    pub steps: u64,
+    /// SHA-256 of this run's `model.safetensors`.
+    pub weights_sha256: String,
+}
+
+/// The conditioning spec of a config and data set.
+fn conditioning_spec(kind: ConditioningKind, num_classes: usize) -> ConditioningSpec {
+    ConditioningSpec {
+        num_classes: (kind == ConditioningKind::Class).then_some(num_classes),
+        text_dim: None,
+    }
+}
+
+/// A trained LDM with its VAE.
+pub struct LdmRun {
+    pub dir: PathBuf,
+    pub config: LdmRunConfig,
+    pub info: LdmInfo,
+    pub schedule: Schedule,
+    pub model: BackboneModel,
+    pub vae: VaeRun,
+}
+
+impl LdmRun {
+    /// Loads a run folder and the VAE it was trained on, refusing a VAE whose checksum differs.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: no such model folder (train one with `pipeline train-ldm --out {}`)", dir.display(), dir.display());
+        }
+        for file in ["config.toml", "ldm.json", "model.safetensors"] {
+            if !dir.join(file).exists() {
+                bail!("{}: incomplete LDM run, {file} is missing (finish it with `pipeline train-ldm --out {} --resume`)", dir.display(), dir.display());
+            }
+        }
+        let config: LdmRunConfig = crate::config::read(&dir.join("config.toml"))?;
+        let info: LdmInfo = read_json(&dir.join("ldm.json"))?;
+        let vae_dir = if info.vae_dir.is_absolute() { info.vae_dir.clone() } else { dir.join(&info.vae_dir) };
+        let vae = VaeRun::load(&vae_dir, device)?;
+        if vae.info.weights_sha256 != info.vae_sha256 {
+            bail!(
+                "{}: the VAE in {} has changed since this model was trained (sha256 {}…, expected {}…); retrain the LDM or restore that VAE",
+                dir.display(),
+                vae_dir.display(),
+                &vae.info.weights_sha256[..12],
+                &info.vae_sha256[..12.min(info.vae_sha256.len())]
+            );
+        }
+        let schedule = Schedule::new(&config.schedule)?;
+        let [c, s, _] = info.latent_shape;
+        let spec = conditioning_spec(config.diffusion.conditioning, info.class_names.len());
+        let model = config.backbone.init(c, s, &spec, device)?;
+        let model = load_safetensors(model, &dir.join("model.safetensors"))?;
+        Ok(Self { dir: dir.to_path_buf(), config, info, schedule, model, vae })
+    }
+
+    /// Whether the model was trained with class labels.
+    pub fn class_conditional(&self) -> bool {
+        self.config.diffusion.conditioning == ConditioningKind::Class
+    }
+}
+
+struct LdmTask {
+    latents: LatentSet,
+    order: BatchOrder,
+    schedule: Schedule,
+    settings: DiffusionSettings,
+    spec: ConditioningSpec,
+    seed: u64,
+    device: Device,
+    /// EMA weights, on the plain (no autodiff) device.
+    ema: BackboneModel,
+    vae: VaeRun,
+    sampler: SamplerOptions,
+    guidance: GuidanceConfig,
+    class_names: Vec<String>,
+    run_dir: PathBuf,
+}
+
+impl LdmTask {
+    /// Labels of a batch with a fraction `p_uncond` replaced by the null class.
+    fn labels(&self, indices: &[usize], step: u64) -> Option<Tensor<1, Int>> {
+        let num_classes = self.spec.num_classes?;
+        let mut rng = stream(self.seed, "ldm-cfg-drop", step);
+        let labels: Vec<i64> = indices
+            .iter()
+            .map(|&i| {
+                if rng.random::<f64>() < self.settings.p_uncond {
+                    num_classes as i64
+                } else {
+                    self.latents.labels[i] as i64
+                }
+            })
+            .collect();
+        Some(Tensor::from_data(TensorData::new(labels, Shape::new([indices.len()])), &self.device))
+    }
+}
+
+impl TrainTask for LdmTask {
+    type Model = BackboneModel;
+
+    fn metric_names(&self) -> Vec<&'static str> {
+        vec!["loss"]
+    }
+
+    fn forward(&mut self, model: &BackboneModel, step: u64) -> (Tensor<1>, Vec<Tensor<1>>) {
+        let indices = self.order.batch(step);
+        let b = indices.len();
+        let z0 = self.latents.batch(&indices, &self.device);
+        let mut rng = stream(self.seed, "ldm-t", step);
+        let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..self.schedule.num_timesteps())).collect();
+        let eps = randn(&mut stream(self.seed, "ldm-eps", step), z0.dims(), &self.device);
+        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
+        let t_float = Tensor::<1>::from_data(
+            TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), Shape::new([b])),
+            &self.device,
+        );
+        let cond = Conditioning { class: self.labels(&indices, step), text: None };
+        let output = model.forward(z_t, t_float, &cond);
+        let p = self.settings.parameterization;
+        let target = p.target(&self.schedule, z0, eps, &t);
+        let weights = self.settings.loss.weights(&self.schedule, p, &t, &self.device);
+        let loss = diffusion_loss(output, target, weights);
+        (loss.clone(), vec![loss])
+    }
+
+    fn after_update(&mut self, model: &BackboneModel, step: u64) {
+        let decay = ema::warmed_decay(self.settings.ema_decay, step);
+        self.ema = ema::update(self.ema.clone(), model, decay);
+    }
+
+    fn write_samples(&mut self, _model: &BackboneModel, step: u64) -> Result<()> {
+        let plain = self.ema.devices().into_iter().next().unwrap_or_else(Device::flex);
+        let n = self.class_names.len().clamp(1, 10);
+        let labels = self.spec.num_classes.map(|_| (0..n).collect::<Vec<usize>>());
+        let request = sampling::Request {
+            sampler: &self.sampler,
+            labels: labels.as_deref(),
+            num_classes: self.class_names.len(),
+            latent_shape: self.latents.meta.shape,
+            cfg: if labels.is_some() { self.guidance.cfg } else { 1.0 },
+            n,
+            seed: self.seed,
+        };
+        let latents = sampling::sample_latents(&self.ema, &self.schedule, self.settings.parameterization, &request, &plain, None)?;
+        let images = sampling::decode(&self.vae, latents);
+        let path = self.run_dir.join("samples").join(format!("step-{step:06}.png"));
+        ldm_common::image_io::write_grid(&path, images, n)?;
+        Ok(())
+    }
+
+    fn save_extra(&self, dir: &Path) -> Result<()> {
+        save_record(&self.ema, &dir.join("ema.bpk"))?;
+        Ok(())
+    }
+
+    fn load_extra(&mut self, dir: &Path) -> Result<()> {
+        self.ema = load_record(self.ema.clone(), &dir.join("ema.bpk"))?;
+        Ok(())
+    }
+}
+
+/// Flags of `train-ldm` that override config keys.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+/// What `train-ldm` reports.
+pub struct LdmSummary {
+    pub out: PathBuf,
+    pub steps: u64,
+    pub num_params: usize,
+}
+
+/// `pipeline train-ldm`: encodes (or reuses) the latent cache, trains, and writes the run
+/// folder; `None` when Ctrl-C stopped it after saving a checkpoint.
+pub fn train_ldm(
+    config_path: &Path,
+    vae_dir: &Path,
+    overrides: &Overrides,
+    out: &Path,
+    device: &Device,
+    resume: bool,
+) -> Result<Option<LdmSummary>> {
+    let mut config: LdmRunConfig = crate::config::read(config_path)?;
+    let t = &mut config.train;
+    if let Some(v) = overrides.steps { t.steps = v; }
+    if let Some(v) = overrides.batch_size { t.batch_size = v; }
+    if let Some(v) = overrides.lr { t.lr = v; }
+    if let Some(v) = overrides.seed { t.seed = v; }
+    config.validate()?;
+    let vae = VaeRun::load(vae_dir, device)?;
+    let [c, s, _] = vae.info.latent_shape;
+    let class_names = vae.info.class_names.clone();
+    let spec = conditioning_spec(config.diffusion.conditioning, class_names.len());
+    config.backbone.validate(c, s, &spec)?;
+    ensure_writable_dir(out)?;
+    run_dir::write_config(out, &config)?;
+
+    let Splits { train, .. } = data::load(&vae.config.data)?;
+    let latents = latents::load_or_encode(
+        &out.join("latents"),
+        "train",
+        &vae,
+        &train,
+        config.diffusion.latents,
+        config.train.seed,
+        device,
+    )?;
+    let schedule = Schedule::new(&config.schedule)?;
+    let ad = device.clone().autodiff();
+    ad.seed(config.train.seed);
+    let model = config.backbone.init(c, s, &spec, &ad)?;
+    let num_params = model.num_params();
+    let mut task = LdmTask {
+        order: BatchOrder::new(config.train.seed, latents.labels.len(), config.train.batch_size),
+        latents,
+        schedule,
+        settings: config.diffusion.clone(),
+        spec,
+        seed: config.train.seed,
+        device: ad.clone(),
+        ema: model.valid(),
+        vae,
+        sampler: config.sampler.clone(),
+        guidance: config.guidance.clone(),
+        class_names: class_names.clone(),
+        run_dir: out.to_path_buf(),
+    };
+    let architecture = format!("{:?} {:?} latent={c}x{s}x{s} classes={}", config.backbone, spec, class_names.len());
+    match train::train(&mut task, model, &config.train, architecture, out, resume)? {
+        Outcome::Finished(_) => {}
+        Outcome::Interrupted(_) => return Ok(None),
+    }
+    let weights = out.join("model.safetensors");
+    save_safetensors(&task.ema, &weights, &[("stage", "ldm"), ("weights", "ema")])?;
+    let info = LdmInfo {
+        vae_dir: std::path::absolute(vae_dir).unwrap_or_else(|_| vae_dir.to_path_buf()),
+        vae_sha256: task.vae.info.weights_sha256.clone(),
+        latent_shape: [c, s, s],
+        class_names,
+        num_params,
+        steps: config.train.steps,
+        weights_sha256: sha256_file(&weights)?,
+    };
+    write_json(&out.join("ldm.json"), &info).context("writing ldm.json")?;
+    Ok(Some(LdmSummary { out: out.to_path_buf(), steps: config.train.steps, num_params }))
+}
+
+/// Held-out figures of a trained LDM.
+#[derive(Debug, Clone, Serialize)]
+pub struct LdmEval {
+    pub latents: usize,
+    /// The training objective on held-out latents (t and noise drawn from the seed).
+    pub loss: f64,
+    /// Estimated negative ELBO, L_T + sum_t L_{t-1} + L_0, in nats per latent dimension.
+    pub vlb_nats_per_dim: f64,
+    /// Its parts: the prior term L_T and the diffusion terms, per latent dimension.
+    pub prior_nats_per_dim: f64,
+    pub diffusion_nats_per_dim: f64,
+    /// Timesteps drawn per latent for the Monte-Carlo estimate of sum_t L_{t-1}.
+    pub timesteps_per_latent: usize,
+}
+
+/// `pipeline eval-ldm`: held-out loss and the variational bound, estimated as
+/// L_T + T * mean over t ~ U{0..T-1} of L_{t-1} (Ho et al. 2020 eq. 5; unbiased).
+pub fn eval_ldm(run: &LdmRun, limit: usize, repeats: usize, seed: u64, device: &Device) -> Result<LdmEval> {
+    use ldm_diffusion::loss::{prior_kl, vlb_term};
+    use ldm_diffusion::sampler::DdpmVariance;
+    let Splits { held_out, .. } = data::load(&run.vae.config.data)?;
+    if held_out.labels.is_empty() {
+        bail!("the data set has no held-out images (data.held_out_fraction is 0)");
+    }
+    let latents = latents::load_or_encode(
+        &run.dir.join("latents"),
+        "held-out",
+        &run.vae,
+        &held_out,
+        run.config.diffusion.latents,
+        run.config.train.seed,
+        device,
+    )?;
+    let n = if limit == 0 { held_out.labels.len() } else { limit.min(held_out.labels.len()) };
+    let [c, h, w] = latents.meta.shape;
+    let dims = c * h * w;
+    let big_t = run.schedule.num_timesteps();
+    let p = run.config.diffusion.parameterization;
+    let (mut loss, mut prior, mut diffusion) = (0.0, 0.0, 0.0);
+    let indices: Vec<usize> = (0..n).collect();
+    for (k, chunk) in indices.chunks(250).enumerate() {
+        let z0 = latents.batch(chunk, device);
+        prior += ldm_common::tensor::scalar(prior_kl(&run.schedule, z0.clone()).sum()) / dims as f64;
+        for r in 0..repeats {
+            let counter = (k * repeats + r) as u64;
+            let mut rng = stream(seed, "eval-t", counter);
+            let t: Vec<usize> = chunk.iter().map(|_| rng.random_range(0..big_t)).collect();
+            let eps = randn(&mut stream(seed, "eval-eps", counter), z0.dims(), device);
+            let z_t = q_sample(&run.schedule, z0.clone(), &t, eps.clone());
+            let t_float = Tensor::<1>::from_data(TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), Shape::new([t.len()])), device);
+            let cond = if run.class_conditional() {
+                let nulls = vec![run.info.class_names.len() as i64; t.len()];
+                Conditioning { class: Some(Tensor::from_data(TensorData::new(nulls, Shape::new([t.len()])), device)), text: None }
+            } else {
+                Conditioning::none()
+            };
+            let out = run.model.forward(z_t.clone(), t_float, &cond);
+            let target = p.target(&run.schedule, z0.clone(), eps, &t);
+            loss += ldm_common::tensor::scalar(diffusion_loss(out.clone(), target, Tensor::ones([t.len()], device))) * t.len() as f64;
+            let eps_pred = p.eps(&run.schedule, z_t.clone(), out, &t);
+            let terms = vlb_term(&run.schedule, z0.clone(), z_t, &t, eps_pred, DdpmVariance::Posterior);
+            diffusion += ldm_common::tensor::scalar(terms.sum()) * big_t as f64 / dims as f64;
+        }
+    }
+    let (prior, diffusion) = (prior / n as f64, diffusion / (n * repeats) as f64);
+    Ok(LdmEval {
+        latents: n,
+        loss: loss / (n * repeats) as f64,
+        vlb_nats_per_dim: prior + diffusion,
+        prior_nats_per_dim: prior,
+        diffusion_nats_per_dim: diffusion,
+        timesteps_per_latent: repeats,
+    })
+}

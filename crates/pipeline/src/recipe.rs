@@ -1,0 +1,119 @@
+//! `pipeline run RECIPE`: the three stages of a recipe (pipelines/*.toml) in a row. A stage
+//! already finished is kept; one that was interrupted is resumed from its checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use burn::tensor::Device;
+use serde::Deserialize;
+
+use crate::sampling::{self, Request};
+use crate::{builtin, ldm_stage, vae_stage};
+
+/// A recipe file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Output folder: `<out>/vae`, `<out>/ldm`, `<out>/grid.png`.
+    pub out: PathBuf,
+    /// VAE config: a file or a built-in name.
+    pub vae: String,
+    /// LDM config: a file or a built-in name.
+    pub ldm: String,
+    #[serde(default)]
+    pub grid: GridSettings,
+}
+
+/// The closing grid: one row per class.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridSettings {
+    #[serde(default = "d_per_class")]
+    pub per_class: usize,
+    #[serde(default = "d_cfg")]
+    pub cfg: f64,
+}
+
+fn d_per_class() -> usize {
+    8
+}
+fn d_cfg() -> f64 {
+    5.0
+}
+
+impl Default for GridSettings {
+    fn default() -> Self {
+        Self { per_class: d_per_class(), cfg: d_cfg() }
+    }
+}
+
+/// Overrides from the command line.
+#[derive(Debug, Clone, Default)]
+pub struct RunOverrides {
+    pub vae_steps: Option<u64>,
+    pub ldm_steps: Option<u64>,
+    pub out: Option<PathBuf>,
+}
+
+/// Where a finished recipe put things.
+pub struct RunSummary {
+    pub vae: PathBuf,
+    pub ldm: PathBuf,
+    pub grid: PathBuf,
+}
+
+/// Whether a stage has a checkpoint to resume.
+fn has_checkpoint(dir: &Path) -> bool {
+    dir.join("checkpoint/state.json").exists()
+}
+
+/// Runs the recipe; `None` if Ctrl-C stopped a stage (its checkpoint is saved).
+pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option<RunSummary>> {
+    let recipe: Recipe = crate::config::read(&builtin::resolve(recipe_arg)?)?;
+    if recipe.grid.per_class == 0 {
+        bail!("grid.per_class = 0: expected at least 1");
+    }
+    let out = o.out.clone().unwrap_or(recipe.out.clone());
+    let (vae_dir, ldm_dir) = (out.join("vae"), out.join("ldm"));
+
+    if !vae_dir.join("vae.json").exists() {
+        eprintln!("== stage 1/3: train-vae ({}) -> {}", recipe.vae, vae_dir.display());
+        let overrides = vae_stage::Overrides { steps: o.vae_steps, ..Default::default() };
+        let resume = has_checkpoint(&vae_dir);
+        if vae_stage::train_vae(&builtin::resolve(&recipe.vae)?, &overrides, &vae_dir, device, resume)?.is_none() {
+            return Ok(None);
+        }
+    } else {
+        eprintln!("== stage 1/3: {} is trained, kept", vae_dir.display());
+    }
+    if !ldm_dir.join("ldm.json").exists() {
+        eprintln!("== stage 2/3: train-ldm ({}) -> {}", recipe.ldm, ldm_dir.display());
+        let overrides = ldm_stage::Overrides { steps: o.ldm_steps, ..Default::default() };
+        let resume = has_checkpoint(&ldm_dir);
+        if ldm_stage::train_ldm(&builtin::resolve(&recipe.ldm)?, &vae_dir, &overrides, &ldm_dir, device, resume)?.is_none() {
+            return Ok(None);
+        }
+    } else {
+        eprintln!("== stage 2/3: {} is trained, kept", ldm_dir.display());
+    }
+
+    eprintln!("== stage 3/3: a grid with one row per class");
+    let run = ldm_stage::LdmRun::load(&ldm_dir, device)?;
+    let classes = run.info.class_names.len().max(1);
+    let labels: Vec<usize> = (0..classes).flat_map(|c| std::iter::repeat_n(c, recipe.grid.per_class)).collect();
+    let request = Request {
+        sampler: &run.config.sampler,
+        labels: run.class_conditional().then_some(labels.as_slice()),
+        num_classes: run.info.class_names.len(),
+        latent_shape: run.info.latent_shape,
+        cfg: recipe.grid.cfg,
+        n: labels.len(),
+        seed: run.config.train.seed,
+    };
+    let latents = sampling::sample_latents(&run.model, &run.schedule, run.config.diffusion.parameterization, &request, device, None)?;
+    let images = sampling::decode(&run.vae, latents);
+    let grid = out.join("grid.png");
+    ldm_common::image_io::write_grid(&grid, images, recipe.grid.per_class)?;
+    crate::generate::set_default_model(&ldm_dir)?;
+    Ok(Some(RunSummary { vae: vae_dir, ldm: ldm_dir, grid }))
+}
