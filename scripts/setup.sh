@@ -18,7 +18,9 @@ case ":$PATH:" in
   *) echo "note: add $BIN_DIR to your PATH (export PATH=\"$BIN_DIR:\$PATH\")" ;;
 esac
 
-echo "== main job: train-vae on Fashion-MNIST (configs/vae-fmnist.toml), CPU"
-"$BIN_DIR/pipeline" train-vae --config configs/vae-fmnist.toml --out runs/vae-fmnist --device cpu
-"$BIN_DIR/pipeline" eval-vae --vae runs/vae-fmnist --device cpu
-echo "outputs: runs/vae-fmnist (model.safetensors, vae.json, metrics.csv, samples/*.png)"
+echo "== main job: the built-in recipe pipelines/animals.toml on the CPU (VAE, class-conditional LDM, a grid)"
+"$BIN_DIR/pipeline" run animals --device cpu
+echo "== the design card's command"
+"$BIN_DIR/pipeline" generate --prompt "cat" --cfg 5 --out runs/animals/cat --device cpu
+echo "outputs: runs/animals/ (vae/, ldm/, grid.png: one row per class), runs/animals/cat/ (16 cats, grid.png, generate.json)"
+echo "next: pipeline generate --prompt \"giraffe\" --cfg 5   (pipeline --help for every command)"

@@ -9,26 +9,52 @@ use common::*;
 fn trains_evaluates_and_writes_a_complete_run_folder() {
     let t = TinyVae::new("");
     let out = t.p("run");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &out, "--device", "cpu"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("latent scale factor"), "{}", stdout(&o));
-    for file in ["config.toml", "model.safetensors", "vae.json", "metrics.csv", "samples/step-000002.png", "samples/step-000004.png", "checkpoint/state.json"] {
+    for file in [
+        "config.toml",
+        "model.safetensors",
+        "vae.json",
+        "metrics.csv",
+        "samples/step-000002.png",
+        "samples/step-000004.png",
+        "checkpoint/state.json",
+    ] {
         assert!(t.path("run").join(file).exists(), "missing {file}");
     }
     let csv = std::fs::read_to_string(t.path("run/metrics.csv")).unwrap();
     let mut lines = csv.lines();
     assert_eq!(lines.next(), Some("step,recon,kl,loss,lr,images_per_s"));
     assert_eq!(lines.count(), 4);
-    let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path("run/vae.json")).unwrap()).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("run/vae.json")).unwrap()).unwrap();
     let scale = info["latent_scale"].as_f64().unwrap();
     assert!(scale.is_finite() && scale > 0.0);
     assert_eq!(info["latent_shape"], serde_json::json!([2, 8, 8]));
     assert_eq!(info["class_names"][1], "top-right");
 
-    let o = pipeline(&["eval-vae", "--vae", &out, "--device", "cpu", "--json", &t.p("eval.json")]);
+    let o = pipeline(&[
+        "eval-vae",
+        "--vae",
+        &out,
+        "--device",
+        "cpu",
+        "--json",
+        &t.p("eval.json"),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("held-out PSNR"), "{}", stdout(&o));
-    let e: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path("eval.json")).unwrap()).unwrap();
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("eval.json")).unwrap()).unwrap();
     assert_eq!(e["images"], 16);
     assert!(e["psnr_db"].as_f64().unwrap() > 3.0);
 }
@@ -37,11 +63,38 @@ fn trains_evaluates_and_writes_a_complete_run_folder() {
 fn resume_continues_exactly_where_the_run_stopped() {
     let t = TinyVae::new("");
     let cfg = t.p("vae.toml");
-    let straight = pipeline(&["train-vae", "--config", &cfg, "--out", &t.p("a"), "--device", "cpu"]);
+    let straight = pipeline(&[
+        "train-vae",
+        "--config",
+        &cfg,
+        "--out",
+        &t.p("a"),
+        "--device",
+        "cpu",
+    ]);
     assert!(straight.status.success(), "{}", stderr(&straight));
-    let first = pipeline(&["train-vae", "--config", &cfg, "--out", &t.p("b"), "--device", "cpu", "--steps", "2"]);
+    let first = pipeline(&[
+        "train-vae",
+        "--config",
+        &cfg,
+        "--out",
+        &t.p("b"),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+    ]);
     assert!(first.status.success(), "{}", stderr(&first));
-    let resumed = pipeline(&["train-vae", "--config", &cfg, "--out", &t.p("b"), "--device", "cpu", "--resume"]);
+    let resumed = pipeline(&[
+        "train-vae",
+        "--config",
+        &cfg,
+        "--out",
+        &t.p("b"),
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
     assert!(resumed.status.success(), "{}", stderr(&resumed));
     let losses = |run: &str| -> Vec<String> {
         std::fs::read_to_string(t.path(run).join("metrics.csv"))
@@ -50,18 +103,39 @@ fn resume_continues_exactly_where_the_run_stopped() {
             .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
             .collect()
     };
-    assert_eq!(losses("a"), losses("b"), "the resumed run saw other batches or optimizer state");
+    assert_eq!(
+        losses("a"),
+        losses("b"),
+        "the resumed run saw other batches or optimizer state"
+    );
     // With warm-up 1, steps 0-1 have the same learning rate under a 2-step and a 4-step
     // schedule, so the resumed run must end with exactly the weights of the straight one.
-    let sha = |run: &str| ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap();
-    assert_eq!(sha("a"), sha("b"), "resumed weights differ from the uninterrupted run");
+    let sha = |run: &str| {
+        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
+    };
+    assert_eq!(
+        sha("a"),
+        sha("b"),
+        "resumed weights differ from the uninterrupted run"
+    );
 }
 
 #[test]
 fn missing_dataset_says_how_to_install_it() {
     let t = TinyVae::new("");
-    let o = pipeline(&["train-vae", "--data", "/nonexistent/fmnist", "--out", &t.p("r"), "--device", "cpu"]);
-    assert_error(&o, "/nonexistent/fmnist: data set folder not found: install it with `bash scripts/install_data.sh`");
+    let o = pipeline(&[
+        "train-vae",
+        "--data",
+        "/nonexistent/fmnist",
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
+    assert_error(
+        &o,
+        "/nonexistent/fmnist: data set folder not found: install it with `bash scripts/install_data.sh`",
+    );
 }
 
 #[test]
@@ -70,11 +144,30 @@ fn truncated_and_non_idx_files_are_named() {
     let images = t.path("data/train-images-idx3-ubyte.gz");
     let bytes = std::fs::read(&images).unwrap();
     std::fs::write(&images, &bytes[..bytes.len() / 2]).unwrap();
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), "--device", "cpu"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, "train-images-idx3-ubyte.gz: not a valid gzip file");
     std::fs::write(&images, b"this is not an IDX file at all").unwrap();
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), "--device", "cpu"]);
-    assert_error(&o, "train-images-idx3-ubyte.gz: not an IDX u8 file with 3 dimensions");
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
+    assert_error(
+        &o,
+        "train-images-idx3-ubyte.gz: not an IDX u8 file with 3 dimensions",
+    );
 }
 
 fn image_folder_config(dir: &std::path::Path) -> String {
@@ -98,14 +191,29 @@ fn trains_on_an_image_folder_with_captions() {
             img.save(data.join(class).join(format!("{i}.png"))).unwrap();
         }
     }
-    std::fs::write(data.join("captions.jsonl"), "{\"file\": \"cat/0.png\", \"caption\": \"a cat\"}\n").unwrap();
+    std::fs::write(
+        data.join("captions.jsonl"),
+        "{\"file\": \"cat/0.png\", \"caption\": \"a cat\"}\n",
+    )
+    .unwrap();
     let cfg = t.path().join("c.toml");
     std::fs::write(&cfg, image_folder_config(&data)).unwrap();
     let out = t.path().join("run");
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let info = std::fs::read_to_string(out.join("vae.json")).unwrap();
-    assert!(info.contains("\"cat\"") && info.contains("\"dog\""), "{info}");
+    assert!(
+        info.contains("\"cat\"") && info.contains("\"dog\""),
+        "{info}"
+    );
     assert!(info.contains("16"), "{info}");
 }
 
@@ -116,7 +224,17 @@ fn empty_image_folder_and_unreadable_image() {
     std::fs::create_dir_all(&data).unwrap();
     let cfg = t.path().join("c.toml");
     std::fs::write(&cfg, image_folder_config(&data)).unwrap();
-    let run = |out: &str| pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", t.path().join(out).to_str().unwrap(), "--device", "cpu"]);
+    let run = |out: &str| {
+        pipeline(&[
+            "train-vae",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            t.path().join(out).to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+    };
     assert_error(&run("a"), "no class subfolders");
     std::fs::create_dir_all(data.join("cat")).unwrap();
     assert_error(&run("b"), "no training images found");
@@ -130,34 +248,114 @@ fn config_errors_name_the_key() {
     let cfg = t.path("bad.toml");
     let base = std::fs::read_to_string(t.path("vae.toml")).unwrap();
     std::fs::write(&cfg, base.replace("[vae]", "[vae]\nlatent_chanels = 3")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, "bad.toml: line");
     assert_error(&o, "unknown field `latent_chanels`");
-    std::fs::write(&cfg, base.replace("batch_size = 8", "batch_size = \"eight\"")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"]);
+    std::fs::write(
+        &cfg,
+        base.replace("batch_size = 8", "batch_size = \"eight\""),
+    )
+    .unwrap();
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, "invalid type: string \"eight\", expected usize");
-    std::fs::write(&cfg, base.replace("downsample_factor = 4", "downsample_factor = 3")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"]);
+    std::fs::write(
+        &cfg,
+        base.replace("downsample_factor = 4", "downsample_factor = 3"),
+    )
+    .unwrap();
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, "vae.downsample_factor = 3: expected a power of two");
     std::fs::write(&cfg, base.replace("resolution = 32", "resolution = 34")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"]);
-    assert_error(&o, "vae.downsample_factor = 4: expected a divisor of the image resolution 34");
-    let o = pipeline(&["train-vae", "--config", &t.p("nope.toml"), "--out", &t.p("r")]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
+    assert_error(
+        &o,
+        "vae.downsample_factor = 4: expected a divisor of the image resolution 34",
+    );
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("nope.toml"),
+        "--out",
+        &t.p("r"),
+    ]);
     assert_error(&o, "nope.toml: no such file, and not a built-in config");
 }
 
 #[test]
 fn zero_or_negative_steps_and_batch_size_are_refused() {
     let t = TinyVae::new("");
-    for (flag, value) in [("--batch-size", "0"), ("--batch-size", "-4"), ("--steps", "0"), ("--steps", "-1")] {
-        let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), flag, value]);
+    for (flag, value) in [
+        ("--batch-size", "0"),
+        ("--batch-size", "-4"),
+        ("--steps", "0"),
+        ("--steps", "-1"),
+    ] {
+        let o = pipeline(&[
+            "train-vae",
+            "--config",
+            &t.p("vae.toml"),
+            "--out",
+            &t.p("r"),
+            flag,
+            value,
+        ]);
         assert!(!o.status.success());
         let err = stderr(&o);
-        assert!(err.contains(&format!("invalid value '{value}' for '{flag}")) && err.contains("expected a positive integer"), "{err}");
+        assert!(
+            err.contains(&format!("invalid value '{value}' for '{flag}"))
+                && err.contains("expected a positive integer"),
+            "{err}"
+        );
     }
     let cfg = t.path("zero.toml");
-    std::fs::write(&cfg, std::fs::read_to_string(t.path("vae.toml")).unwrap().replace("steps = 4", "steps = 0")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"]);
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(t.path("vae.toml"))
+            .unwrap()
+            .replace("steps = 4", "steps = 0"),
+    )
+    .unwrap();
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, "train.steps = 0 (--steps): expected at least 1");
 }
 
@@ -166,31 +364,84 @@ fn unwritable_output_folder_is_named() {
     let t = TinyVae::new("");
     std::fs::write(t.path("afile"), b"").unwrap();
     let out = t.p("afile/run");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &out, "--device", "cpu"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+    ]);
     assert_error(&o, &out);
 }
 
 #[test]
 fn resume_from_another_architecture_is_refused() {
     let t = TinyVae::new("");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), "--device", "cpu", "--steps", "2"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let cfg = t.path("wider.toml");
-    std::fs::write(&cfg, std::fs::read_to_string(t.path("vae.toml")).unwrap().replace("base_channels = 8", "base_channels = 16")).unwrap();
-    let o = pipeline(&["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu", "--resume"]);
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(t.path("vae.toml"))
+            .unwrap()
+            .replace("base_channels = 8", "base_channels = 16"),
+    )
+    .unwrap();
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
     assert_error(&o, "holds a checkpoint of another architecture");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("fresh"), "--device", "cpu", "--resume"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("fresh"),
+        "--device",
+        "cpu",
+        "--resume",
+    ]);
     assert_error(&o, "--resume: no checkpoint in");
 }
 
 #[test]
 fn cuda_without_the_tch_build_is_explained() {
     let t = TinyVae::new("");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), "--device", "cuda"]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cuda",
+    ]);
     if cfg!(feature = "tch") {
         return;
     }
-    assert_error(&o, "--device cuda:0: this build has no libtorch/CUDA backend; rebuild with `cargo build --release --features tch`");
+    assert_error(
+        &o,
+        "--device cuda:0: this build has no libtorch/CUDA backend; rebuild with `cargo build --release --features tch`",
+    );
 }
 
 #[test]
@@ -209,26 +460,66 @@ fn eval_vae_on_an_incomplete_run_says_what_is_missing() {
 fn ctrl_c_saves_a_checkpoint_that_resumes() {
     let t = TinyVae::new("");
     let cfg = t.path("long.toml");
-    std::fs::write(&cfg, std::fs::read_to_string(t.path("vae.toml")).unwrap().replace("steps = 4", "steps = 100000").replace("checkpoint_every = 2", "checkpoint_every = 100000")).unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(t.path("vae.toml"))
+            .unwrap()
+            .replace("steps = 4", "steps = 100000")
+            .replace("checkpoint_every = 2", "checkpoint_every = 100000"),
+    )
+    .unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["train-vae", "--config", cfg.to_str().unwrap(), "--out", &t.p("r"), "--device", "cpu"])
+        .args([
+            "train-vae",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            &t.p("r"),
+            "--device",
+            "cpu",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let csv = t.path("r/metrics.csv");
     let start = std::time::Instant::now();
-    while std::fs::read_to_string(&csv).map(|s| s.lines().count()).unwrap_or(0) < 4 {
+    while std::fs::read_to_string(&csv)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 4
+    {
         assert!(start.elapsed().as_secs() < 60, "training did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--resume"));
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.path("r/checkpoint/state.json")).unwrap()).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("r/checkpoint/state.json")).unwrap())
+            .unwrap();
     let step = state["step"].as_u64().unwrap();
     assert!(step >= 3, "{state}");
-    let o = pipeline(&["train-vae", "--config", &t.p("vae.toml"), "--out", &t.p("r"), "--device", "cpu", "--resume", "--steps", &(step + 2).to_string()]);
+    let o = pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &t.p("r"),
+        "--device",
+        "cpu",
+        "--resume",
+        "--steps",
+        &(step + 2).to_string(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(t.path("r/model.safetensors").exists());
 }

@@ -33,9 +33,16 @@ pub fn stdout(o: &Output) -> String {
 /// with no panic.
 pub fn assert_error(o: &Output, needle: &str) {
     let err = stderr(o);
-    assert!(!o.status.success(), "expected a failure, got success; stderr: {err}");
+    assert!(
+        !o.status.success(),
+        "expected a failure, got success; stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "panicked: {err}");
-    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     assert!(
         (last.starts_with("error: ") || last.starts_with("error:")) && last.contains(needle),
         "expected an error line containing {needle:?}, got: {err}"
@@ -62,17 +69,33 @@ pub fn write_tiny_idx(dir: &Path, n: usize) {
             for y in 0..28 {
                 for x in 0..28 {
                     let inside = (ox..ox + size).contains(&x) && (oy..oy + size).contains(&y);
-                    pixels.push(if inside { 200 + (i % 50) as u8 } else { (i * 13 % 20) as u8 });
+                    pixels.push(if inside {
+                        200 + (i % 50) as u8
+                    } else {
+                        (i * 13 % 20) as u8
+                    });
                 }
             }
             labels.push(label);
         }
         let images = ldm_common::data::idx::encode_idx_u8(&[count, 28, 28], &pixels);
         let labels = ldm_common::data::idx::encode_idx_u8(&[count], &labels);
-        std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte.gz")), gzip(&images)).unwrap();
-        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gzip(&labels)).unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+            gzip(&images),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+            gzip(&labels),
+        )
+        .unwrap();
     }
-    std::fs::write(dir.join("classes.txt"), "top-left\ntop-right\nbottom-left\nbottom-right\n").unwrap();
+    std::fs::write(
+        dir.join("classes.txt"),
+        "top-left\ntop-right\nbottom-left\nbottom-right\n",
+    )
+    .unwrap();
 }
 
 /// A VAE config small enough to train a few steps in well under a second.
@@ -115,7 +138,11 @@ impl TinyVae {
     pub fn new(extra_vae: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_idx(&dir.path().join("data"), 64);
-        std::fs::write(dir.path().join("vae.toml"), tiny_vae_config(&dir.path().join("data"), extra_vae)).unwrap();
+        std::fs::write(
+            dir.path().join("vae.toml"),
+            tiny_vae_config(&dir.path().join("data"), extra_vae),
+        )
+        .unwrap();
         Self { dir }
     }
 

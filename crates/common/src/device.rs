@@ -34,7 +34,9 @@ impl FromStr for DeviceChoice {
                 .and_then(|i| i.parse().ok())
                 .map(Self::Cuda)
                 .ok_or_else(|| {
-                    format!("unknown device `{other}`: expected auto, cpu, libtorch, cuda or cuda:N")
+                    format!(
+                        "unknown device `{other}`: expected auto, cpu, libtorch, cuda or cuda:N"
+                    )
                 }),
         }
     }
@@ -102,7 +104,12 @@ mod tests {
     fn parses_names() {
         assert_eq!("cuda:1".parse(), Ok(DeviceChoice::Cuda(1)));
         assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
-        assert!("gpu".parse::<DeviceChoice>().unwrap_err().contains("expected auto, cpu"));
+        assert!(
+            "gpu"
+                .parse::<DeviceChoice>()
+                .unwrap_err()
+                .contains("expected auto, cpu")
+        );
     }
 
     #[cfg(not(feature = "tch"))]

@@ -81,11 +81,17 @@ pub fn grid(p: &Pixels, ncols: usize) -> (Vec<u8>, usize, usize) {
     const PAD: usize = 2;
     let ncols = ncols.max(1).min(p.images.len().max(1));
     let nrows = p.images.len().div_ceil(ncols).max(1);
-    let (gw, gh) = (ncols * (p.width + PAD) + PAD, nrows * (p.height + PAD) + PAD);
+    let (gw, gh) = (
+        ncols * (p.width + PAD) + PAD,
+        nrows * (p.height + PAD) + PAD,
+    );
     let c = p.channels;
     let mut out = vec![40u8; gw * gh * c];
     for (k, img) in p.images.iter().enumerate() {
-        let (ox, oy) = (PAD + (k % ncols) * (p.width + PAD), PAD + (k / ncols) * (p.height + PAD));
+        let (ox, oy) = (
+            PAD + (k % ncols) * (p.width + PAD),
+            PAD + (k / ncols) * (p.height + PAD),
+        );
         for y in 0..p.height {
             for x in 0..p.width {
                 for ch in 0..c {
@@ -176,7 +182,10 @@ mod tests {
     #[test]
     fn pixels_grid_and_png_text_round_trip() {
         let device = burn::tensor::Device::flex();
-        let t = Tensor::<4>::from_floats([[[[-1.0, 1.0], [0.0, 2.0]]], [[[1.0, 1.0], [1.0, 1.0]]]], &device);
+        let t = Tensor::<4>::from_floats(
+            [[[[-1.0, 1.0], [0.0, 2.0]]], [[[1.0, 1.0], [1.0, 1.0]]]],
+            &device,
+        );
         let p = to_pixels(t);
         assert_eq!(p.images[0], vec![0, 255, 128, 255]);
         let (hwc, w, h) = grid(&p, 2);

@@ -27,7 +27,9 @@ fn splitmix(mut z: u64) -> u64 {
 /// Standard normal samples N(0, I) of the given shape, drawn from `rng` on the host.
 pub fn randn<const D: usize>(rng: &mut StdRng, shape: [usize; D], device: &Device) -> Tensor<D> {
     let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
+    let values: Vec<f32> = (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
     Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
 }
 

@@ -18,7 +18,11 @@ fn err(path: &Path, message: String) -> CommonError {
 }
 
 /// Writes `model`'s parameters as a safetensors file with string metadata.
-pub fn save_safetensors<M: Module>(model: &M, path: &Path, metadata: &[(&str, &str)]) -> Result<()> {
+pub fn save_safetensors<M: Module>(
+    model: &M,
+    path: &Path,
+    metadata: &[(&str, &str)],
+) -> Result<()> {
     let mut store = SafetensorsStore::from_bytes(None);
     for (k, v) in metadata {
         store = store.metadata(*k, *v);
@@ -29,7 +33,10 @@ pub fn save_safetensors<M: Module>(model: &M, path: &Path, metadata: &[(&str, &s
     let bytes = store
         .get_bytes()
         .map_err(|e| err(path, format!("cannot serialise weights: {e}")))?;
-    atomic_write(path, &canonical_safetensors(&bytes).map_err(|m| err(path, m))?)
+    atomic_write(
+        path,
+        &canonical_safetensors(&bytes).map_err(|m| err(path, m))?,
+    )
 }
 
 /// Rewrites a safetensors header with its JSON keys sorted (the tensor data is untouched), so
@@ -37,7 +44,13 @@ pub fn save_safetensors<M: Module>(model: &M, path: &Path, metadata: &[(&str, &s
 /// hash map whose order changes from run to run.
 pub fn canonical_safetensors(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
     let bad = || "malformed safetensors buffer".to_string();
-    let len = u64::from_le_bytes(bytes.get(..8).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let len = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    ) as usize;
     let header = bytes.get(8..8 + len).ok_or_else(bad)?;
     // serde_json's Map is a BTreeMap here (no `preserve_order`), so keys come out sorted.
     let value: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
@@ -69,12 +82,24 @@ pub fn load_safetensors<M: Module>(mut model: M, path: &Path) -> Result<M> {
             .errors
             .first()
             .map(|e| format!("{e:?}"))
-            .or_else(|| result.missing.first().map(|(p, _)| format!("missing tensor {p}")))
-            .or_else(|| result.unused.first().map(|p| format!("unexpected tensor {p}")))
+            .or_else(|| {
+                result
+                    .missing
+                    .first()
+                    .map(|(p, _)| format!("missing tensor {p}"))
+            })
+            .or_else(|| {
+                result
+                    .unused
+                    .first()
+                    .map(|p| format!("unexpected tensor {p}"))
+            })
             .unwrap_or_default();
         return Err(err(
             path,
-            format!("weights were made for another architecture ({first}); check the config it was trained with"),
+            format!(
+                "weights were made for another architecture ({first}); check the config it was trained with"
+            ),
         ));
     }
     Ok(model)
@@ -114,7 +139,10 @@ mod tests {
         device.seed(1);
         let model = LinearConfig::new(3, 2).init(&device);
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        let (a, b) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
         save_safetensors(&model, &a, &[("stage", "test"), ("k", "v"), ("z", "1")]).unwrap();
         save_safetensors(&model, &b, &[("stage", "test"), ("k", "v"), ("z", "1")]).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());

@@ -26,16 +26,17 @@ pub struct ModelDenoiser<'a, B: Backbone + ?Sized> {
 impl<B: Backbone + ?Sized> Denoiser for ModelDenoiser<'_, B> {
     fn predict_eps(&self, z_t: Tensor<4>, t: usize) -> Tensor<4> {
         let [b, ..] = z_t.dims();
-        let output = self
-            .backbone
-            .forward(z_t.clone(), timestep_input(t, b, &z_t.device()), &self.cond);
+        let output =
+            self.backbone
+                .forward(z_t.clone(), timestep_input(t, b, &z_t.device()), &self.cond);
         self.parameterization.eps_at(self.schedule, z_t, output, t)
     }
 }
 
 /// Classifier-free guidance (Ho & Salimans 2022, eq. 6; Luo 2022, eq. 168):
-/// eps = eps_uncond + w (eps_cond - eps_uncond). `w = 1` is the plain conditional model, `w = 0`
-/// the unconditional one. Both branches run in one batched forward pass of `2 * batch` latents.
+/// eps = eps_uncond + w (eps_cond - eps_uncond). `w` is diffusers' `guidance_scale` (Ho &
+/// Salimans' 1 + w; Luo's gamma): `w = 1` is the plain conditional model, `w = 0` the
+/// unconditional one. Both branches run in one batched forward pass of `2 * batch` latents.
 pub struct ClassifierFreeGuidance<'a, B: Backbone + ?Sized> {
     backbone: &'a B,
     parameterization: Parameterization,
@@ -60,7 +61,11 @@ impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
         if kinds(cond) != kinds(uncond) || kinds(cond) == (false, false) {
             return Err(DiffusionError::InvalidConfig {
                 key: "guidance".into(),
-                value: format!("cond (class, text) = {:?}, uncond = {:?}", kinds(cond), kinds(uncond)),
+                value: format!(
+                    "cond (class, text) = {:?}, uncond = {:?}",
+                    kinds(cond),
+                    kinds(uncond)
+                ),
                 expected: "conditional and unconditional inputs of the same, non-empty kind".into(),
             });
         }
@@ -86,9 +91,11 @@ impl<B: Backbone + ?Sized> Denoiser for ClassifierFreeGuidance<'_, B> {
         let [b, ..] = z_t.dims();
         // [2b, c, h, w]: the unconditional half first, as `both` is ordered.
         let z2 = Tensor::cat(vec![z_t.clone(), z_t], 0);
-        let output = self
-            .backbone
-            .forward(z2.clone(), timestep_input(t, 2 * b, &z2.device()), &self.both);
+        let output = self.backbone.forward(
+            z2.clone(),
+            timestep_input(t, 2 * b, &z2.device()),
+            &self.both,
+        );
         let eps = self.parameterization.eps_at(self.schedule, z2, output, t);
         let uncond = eps.clone().narrow(0, 0, b);
         let cond = eps.narrow(0, b, b);
@@ -155,7 +162,10 @@ mod tests {
 
     fn classes(ids: [i64; 2], device: &Device) -> Conditioning {
         Conditioning {
-            class: Some(Tensor::from_data(TensorData::new(ids.to_vec(), [2]), device)),
+            class: Some(Tensor::from_data(
+                TensorData::new(ids.to_vec(), [2]),
+                device,
+            )),
             text: None,
         }
     }
@@ -185,7 +195,10 @@ mod tests {
             assert_eq!(backbone.batch.get(), 4);
             let expected = to_vec_f32(z.clone() * factor);
             for (a, e) in eps.iter().zip(&expected) {
-                assert!((a - e).abs() < 1e-6, "scale {scale}: {eps:?} vs {expected:?}");
+                assert!(
+                    (a - e).abs() < 1e-6,
+                    "scale {scale}: {eps:?} vs {expected:?}"
+                );
             }
         }
         // Scale 1 equals the plain conditional model.

@@ -199,7 +199,10 @@ mod tests {
         assert!((kl - 0.5).abs() < 1e-6, "{kl}");
         // KL(N(0, 4) || N(1, 2)) = 0.5 (-1 + ln 2 - ln 4 + 2 + 1/2) = 0.5 (1.5 - ln 2)
         let kl = to_vec_f32(normal_kl(t(0.0), t(4f32.ln()), t(1.0), t(2f32.ln())))[0];
-        assert!((f64::from(kl) - 0.5 * (1.5 - 2f64.ln())).abs() < 1e-6, "{kl}");
+        assert!(
+            (f64::from(kl) - 0.5 * (1.5 - 2f64.ln())).abs() < 1e-6,
+            "{kl}"
+        );
         // KL(p || p) = 0
         let kl = to_vec_f32(normal_kl(t(0.3), t(-1.0), t(0.3), t(-1.0)))[0];
         assert!(kl.abs() < 1e-7);
@@ -254,16 +257,26 @@ mod tests {
         let ln_2pi = (2.0 * std::f64::consts::PI).ln();
         // t = 0: x0_hat = z0, so the NLL is 0.5 (ln 2 pi + lv) per dim.
         let lv = s.posterior_log_variance_clipped[0];
-        assert!((posterior[0] - dims * 0.5 * (ln_2pi + lv)).abs() < 1e-2, "{posterior:?}");
+        assert!(
+            (posterior[0] - dims * 0.5 * (ln_2pi + lv)).abs() < 1e-2,
+            "{posterior:?}"
+        );
         let lv = s.betas[0].ln();
-        assert!((beta[0] - dims * 0.5 * (ln_2pi + lv)).abs() < 1e-2, "{beta:?}");
+        assert!(
+            (beta[0] - dims * 0.5 * (ln_2pi + lv)).abs() < 1e-2,
+            "{beta:?}"
+        );
         for (i, &t) in t.iter().enumerate().skip(1) {
             // Same means: the KL is 0 for the posterior variance, and
             // 0.5 (-1 + ln beta - ln betatilde + betatilde / beta) per dim for beta.
             assert!(posterior[i].abs() < 1e-3 * dims, "t={t}: {posterior:?}");
             let (b, bt) = (s.betas[t], s.posterior_variance[t]);
             let e = dims * 0.5 * (-1.0 + b.ln() - bt.ln() + bt / b);
-            assert!((beta[i] - e).abs() < 1e-3 * dims, "t={t}: {} vs {e}", beta[i]);
+            assert!(
+                (beta[i] - e).abs() < 1e-3 * dims,
+                "t={t}: {} vs {e}",
+                beta[i]
+            );
         }
         // A wrong eps costs nats: about 1.1 at t = 10 and 0.05 at t = 600 for eps / 2 here.
         let wrong = vlb_term(&s, z0.clone(), z_t, &t, eps * 0.5, DdpmVariance::Posterior);
@@ -281,8 +294,14 @@ mod tests {
             let close = |a: f64, b: f64| (a - b).abs() < 1e-12 * b.abs().max(1.0);
             assert!(close(w.weight(&s, Parameterization::Epsilon, t), m / snr));
             assert!(close(w.weight(&s, Parameterization::Sample, t), m));
-            assert!(close(w.weight(&s, Parameterization::Velocity, t), m / (snr + 1.0)));
-            assert_eq!(LossWeighting::Simple.weight(&s, Parameterization::Velocity, t), 1.0);
+            assert!(close(
+                w.weight(&s, Parameterization::Velocity, t),
+                m / (snr + 1.0)
+            ));
+            assert_eq!(
+                LossWeighting::Simple.weight(&s, Parameterization::Velocity, t),
+                1.0
+            );
         }
         // Low t has SNR >> 5: eps weight 5 / SNR; high t has SNR << 5: eps weight 1.
         assert!(w.weight(&s, Parameterization::Epsilon, 0) < 1e-3);
@@ -319,7 +338,10 @@ mod tests {
             loss: LossWeighting,
         }
         let read = |s: &str| parse_toml::<C>(s).map(|c| c.loss);
-        assert_eq!(read("loss = { kind = \"simple\" }").unwrap(), LossWeighting::Simple);
+        assert_eq!(
+            read("loss = { kind = \"simple\" }").unwrap(),
+            LossWeighting::Simple
+        );
         assert_eq!(
             read("loss = { kind = \"min-snr\", gamma = 3.0 }").unwrap(),
             LossWeighting::MinSnr { gamma: 3.0 }
@@ -330,7 +352,10 @@ mod tests {
         );
         let e = read("loss = { kind = \"max-snr\" }").unwrap_err();
         assert!(e.contains("simple") && e.contains("min-snr"), "{e}");
-        let e = LossWeighting::MinSnr { gamma: -1.0 }.validate().unwrap_err().to_string();
+        let e = LossWeighting::MinSnr { gamma: -1.0 }
+            .validate()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("loss.gamma = -1"), "{e}");
     }
 }

@@ -62,11 +62,17 @@ impl Parameterization {
     }
 
     /// The training target from z_0 and the noise: eps, z_0, or
-    /// v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) z_0  (Salimans & Ho 2022, eq. 5 ff.)
+    /// v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) z_0  (Salimans & Ho 2022, section 4)
     ///
     /// # Shapes
     /// - `z0`, `eps` and the result: `[batch, channels, height, width]`; `t`: `batch` indices
-    pub fn target(self, schedule: &Schedule, z0: Tensor<4>, eps: Tensor<4>, t: &[usize]) -> Tensor<4> {
+    pub fn target(
+        self,
+        schedule: &Schedule,
+        z0: Tensor<4>,
+        eps: Tensor<4>,
+        t: &[usize],
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => eps,
             Self::Sample => z0,
@@ -78,7 +84,13 @@ impl Parameterization {
     }
 
     /// The noise eps implied by a network output at z_t (table in the module doc).
-    pub fn eps(self, schedule: &Schedule, z_t: Tensor<4>, output: Tensor<4>, t: &[usize]) -> Tensor<4> {
+    pub fn eps(
+        self,
+        schedule: &Schedule,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        t: &[usize],
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => output,
             Self::Sample => {
@@ -93,7 +105,13 @@ impl Parameterization {
     }
 
     /// The clean latent x0 implied by a network output at z_t (table in the module doc).
-    pub fn x0(self, schedule: &Schedule, z_t: Tensor<4>, output: Tensor<4>, t: &[usize]) -> Tensor<4> {
+    pub fn x0(
+        self,
+        schedule: &Schedule,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        t: &[usize],
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => {
                 let (a, s) = coefficients(schedule, t, &z_t.device());
@@ -108,13 +126,25 @@ impl Parameterization {
     }
 
     /// [`Self::eps`] with one timestep for the whole batch (what samplers use).
-    pub fn eps_at(self, schedule: &Schedule, z_t: Tensor<4>, output: Tensor<4>, t: usize) -> Tensor<4> {
+    pub fn eps_at(
+        self,
+        schedule: &Schedule,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        t: usize,
+    ) -> Tensor<4> {
         let t = batch_of(t, &z_t);
         self.eps(schedule, z_t, output, &t)
     }
 
     /// [`Self::x0`] with one timestep for the whole batch (what samplers use).
-    pub fn x0_at(self, schedule: &Schedule, z_t: Tensor<4>, output: Tensor<4>, t: usize) -> Tensor<4> {
+    pub fn x0_at(
+        self,
+        schedule: &Schedule,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        t: usize,
+    ) -> Tensor<4> {
         let t = batch_of(t, &z_t);
         self.x0(schedule, z_t, output, &t)
     }
@@ -169,7 +199,11 @@ mod tests {
     fn target_converts_back_to_eps_and_x0_for_each_parameterization() {
         let (schedule, z0, eps, t) = setup(false);
         let z_t = q_sample(&schedule, z0.clone(), &t, eps.clone());
-        for p in [Parameterization::Epsilon, Parameterization::Sample, Parameterization::Velocity] {
+        for p in [
+            Parameterization::Epsilon,
+            Parameterization::Sample,
+            Parameterization::Velocity,
+        ] {
             let out = p.target(&schedule, z0.clone(), eps.clone(), &t);
             let eps_back = p.eps(&schedule, z_t.clone(), out.clone(), &t);
             let x0_back = p.x0(&schedule, z_t.clone(), out, &t);
@@ -231,7 +265,10 @@ mod tests {
         assert_eq!(read("v").unwrap(), Parameterization::Velocity);
         assert_eq!(read("v_prediction").unwrap(), Parameterization::Velocity);
         let e = read("noise").unwrap_err();
-        assert!(e.contains("epsilon") && e.contains("sample") && e.contains('v'), "{e}");
+        assert!(
+            e.contains("epsilon") && e.contains("sample") && e.contains('v'),
+            "{e}"
+        );
     }
 
     #[test]
@@ -240,9 +277,16 @@ mod tests {
             rescale_zero_terminal_snr: true,
             ..ScheduleConfig::default()
         };
-        let e = Parameterization::Epsilon.check_schedule(&cfg).unwrap_err().to_string();
+        let e = Parameterization::Epsilon
+            .check_schedule(&cfg)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("parameterization = epsilon"), "{e}");
         assert!(Parameterization::Velocity.check_schedule(&cfg).is_ok());
-        assert!(Parameterization::Epsilon.check_schedule(&ScheduleConfig::default()).is_ok());
+        assert!(
+            Parameterization::Epsilon
+                .check_schedule(&ScheduleConfig::default())
+                .is_ok()
+        );
     }
 }

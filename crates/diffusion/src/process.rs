@@ -27,7 +27,12 @@ pub struct Gaussian {
 
 fn check_batch(z: &Tensor<4>, t: &[usize]) {
     let [b, ..] = z.dims();
-    assert_eq!(b, t.len(), "one timestep per sample: batch {b}, {} timesteps", t.len());
+    assert_eq!(
+        b,
+        t.len(),
+        "one timestep per sample: batch {b}, {} timesteps",
+        t.len()
+    );
 }
 
 /// z_t = sqrt(alphabar_t) z_0 + sqrt(1 - alphabar_t) eps  (DDPM eq. 4)
@@ -107,7 +112,7 @@ mod tests {
         let mean = to_vec_f32(q.mean);
         let var = to_vec_f32(q.variance);
         let e0 = s.posterior_mean_coef1[0] * 0.5 + s.posterior_mean_coef2[0] * 2.0;
-        let e1 = s.posterior_mean_coef1[700] * -1.0 + s.posterior_mean_coef2[700] * 0.25;
+        let e1 = -s.posterior_mean_coef1[700] + s.posterior_mean_coef2[700] * 0.25;
         // At t = 0 the posterior collapses onto the data: mean z_0, variance 0.
         assert!((e0 - 0.5).abs() < 1e-12);
         assert!((f64::from(mean[0]) - e0).abs() < 1e-6);

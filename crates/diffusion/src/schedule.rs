@@ -107,11 +107,7 @@ impl Schedule {
     pub fn new(config: &ScheduleConfig) -> Result<Self> {
         let t = config.num_timesteps;
         if t < 2 {
-            return Err(invalid(
-                "schedule.num_timesteps",
-                t,
-                "at least 2 timesteps",
-            ));
+            return Err(invalid("schedule.num_timesteps", t, "at least 2 timesteps"));
         }
         let betas = match config.kind.default_beta_range() {
             Some((default_start, default_end)) => {
@@ -181,16 +177,13 @@ impl Schedule {
         let posterior_variance: Vec<f64> = (0..n)
             .map(|t| betas[t] * (1.0 - alphas_cumprod_prev[t]) / (1.0 - alphas_cumprod[t]))
             .collect();
-        let posterior_log_variance_clipped = (0..n)
-            .map(|t| posterior_variance[t.max(1)].ln())
-            .collect();
+        let posterior_log_variance_clipped =
+            (0..n).map(|t| posterior_variance[t.max(1)].ln()).collect();
         let posterior_mean_coef1 = (0..n)
             .map(|t| betas[t] * alphas_cumprod_prev[t].sqrt() / (1.0 - alphas_cumprod[t]))
             .collect();
         let posterior_mean_coef2 = (0..n)
-            .map(|t| {
-                (1.0 - alphas_cumprod_prev[t]) * alphas[t].sqrt() / (1.0 - alphas_cumprod[t])
-            })
+            .map(|t| (1.0 - alphas_cumprod_prev[t]) * alphas[t].sqrt() / (1.0 - alphas_cumprod[t]))
             .collect();
         Self {
             betas,
@@ -276,7 +269,11 @@ fn scaled_linear_betas(start: f64, end: f64, n: usize) -> Vec<f64> {
 fn cosine_betas(n: usize) -> Vec<f64> {
     const S: f64 = 0.008;
     const MAX_BETA: f64 = 0.999;
-    let f = |u: f64| ((u + S) / (1.0 + S) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+    let f = |u: f64| {
+        ((u + S) / (1.0 + S) * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
     (0..n)
         .map(|i| {
             let (u1, u2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -338,10 +335,10 @@ mod tests {
                 BetaSchedule::Linear,
                 false,
                 [
-                    9.999000000000000e-01,
-                    9.997800920720721e-01,
-                    5.214230306185275e-01,
-                    7.779665836502389e-02,
+                    0.9999,
+                    0.9997800920720721,
+                    0.5214230306185275,
+                    0.07779665836502389,
                     4.035829765375676e-05,
                 ],
             ),
@@ -349,32 +346,32 @@ mod tests {
                 BetaSchedule::ScaledLinear,
                 false,
                 [
-                    9.991500000000000e-01,
-                    9.982960278384514e-01,
-                    6.737926252333215e-01,
-                    2.763326838229746e-01,
-                    4.660098513077238e-03,
+                    0.99915,
+                    0.9982960278384514,
+                    0.6737926252333215,
+                    0.2763326838229746,
+                    0.004660098513077238,
                 ],
             ),
             (
                 BetaSchedule::Cosine,
                 false,
                 [
-                    9.999587157751780e-01,
-                    9.999125759273678e-01,
-                    8.458879864968832e-01,
-                    4.922851724488030e-01,
-                    2.428766907034857e-09,
+                    0.999958715775178,
+                    0.9999125759273678,
+                    0.8458879864968832,
+                    0.49228517244880304,
+                    2.4287669070348567e-09,
                 ],
             ),
             (
                 BetaSchedule::Linear,
                 true,
                 [
-                    9.999000000000000e-01,
-                    9.997793254331531e-01,
-                    5.188605367916812e-01,
-                    7.524621570432670e-02,
+                    0.9999,
+                    0.9997793254331531,
+                    0.5188605367916812,
+                    0.0752462157043267,
                     0.0,
                 ],
             ),
@@ -397,20 +394,16 @@ mod tests {
         let s = schedule(BetaSchedule::Linear, false);
         // t = 1, 500, 999
         let variance = [
-            5.453187661302193e-05,
-            1.005133577890959e-02,
-            1.999998352656061e-02,
+            5.4531876613021935e-05,
+            0.010051335778909593,
+            0.01999998352656061,
         ];
         let coef1 = [
-            5.452914995102903e-01,
-            3.058057075629619e-03,
-            1.283514871722468e-04,
+            0.5452914995102903,
+            0.003058057075629619,
+            0.00012835148717224682,
         ];
-        let coef2 = [
-            4.547084989905303e-01,
-            9.941043507567258e-01,
-            9.899486782675173e-01,
-        ];
+        let coef2 = [0.4547084989905303, 0.9941043507567258, 0.9899486782675173];
         for (i, t) in [1, 500, 999].into_iter().enumerate() {
             assert_close(s.posterior_variance[t], variance[i], 1e-12, "variance");
             assert_close(s.posterior_mean_coef1[t], coef1[i], 1e-12, "coef1");
@@ -420,14 +413,21 @@ mod tests {
 
     #[test]
     fn invariants_hold_for_every_kind() {
-        for kind in [BetaSchedule::Linear, BetaSchedule::Cosine, BetaSchedule::ScaledLinear] {
+        for kind in [
+            BetaSchedule::Linear,
+            BetaSchedule::Cosine,
+            BetaSchedule::ScaledLinear,
+        ] {
             for zero_snr in [false, true] {
                 let s = schedule(kind, zero_snr);
                 let what = format!("{kind:?} zero_snr={zero_snr}");
                 assert_eq!(s.num_timesteps(), 1000);
                 assert!(s.alphas_cumprod[0] < 1.0, "{what}");
                 for t in 1..1000 {
-                    assert!(s.alphas_cumprod[t] < s.alphas_cumprod[t - 1], "{what} t={t}");
+                    assert!(
+                        s.alphas_cumprod[t] < s.alphas_cumprod[t - 1],
+                        "{what} t={t}"
+                    );
                     assert!(s.posterior_variance[t] > 0.0, "{what} t={t}");
                     assert!(s.posterior_log_variance_clipped[t].is_finite(), "{what}");
                     assert!(s.snr[t] < s.snr[t - 1], "{what} t={t}");
@@ -452,7 +452,11 @@ mod tests {
 
     #[test]
     fn zero_terminal_snr_ends_in_pure_noise_and_keeps_the_first_step() {
-        for kind in [BetaSchedule::Linear, BetaSchedule::Cosine, BetaSchedule::ScaledLinear] {
+        for kind in [
+            BetaSchedule::Linear,
+            BetaSchedule::Cosine,
+            BetaSchedule::ScaledLinear,
+        ] {
             let plain = schedule(kind, false);
             let zero = schedule(kind, true);
             assert_eq!(zero.alphas_cumprod[999], 0.0);
@@ -482,7 +486,12 @@ mod tests {
             let mean = (a.sqrt() * zt / b + abp.sqrt() * z0 / (1.0 - abp)) / precision;
             let from_coefs = s.posterior_mean_coef1[t] * z0 + s.posterior_mean_coef2[t] * zt;
             assert_close(from_coefs, mean, 1e-10, "posterior mean");
-            assert_close(s.posterior_variance[t], 1.0 / precision, 1e-10, "posterior var");
+            assert_close(
+                s.posterior_variance[t],
+                1.0 / precision,
+                1e-10,
+                "posterior var",
+            );
         }
     }
 
@@ -530,13 +539,19 @@ mod tests {
             beta_end: Some(0.01),
             ..base.clone()
         });
-        assert!(e.contains("schedule.beta_start") && e.contains("beta_end"), "{e}");
+        assert!(
+            e.contains("schedule.beta_start") && e.contains("beta_end"),
+            "{e}"
+        );
         let e = err(ScheduleConfig {
             kind: BetaSchedule::Cosine,
             beta_start: Some(0.001),
             ..base
         });
-        assert!(e.contains("schedule.beta_start") && e.contains("cosine"), "{e}");
+        assert!(
+            e.contains("schedule.beta_start") && e.contains("cosine"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -553,8 +568,7 @@ mod tests {
         );
         let e = parse_toml::<ScheduleConfig>("num_timestep = 10").unwrap_err();
         assert!(e.contains("num_timestep"), "{e}");
-        let round_trip: ScheduleConfig =
-            parse_toml(&ldm_common::config::to_toml(&c)).unwrap();
+        let round_trip: ScheduleConfig = parse_toml(&ldm_common::config::to_toml(&c)).unwrap();
         assert_eq!(round_trip, c);
     }
 }

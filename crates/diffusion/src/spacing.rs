@@ -87,11 +87,24 @@ mod tests {
     #[test]
     fn uneven_ratios_round_like_numpy() {
         // np.round(np.arange(1000, 0, -1000 / 3)) - 1 = [999, 666, 332]
-        assert_eq!(timesteps(1000, 3, TimestepSpacing::Trailing).unwrap(), [999, 666, 332]);
+        assert_eq!(
+            timesteps(1000, 3, TimestepSpacing::Trailing).unwrap(),
+            [999, 666, 332]
+        );
         // np.linspace(0, 999, 3).round() = [0, 500, 999] (499.5 rounds to even)
-        assert_eq!(timesteps(1000, 3, TimestepSpacing::Linspace).unwrap(), [999, 500, 0]);
-        assert_eq!(timesteps(1000, 3, TimestepSpacing::Leading).unwrap(), [666, 333, 0]);
-        for spacing in [TimestepSpacing::Leading, TimestepSpacing::Trailing, TimestepSpacing::Linspace] {
+        assert_eq!(
+            timesteps(1000, 3, TimestepSpacing::Linspace).unwrap(),
+            [999, 500, 0]
+        );
+        assert_eq!(
+            timesteps(1000, 3, TimestepSpacing::Leading).unwrap(),
+            [666, 333, 0]
+        );
+        for spacing in [
+            TimestepSpacing::Leading,
+            TimestepSpacing::Trailing,
+            TimestepSpacing::Linspace,
+        ] {
             let all = timesteps(50, 50, spacing).unwrap();
             assert_eq!(all, (0..50).rev().collect::<Vec<_>>(), "{spacing:?}");
             assert_eq!(timesteps(50, 1, spacing).unwrap().len(), 1);
@@ -101,8 +114,13 @@ mod tests {
     #[test]
     fn zero_and_too_many_steps_are_rejected_naming_the_range() {
         for steps in [0, 1001] {
-            let e = timesteps(1000, steps, TimestepSpacing::Leading).unwrap_err().to_string();
-            assert!(e.contains(&format!("steps = {steps}")) && e.contains("between 1 and the 1000"), "{e}");
+            let e = timesteps(1000, steps, TimestepSpacing::Leading)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("steps = {steps}")) && e.contains("between 1 and the 1000"),
+                "{e}"
+            );
         }
     }
 

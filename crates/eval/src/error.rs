@@ -11,19 +11,25 @@ pub enum EvalError {
     },
     #[error("{what}: no images; expected at least one")]
     NoImages { what: &'static str },
-    #[error("SSIM needs images of at least {window}x{window} pixels (its Gaussian window), got {height}x{width}")]
+    #[error(
+        "SSIM needs images of at least {window}x{window} pixels (its Gaussian window), got {height}x{width}"
+    )]
     ImageTooSmall {
         height: usize,
         width: usize,
         window: usize,
     },
-    #[error("{what}: {len} values do not form rows of {dim} features; expected a multiple of {dim}")]
+    #[error(
+        "{what}: {len} values do not form rows of {dim} features; expected a multiple of {dim}"
+    )]
     RaggedFeatures {
         what: String,
         len: usize,
         dim: usize,
     },
-    #[error("feature sets differ in dimension: real d = {real}, generated d = {generated}; both must come from the same evaluator")]
+    #[error(
+        "feature sets differ in dimension: real d = {real}, generated d = {generated}; both must come from the same evaluator"
+    )]
     FeatureDims { real: usize, generated: usize },
     #[error("FID needs more samples than feature dimensions: got n = {n} for d = {d}; use -n {} or more", d + 1)]
     TooFewSamples { n: usize, d: usize },

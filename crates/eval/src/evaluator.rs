@@ -4,7 +4,7 @@
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
-use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
@@ -68,7 +68,11 @@ impl EvaluatorConfig {
             );
         }
         if self.pool_size == 0 {
-            return bad("evaluator.pool_size", "0".into(), "at least 1 (1 = global average pooling)");
+            return bad(
+                "evaluator.pool_size",
+                "0".into(),
+                "at least 1 (1 = global average pooling)",
+            );
         }
         if self.feature_dim == 0 {
             return bad("evaluator.feature_dim", "0".into(), "at least 1");
@@ -77,16 +81,26 @@ impl EvaluatorConfig {
             return bad("image channels", "0".into(), "at least 1");
         }
         if num_classes < 2 {
-            return bad("number of classes", num_classes.to_string(), "at least 2 labelled classes");
+            return bad(
+                "number of classes",
+                num_classes.to_string(),
+                "at least 2 labelled classes",
+            );
         }
         Ok(())
     }
 
     /// Builds the network for `image_channels`-channel images and `num_classes` labels.
     /// Weights are drawn lazily from the device's RNG: seed it first (`device.seed`).
-    pub fn init(&self, image_channels: usize, num_classes: usize, device: &Device) -> Result<Evaluator> {
+    pub fn init(
+        &self,
+        image_channels: usize,
+        num_classes: usize,
+        device: &Device,
+    ) -> Result<Evaluator> {
         self.validate(image_channels, num_classes)?;
         let mut convs = Vec::with_capacity(self.channels.len());
+        let mut norms = Vec::with_capacity(self.channels.len());
         let mut c_in = image_channels;
         for (i, &c_out) in self.channels.iter().enumerate() {
             let stride = if i == 0 { 1 } else { 2 };
@@ -96,10 +110,12 @@ impl EvaluatorConfig {
                     .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
                     .init(device),
             );
+            norms.push(BatchNormConfig::new(c_out).init(device));
             c_in = c_out;
         }
         Ok(Evaluator {
             convs,
+            norms,
             pool: AdaptiveAvgPool2dConfig::new([self.pool_size, self.pool_size]).init(),
             feature: LinearConfig::new(c_in * self.pool_size * self.pool_size, self.feature_dim)
                 .init(device),
@@ -113,6 +129,7 @@ impl EvaluatorConfig {
 #[derive(Module, Debug)]
 pub struct Evaluator {
     convs: Vec<Conv2d>,
+    norms: Vec<BatchNorm>,
     pool: AdaptiveAvgPool2d,
     feature: Linear,
     classifier: Linear,
@@ -126,8 +143,8 @@ impl Evaluator {
     /// - result: `[batch, feature_dim]`
     pub fn features(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
-        for conv in &self.convs {
-            x = relu(conv.forward(x));
+        for (conv, norm) in self.convs.iter().zip(&self.norms) {
+            x = relu(norm.forward(conv.forward(x)));
         }
         // [batch, channels, h', w'] -> [batch, channels, pool, pool]
         let pooled = self.pool.forward(x);
@@ -153,7 +170,9 @@ mod tests {
 
     #[test]
     fn shapes_of_logits_and_features() {
-        let _rng = crate::train::tests::DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let _rng = crate::train::tests::DEVICE_RNG
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let device = Device::flex();
         device.seed(31);
         let model = EvaluatorConfig::default().init(1, 10, &device).unwrap();
@@ -179,7 +198,10 @@ mod tests {
         assert_eq!(c.pool_size, 4);
         assert_eq!(c.feature_dim, 64);
         let text = toml::to_string(&EvaluatorConfig::default()).unwrap();
-        assert_eq!(toml::from_str::<EvaluatorConfig>(&text).unwrap(), EvaluatorConfig::default());
+        assert_eq!(
+            toml::from_str::<EvaluatorConfig>(&text).unwrap(),
+            EvaluatorConfig::default()
+        );
         let err = toml::from_str::<EvaluatorConfig>("channel = [8]").unwrap_err();
         assert!(err.to_string().contains("unknown field `channel`"), "{err}");
     }
@@ -197,6 +219,9 @@ mod tests {
             "evaluator.channels = [8, 0]: expected at least one conv, each with channels > 0"
         );
         let err = EvaluatorConfig::default().init(1, 1, &device).unwrap_err();
-        assert_eq!(err.to_string(), "number of classes = 1: expected at least 2 labelled classes");
+        assert_eq!(
+            err.to_string(),
+            "number of classes = 1: expected at least 2 labelled classes"
+        );
     }
 }

@@ -116,7 +116,11 @@ mod tests {
     use ldm_common::rng::{randn, stream};
 
     fn gaussian(seed: u64, n: usize, d: usize) -> Features {
-        Features::from_tensor(randn(&mut stream(seed, "features", 0), [n, d], &Device::flex()))
+        Features::from_tensor(randn(
+            &mut stream(seed, "features", 0),
+            [n, d],
+            &Device::flex(),
+        ))
     }
 
     fn close(a: f64, b: f64, tol: f64) {
@@ -141,7 +145,11 @@ mod tests {
             .collect();
         let expected: f64 = shift.iter().map(|&s| f64::from(s).powi(2)).sum();
         // the covariance of the shifted set differs by f32 rounding of x + s only
-        close(fid(&f, &Features::from_rows(&shifted).unwrap()).unwrap(), expected, 1e-5);
+        close(
+            fid(&f, &Features::from_rows(&shifted).unwrap()).unwrap(),
+            expected,
+            1e-5,
+        );
     }
 
     #[test]
@@ -183,8 +191,16 @@ mod tests {
             vec![1.0, -0.4, 0.2, -0.4, 2.0, 0.6, 0.2, 0.6, 0.8],
         )
         .unwrap();
-        close(frechet_distance(&a, &b).unwrap(), 1.604_351_723_847_431, 1e-9);
-        close(frechet_distance(&b, &a).unwrap(), 1.604_351_723_847_431, 1e-9);
+        close(
+            frechet_distance(&a, &b).unwrap(),
+            1.604_351_723_847_431,
+            1e-9,
+        );
+        close(
+            frechet_distance(&b, &a).unwrap(),
+            1.604_351_723_847_431,
+            1e-9,
+        );
     }
 
     #[test]
@@ -204,7 +220,16 @@ mod tests {
             "FID needs more samples than feature dimensions: got n = 50 for d = 128; use -n 129 or more"
         );
         let err = fid(&gaussian(3, 50, 4), &gaussian(4, 50, 5)).unwrap_err();
-        assert!(matches!(err, EvalError::FeatureDims { real: 4, generated: 5 }), "{err}");
+        assert!(
+            matches!(
+                err,
+                EvalError::FeatureDims {
+                    real: 4,
+                    generated: 5
+                }
+            ),
+            "{err}"
+        );
         let empty = Features::new(Vec::new(), 4).unwrap();
         assert!(matches!(
             fid(&empty, &gaussian(4, 50, 4)).unwrap_err(),

@@ -26,7 +26,11 @@ pub struct PrecisionRecall {
 /// The manifold of a set is the union of balls B(x_i, r_i), r_i the distance from x_i to its
 /// k-th nearest neighbour in the set; "inside" is d <= r, as in Kynkäänniemi et al.'s code
 /// (Naeem et al. use d < r; the two differ only on ties).
-pub fn precision_recall(real: &Features, generated: &Features, k: usize) -> Result<PrecisionRecall> {
+pub fn precision_recall(
+    real: &Features,
+    generated: &Features,
+    k: usize,
+) -> Result<PrecisionRecall> {
     if real.dim() != generated.dim() {
         return Err(EvalError::FeatureDims {
             real: real.dim(),
@@ -241,7 +245,8 @@ mod tests {
 
     #[test]
     fn too_small_sets_are_refused() {
-        let err = precision_recall(&gaussian(4, 10, 4, 0.0), &gaussian(5, 3, 4, 0.0), 3).unwrap_err();
+        let err =
+            precision_recall(&gaussian(4, 10, 4, 0.0), &gaussian(5, 3, 4, 0.0), 3).unwrap_err();
         assert_eq!(
             err.to_string(),
             "precision/recall with k = 3 needs at least 4 samples per set; the generated set has 3"

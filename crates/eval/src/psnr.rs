@@ -82,6 +82,9 @@ mod tests {
         let m = mean_psnr(a.clone(), b).unwrap();
         assert!((m - (expected[0] + expected[1]) / 2.0).abs() < 1e-12);
         let err = mean_psnr(a, Tensor::<4>::zeros([2, 1, 2, 2], &device)).unwrap_err();
-        assert_eq!(err.to_string(), "PSNR: shapes differ, [2, 2, 1, 2] vs [2, 1, 2, 2]");
+        assert_eq!(
+            err.to_string(),
+            "PSNR: shapes differ, [2, 2, 1, 2] vs [2, 1, 2, 2]"
+        );
     }
 }

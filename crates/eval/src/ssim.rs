@@ -64,7 +64,8 @@ pub fn mean_ssim(a: Tensor<4>, b: Tensor<4>) -> Result<f64> {
 fn ssim_plane(x: &[f32], y: &[f32], h: usize, w: usize) -> f64 {
     let x: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     let y: Vec<f64> = y.iter().map(|&v| f64::from(v)).collect();
-    let product = |p: &[f64], q: &[f64]| -> Vec<f64> { p.iter().zip(q).map(|(a, b)| a * b).collect() };
+    let product =
+        |p: &[f64], q: &[f64]| -> Vec<f64> { p.iter().zip(q).map(|(a, b)| a * b).collect() };
     let taps = gaussian_taps();
     let mu_x = filter_valid(&x, h, w, &taps);
     let mu_y = filter_valid(&y, h, w, &taps);
@@ -189,7 +190,9 @@ mod tests {
     fn batches_give_per_image_values_and_their_mean() {
         let device = Device::flex();
         let (a, b) = lcg_images(2 * 16 * 13);
-        let data = |v: Vec<f32>| Tensor::<4>::from_data(burn::tensor::TensorData::new(v, [2, 1, 16, 13]), &device);
+        let data = |v: Vec<f32>| {
+            Tensor::<4>::from_data(burn::tensor::TensorData::new(v, [2, 1, 16, 13]), &device)
+        };
         let per = ssim_per_image(data(a.clone()), data(b.clone())).unwrap();
         let plane = 16 * 13;
         let expected = [0.933_913_605_821_451_6, 0.858_619_863_962_169_4];

@@ -29,7 +29,8 @@ pub fn train_step(
     lr: f64,
 ) -> (Evaluator, StepMetrics) {
     let logits = model.forward(images);
-    let loss = CrossEntropyLoss::new(None, &logits.device()).forward(logits.clone(), labels.clone());
+    let loss =
+        CrossEntropyLoss::new(None, &logits.device()).forward(logits.clone(), labels.clone());
     let metrics = StepMetrics {
         loss: loss.clone().into_scalar::<f32>(),
         accuracy: accuracy(logits, labels),
@@ -67,7 +68,15 @@ pub(crate) mod tests {
     #[test]
     fn accuracy_counts_argmax_hits() {
         let device = Device::flex();
-        let logits = Tensor::<2>::from_floats([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [0.0, 0.0, 5.0], [9.0, 0.0, 0.0]], &device);
+        let logits = Tensor::<2>::from_floats(
+            [
+                [2.0, 1.0, 0.0],
+                [0.0, 3.0, 1.0],
+                [0.0, 0.0, 5.0],
+                [9.0, 0.0, 0.0],
+            ],
+            &device,
+        );
         let labels = Tensor::<1, Int>::from_ints([0, 1, 1, 2], &device);
         assert_eq!(accuracy(logits, labels), 0.5);
     }
@@ -90,7 +99,8 @@ pub(crate) mod tests {
         let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [16]), &device);
         let mut curve = Vec::with_capacity(steps);
         for _ in 0..steps {
-            let (next, metrics) = train_step(model, &mut optim, images.clone(), labels.clone(), 1e-2);
+            let (next, metrics) =
+                train_step(model, &mut optim, images.clone(), labels.clone(), 1e-2);
             model = next;
             curve.push(metrics);
         }
@@ -107,7 +117,10 @@ pub(crate) mod tests {
         let curve = overfit(80);
         let (first, last) = (curve[0], curve[curve.len() - 1]);
         assert_eq!(last.accuracy, 1.0, "{curve:?}");
-        assert!(first.loss > 1.0 && curve[curve.len() - 2].loss < 0.2 * first.loss, "{curve:?}");
+        assert!(
+            first.loss > 1.0 && curve[curve.len() - 2].loss < 0.2 * first.loss,
+            "{curve:?}"
+        );
         let again = overfit(80);
         assert_eq!(
             curve.iter().map(|m| m.loss.to_bits()).collect::<Vec<_>>(),
@@ -116,7 +129,9 @@ pub(crate) mod tests {
     }
 
     /// The default evaluator on Fashion-MNIST (Debian `dataset-fashion-mnist`): held-out
-    /// accuracy and wall time after `EVAL_STEPS` (default 1000) Adam steps at batch 128.
+    /// accuracy and wall time after `EVAL_STEPS` (default 1000) Adam steps at batch 128, lr
+    /// 2e-3 decayed linearly to 0. Measured: 0.906 in 242 s on 2 shared CPU cores (burn-flex);
+    /// 0.895 with a constant lr.
     /// `cargo test --release -p ldm-eval fashion -- --ignored --nocapture`
     #[test]
     #[ignore = "minutes of training on Fashion-MNIST; run by hand"]
@@ -126,24 +141,27 @@ pub(crate) mod tests {
         let splits = load(&DataConfig::fashion_mnist()).unwrap();
         let device = Device::flex().autodiff();
         device.seed(7);
-        let mut config = EvaluatorConfig::default();
-        if let Ok(c) = std::env::var("EVAL_CHANNELS") {
-            config.channels = c.split(',').map(|v| v.parse().unwrap()).collect();
-        }
-        if let Ok(p) = std::env::var("EVAL_POOL") {
-            config.pool_size = p.parse().unwrap();
-        }
-        let mut model = config.init(1, 10, &device).unwrap();
+        let mut model = EvaluatorConfig::default().init(1, 10, &device).unwrap();
         let mut optim = AdamConfig::new().init();
         let mut order = BatchOrder::new(7, splits.train.labels.len(), 128);
         let start = std::time::Instant::now();
         for step in 0..steps {
             let idx = order.batch(step);
-            let (images, labels) = (splits.train.batch(&idx, &device), splits.train.batch_labels(&idx, &device));
-            let (next, m) = train_step(model, &mut optim, images, labels, 2e-3);
+            let (images, labels) = (
+                splits.train.batch(&idx, &device),
+                splits.train.batch_labels(&idx, &device),
+            );
+            // linear decay of 2e-3 to 0: the last steps settle instead of bouncing
+            let lr = 2e-3 * (1.0 - step as f64 / steps as f64);
+            let (next, m) = train_step(model, &mut optim, images, labels, lr);
             model = next;
             if step % 100 == 0 {
-                println!("step {step}: loss {:.4} acc {:.3} ({:.0?})", m.loss, m.accuracy, start.elapsed());
+                println!(
+                    "step {step}: loss {:.4} acc {:.3} ({:.0?})",
+                    m.loss,
+                    m.accuracy,
+                    start.elapsed()
+                );
             }
         }
         let trained = start.elapsed();

@@ -7,13 +7,42 @@ use anyhow::{Result, bail};
 
 /// `(name, TOML text)` of every built-in config.
 pub const CONFIGS: &[(&str, &str)] = &[
-    ("vae-fmnist", include_str!("../../../configs/vae-fmnist.toml")),
-    ("vae-fmnist-full", include_str!("../../../configs/vae-fmnist-full.toml")),
-    ("vae-animals", include_str!("../../../configs/vae-animals.toml")),
-    ("ldm-fmnist", include_str!("../../../configs/ldm-fmnist.toml")),
-    ("ldm-fmnist-unet", include_str!("../../../configs/ldm-fmnist-unet.toml")),
-    ("ldm-animals", include_str!("../../../configs/ldm-animals.toml")),
-    ("fashion-mnist", include_str!("../../../pipelines/fashion-mnist.toml")),
+    (
+        "vae-fmnist",
+        include_str!("../../../configs/vae-fmnist.toml"),
+    ),
+    (
+        "vae-fmnist-full",
+        include_str!("../../../configs/vae-fmnist-full.toml"),
+    ),
+    (
+        "vae-animals",
+        include_str!("../../../configs/vae-animals.toml"),
+    ),
+    (
+        "ldm-fmnist",
+        include_str!("../../../configs/ldm-fmnist.toml"),
+    ),
+    (
+        "ldm-fmnist-unet",
+        include_str!("../../../configs/ldm-fmnist-unet.toml"),
+    ),
+    (
+        "ldm-animals",
+        include_str!("../../../configs/ldm-animals.toml"),
+    ),
+    (
+        "evaluator-fmnist",
+        include_str!("../../../configs/evaluator-fmnist.toml"),
+    ),
+    (
+        "evaluator-animals",
+        include_str!("../../../configs/evaluator-animals.toml"),
+    ),
+    (
+        "fashion-mnist",
+        include_str!("../../../pipelines/fashion-mnist.toml"),
+    ),
     ("animals", include_str!("../../../pipelines/animals.toml")),
 ];
 
@@ -24,7 +53,11 @@ pub fn resolve(arg: &str) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path.to_path_buf());
     }
-    let name = arg.trim_end_matches(".toml").rsplit('/').next().unwrap_or(arg);
+    let name = arg
+        .trim_end_matches(".toml")
+        .rsplit('/')
+        .next()
+        .unwrap_or(arg);
     match CONFIGS.iter().find(|(n, _)| *n == name) {
         Some((n, text)) => {
             let dir = std::env::temp_dir().join(format!("ldm-builtin-{}", std::process::id()));
@@ -35,7 +68,10 @@ pub fn resolve(arg: &str) -> Result<PathBuf> {
         }
         None => {
             let names: Vec<&str> = CONFIGS.iter().map(|(n, _)| *n).collect();
-            bail!("--config {arg}: no such file, and not a built-in config (built-in: {})", names.join(", "))
+            bail!(
+                "--config {arg}: no such file, and not a built-in config (built-in: {})",
+                names.join(", ")
+            )
         }
     }
 }

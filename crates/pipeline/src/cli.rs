@@ -29,6 +29,56 @@ pub enum Command {
     Generate(GenerateCliArgs),
     /// Run a whole recipe: train-vae, train-ldm, then a grid with one row per class.
     Run(RunArgs),
+    /// Train the evaluation classifier on a data set's real training split.
+    TrainEvaluator(TrainEvaluatorArgs),
+    /// Score a class-conditional model: per-class accuracy, FID (with its floor), precision/recall.
+    Eval(EvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainEvaluatorArgs {
+    /// A config file, or a built-in name (evaluator-animals, evaluator-fmnist).
+    #[arg(long, default_value = "evaluator-animals")]
+    pub config: String,
+    /// Data set folder (overrides `data.dir`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value = "runs/evaluator-animals")]
+    pub out: PathBuf,
+    /// Continue from `<out>/checkpoint`.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A run folder written by `train-ldm` (default: the model of the README's first command).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A folder written by `train-evaluator`.
+    #[arg(long, default_value = "runs/evaluator-animals")]
+    pub evaluator: PathBuf,
+    /// Images generated per class.
+    #[arg(short = 'n', long, default_value_t = 100)]
+    pub n: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
+    pub cfg: f64,
+    /// Sampler (default: the model's).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Denoising steps (default: the model's).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the figures as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceFlag,
 }
 
 #[derive(Debug, Args)]

@@ -44,7 +44,11 @@ pub struct GenerateRecord {
 
 /// Normalises a prompt: lower case, single spaces.
 pub fn normalize_prompt(prompt: &str) -> String {
-    prompt.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    prompt
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
 }
 
 /// The class a prompt names for a class-conditional model: the class name itself, or a
@@ -53,7 +57,11 @@ fn class_of_prompt(prompt: &str, classes: &[String]) -> Option<usize> {
     let p = normalize_prompt(prompt);
     classes.iter().position(|c| {
         let c = c.to_lowercase();
-        p == c || p.split(' ').collect::<Vec<_>>().windows(c.split(' ').count()).any(|w| w.join(" ") == c)
+        p == c
+            || p.split(' ')
+                .collect::<Vec<_>>()
+                .windows(c.split(' ').count())
+                .any(|w| w.join(" ") == c)
     })
 }
 
@@ -75,7 +83,9 @@ fn resolve_class(run: &LdmRun, args: &GenerateArgs) -> Result<Option<usize>> {
             .iter()
             .position(|c| c.eq_ignore_ascii_case(name.trim()))
             .map(Some)
-            .ok_or_else(|| anyhow::anyhow!("--class {name}: unknown class; valid classes: {}", valid()));
+            .ok_or_else(|| {
+                anyhow::anyhow!("--class {name}: unknown class; valid classes: {}", valid())
+            });
     }
     match args.prompt.as_deref().map(str::trim) {
         None | Some("") => Ok(None),
@@ -121,7 +131,14 @@ pub fn generate(run: &LdmRun, args: &GenerateArgs, device: &Device) -> Result<Ge
         bar.set_position(done as u64);
         true
     };
-    let latents = sampling::sample_latents(&run.model, &run.schedule, run.config.diffusion.parameterization, &request, device, Some(&mut progress))?;
+    let latents = sampling::sample_latents(
+        &run.model,
+        &run.schedule,
+        run.config.diffusion.parameterization,
+        &request,
+        device,
+        Some(&mut progress),
+    )?;
     bar.finish_and_clear();
     let images = sampling::decode(&run.vae, latents);
     let mut record = GenerateRecord {
@@ -141,12 +158,25 @@ pub fn generate(run: &LdmRun, args: &GenerateArgs, device: &Device) -> Result<Ge
     for i in 0..args.n {
         let name = format!("{i:03}.png");
         let text = format!("{settings} index {i}");
-        let png = encode_png(&interleaved(&pixels, i), pixels.width, pixels.height, pixels.channels, &[("parameters", &text)]);
+        let png = encode_png(
+            &interleaved(&pixels, i),
+            pixels.width,
+            pixels.height,
+            pixels.channels,
+            &[("parameters", &text)],
+        );
         ldm_common::checkpoint::atomic_write(&args.out.join(&name), &png)?;
         record.files.push(name);
     }
     let (g, gw, gh) = grid(&pixels, (args.n as f64).sqrt().ceil() as usize);
-    ldm_common::image_io::write_png(&args.out.join("grid.png"), &g, gw, gh, pixels.channels, &[("parameters", &settings)])?;
+    ldm_common::image_io::write_png(
+        &args.out.join("grid.png"),
+        &g,
+        gw,
+        gh,
+        pixels.channels,
+        &[("parameters", &settings)],
+    )?;
     write_json(&args.out.join("generate.json"), &record)?;
     Ok(record)
 }
@@ -155,7 +185,9 @@ pub fn generate(run: &LdmRun, args: &GenerateArgs, device: &Device) -> Result<Ge
 pub fn default_model_file() -> PathBuf {
     let home = std::env::var_os("PIPELINE_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share/latent-diffusion-rs")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share/latent-diffusion-rs"))
+        })
         .unwrap_or_else(|| PathBuf::from(".latent-diffusion-rs"));
     home.join("default-model")
 }
@@ -175,7 +207,10 @@ pub fn default_model() -> Result<PathBuf> {
 /// Records `model` as the default of `generate`.
 pub fn set_default_model(model: &Path) -> Result<()> {
     let abs = std::path::absolute(model)?;
-    ldm_common::checkpoint::atomic_write(&default_model_file(), format!("{}\n", abs.display()).as_bytes())?;
+    ldm_common::checkpoint::atomic_write(
+        &default_model_file(),
+        format!("{}\n", abs.display()).as_bytes(),
+    )?;
     Ok(())
 }
 
@@ -185,7 +220,10 @@ mod tests {
 
     #[test]
     fn prompts_name_classes() {
-        let classes: Vec<String> = ["bear", "cat", "ankle boot"].iter().map(|s| s.to_string()).collect();
+        let classes: Vec<String> = ["bear", "cat", "ankle boot"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(class_of_prompt("  A   Cat ", &classes), Some(1));
         assert_eq!(class_of_prompt("a silhouette of a cat", &classes), Some(1));
         assert_eq!(class_of_prompt("ankle boot", &classes), Some(2));

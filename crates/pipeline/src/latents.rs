@@ -54,12 +54,18 @@ impl LatentSet {
         for &i in indices {
             out.extend_from_slice(&self.values[i * per..(i + 1) * per]);
         }
-        Tensor::from_data(TensorData::new(out, Shape::new([indices.len(), c, h, w])), device)
+        Tensor::from_data(
+            TensorData::new(out, Shape::new([indices.len(), c, h, w])),
+            device,
+        )
     }
 }
 
 fn files(dir: &Path, split: &str) -> (PathBuf, PathBuf) {
-    (dir.join(format!("{split}.meta.json")), dir.join(format!("{split}.f32")))
+    (
+        dir.join(format!("{split}.meta.json")),
+        dir.join(format!("{split}.f32")),
+    )
 }
 
 /// Loads the cache of `split` from `dir`, or encodes `images` with the VAE and writes it.
@@ -95,10 +101,18 @@ pub fn load_or_encode(
             );
         }
         if meta == wanted {
-            let bytes = std::fs::read(&data_path).map_err(|e| anyhow::anyhow!("{}: {e}", data_path.display()))?;
+            let bytes = std::fs::read(&data_path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", data_path.display()))?;
             if bytes.len() == meta.count * c * h * w * 4 {
-                let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                return Ok(LatentSet { meta, values, labels: images.labels.clone() });
+                let values = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                return Ok(LatentSet {
+                    meta,
+                    values,
+                    labels: images.labels.clone(),
+                });
             }
         }
     }
@@ -110,7 +124,11 @@ pub fn load_or_encode(
         let z = match source {
             LatentSource::Mean => q.mean,
             LatentSource::Sample => {
-                let eps = randn(&mut stream(seed, &format!("latent-cache-{split}"), k as u64), q.mean.dims(), device);
+                let eps = randn(
+                    &mut stream(seed, &format!("latent-cache-{split}"), k as u64),
+                    q.mean.dims(),
+                    device,
+                );
                 q.sample(eps)
             }
         };
@@ -119,5 +137,9 @@ pub fn load_or_encode(
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     atomic_write(&data_path, &bytes)?;
     write_json(&meta_path, &wanted)?;
-    Ok(LatentSet { meta: wanted, values, labels: images.labels.clone() })
+    Ok(LatentSet {
+        meta: wanted,
+        values,
+        labels: images.labels.clone(),
+    })
 }

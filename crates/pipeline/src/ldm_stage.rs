@@ -26,10 +26,10 @@ use rand::RngExt;
 
 use crate::latents::{self, LatentSet, LatentSource};
 use crate::sampling::{self, GuidanceConfig};
-use ldm_diffusion::sampler::SamplerOptions;
 use crate::train::{self, Outcome, TrainConfig, TrainTask};
 use crate::vae_stage::VaeRun;
 use crate::{ema, run_dir};
+use ldm_diffusion::sampler::SamplerOptions;
 
 /// What the diffusion model is conditioned on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,13 +106,21 @@ impl LdmRunConfig {
     pub fn validate(&self) -> Result<()> {
         self.train.validate().map_err(anyhow::Error::msg)?;
         self.diffusion.loss.validate()?;
-        self.diffusion.parameterization.check_schedule(&self.schedule)?;
+        self.diffusion
+            .parameterization
+            .check_schedule(&self.schedule)?;
         let d = &self.diffusion;
         if !(0.0..1.0).contains(&d.ema_decay) {
-            bail!("diffusion.ema_decay = {}: expected a number in [0, 1)", d.ema_decay);
+            bail!(
+                "diffusion.ema_decay = {}: expected a number in [0, 1)",
+                d.ema_decay
+            );
         }
         if !(0.0..1.0).contains(&d.p_uncond) {
-            bail!("diffusion.p_uncond = {}: expected a probability in [0, 1)", d.p_uncond);
+            bail!(
+                "diffusion.p_uncond = {}: expected a probability in [0, 1)",
+                d.p_uncond
+            );
         }
         let schedule = Schedule::new(&self.schedule)?;
         self.sampler.validate(&schedule)?;
@@ -158,16 +166,28 @@ impl LdmRun {
     /// Loads a run folder and the VAE it was trained on, refusing a VAE whose checksum differs.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("{}: no such model folder (train one with `pipeline train-ldm --out {}`)", dir.display(), dir.display());
+            bail!(
+                "{}: no such model folder (train one with `pipeline train-ldm --out {}`)",
+                dir.display(),
+                dir.display()
+            );
         }
         for file in ["config.toml", "ldm.json", "model.safetensors"] {
             if !dir.join(file).exists() {
-                bail!("{}: incomplete LDM run, {file} is missing (finish it with `pipeline train-ldm --out {} --resume`)", dir.display(), dir.display());
+                bail!(
+                    "{}: incomplete LDM run, {file} is missing (finish it with `pipeline train-ldm --out {} --resume`)",
+                    dir.display(),
+                    dir.display()
+                );
             }
         }
         let config: LdmRunConfig = crate::config::read(&dir.join("config.toml"))?;
         let info: LdmInfo = read_json(&dir.join("ldm.json"))?;
-        let vae_dir = if info.vae_dir.is_absolute() { info.vae_dir.clone() } else { dir.join(&info.vae_dir) };
+        let vae_dir = if info.vae_dir.is_absolute() {
+            info.vae_dir.clone()
+        } else {
+            dir.join(&info.vae_dir)
+        };
         let vae = VaeRun::load(&vae_dir, device)?;
         if vae.info.weights_sha256 != info.vae_sha256 {
             bail!(
@@ -183,7 +203,14 @@ impl LdmRun {
         let spec = conditioning_spec(config.diffusion.conditioning, info.class_names.len());
         let model = config.backbone.init(c, s, &spec, device)?;
         let model = load_safetensors(model, &dir.join("model.safetensors"))?;
-        Ok(Self { dir: dir.to_path_buf(), config, info, schedule, model, vae })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            info,
+            schedule,
+            model,
+            vae,
+        })
     }
 
     /// Whether the model was trained with class labels.
@@ -224,7 +251,10 @@ impl LdmTask {
                 }
             })
             .collect();
-        Some(Tensor::from_data(TensorData::new(labels, Shape::new([indices.len()])), &self.device))
+        Some(Tensor::from_data(
+            TensorData::new(labels, Shape::new([indices.len()])),
+            &self.device,
+        ))
     }
 }
 
@@ -240,18 +270,33 @@ impl TrainTask for LdmTask {
         let b = indices.len();
         let z0 = self.latents.batch(&indices, &self.device);
         let mut rng = stream(self.seed, "ldm-t", step);
-        let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..self.schedule.num_timesteps())).collect();
-        let eps = randn(&mut stream(self.seed, "ldm-eps", step), z0.dims(), &self.device);
-        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
-        let t_float = Tensor::<1>::from_data(
-            TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), Shape::new([b])),
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.random_range(0..self.schedule.num_timesteps()))
+            .collect();
+        let eps = randn(
+            &mut stream(self.seed, "ldm-eps", step),
+            z0.dims(),
             &self.device,
         );
-        let cond = Conditioning { class: self.labels(&indices, step), text: None };
+        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
+        let t_float = Tensor::<1>::from_data(
+            TensorData::new(
+                t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                Shape::new([b]),
+            ),
+            &self.device,
+        );
+        let cond = Conditioning {
+            class: self.labels(&indices, step),
+            text: None,
+        };
         let output = model.forward(z_t, t_float, &cond);
         let p = self.settings.parameterization;
         let target = p.target(&self.schedule, z0, eps, &t);
-        let weights = self.settings.loss.weights(&self.schedule, p, &t, &self.device);
+        let weights = self
+            .settings
+            .loss
+            .weights(&self.schedule, p, &t, &self.device);
         let loss = diffusion_loss(output, target, weights);
         (loss.clone(), vec![loss])
     }
@@ -262,21 +307,43 @@ impl TrainTask for LdmTask {
     }
 
     fn write_samples(&mut self, _model: &BackboneModel, step: u64) -> Result<()> {
-        let plain = self.ema.devices().into_iter().next().unwrap_or_else(Device::flex);
+        let plain = self
+            .ema
+            .devices()
+            .into_iter()
+            .next()
+            .unwrap_or_else(Device::flex);
         let n = self.class_names.len().clamp(1, 10);
-        let labels = self.spec.num_classes.map(|_| (0..n).collect::<Vec<usize>>());
+        let labels = self
+            .spec
+            .num_classes
+            .map(|_| (0..n).collect::<Vec<usize>>());
         let request = sampling::Request {
             sampler: &self.sampler,
             labels: labels.as_deref(),
             num_classes: self.class_names.len(),
             latent_shape: self.latents.meta.shape,
-            cfg: if labels.is_some() { self.guidance.cfg } else { 1.0 },
+            cfg: if labels.is_some() {
+                self.guidance.cfg
+            } else {
+                1.0
+            },
             n,
             seed: self.seed,
         };
-        let latents = sampling::sample_latents(&self.ema, &self.schedule, self.settings.parameterization, &request, &plain, None)?;
+        let latents = sampling::sample_latents(
+            &self.ema,
+            &self.schedule,
+            self.settings.parameterization,
+            &request,
+            &plain,
+            None,
+        )?;
         let images = sampling::decode(&self.vae, latents);
-        let path = self.run_dir.join("samples").join(format!("step-{step:06}.png"));
+        let path = self
+            .run_dir
+            .join("samples")
+            .join(format!("step-{step:06}.png"));
         ldm_common::image_io::write_grid(&path, images, n)?;
         Ok(())
     }
@@ -320,10 +387,18 @@ pub fn train_ldm(
 ) -> Result<Option<LdmSummary>> {
     let mut config: LdmRunConfig = crate::config::read(config_path)?;
     let t = &mut config.train;
-    if let Some(v) = overrides.steps { t.steps = v; }
-    if let Some(v) = overrides.batch_size { t.batch_size = v; }
-    if let Some(v) = overrides.lr { t.lr = v; }
-    if let Some(v) = overrides.seed { t.seed = v; }
+    if let Some(v) = overrides.steps {
+        t.steps = v;
+    }
+    if let Some(v) = overrides.batch_size {
+        t.batch_size = v;
+    }
+    if let Some(v) = overrides.lr {
+        t.lr = v;
+    }
+    if let Some(v) = overrides.seed {
+        t.seed = v;
+    }
     config.validate()?;
     let vae = VaeRun::load(vae_dir, device)?;
     let [c, s, _] = vae.info.latent_shape;
@@ -349,7 +424,11 @@ pub fn train_ldm(
     let model = config.backbone.init(c, s, &spec, &ad)?;
     let num_params = model.num_params();
     let mut task = LdmTask {
-        order: BatchOrder::new(config.train.seed, latents.labels.len(), config.train.batch_size),
+        order: BatchOrder::new(
+            config.train.seed,
+            latents.labels.len(),
+            config.train.batch_size,
+        ),
         latents,
         schedule,
         settings: config.diffusion.clone(),
@@ -363,7 +442,12 @@ pub fn train_ldm(
         class_names: class_names.clone(),
         run_dir: out.to_path_buf(),
     };
-    let architecture = format!("{:?} {:?} latent={c}x{s}x{s} classes={}", config.backbone, spec, class_names.len());
+    let architecture = format!(
+        "{:?} {:?} latent={c}x{s}x{s} classes={}",
+        config.backbone,
+        spec,
+        class_names.len()
+    );
     match train::train(&mut task, model, &config.train, architecture, out, resume)? {
         Outcome::Finished(_) => {}
         Outcome::Interrupted(_) => return Ok(None),
@@ -380,7 +464,11 @@ pub fn train_ldm(
         weights_sha256: sha256_file(&weights)?,
     };
     write_json(&out.join("ldm.json"), &info).context("writing ldm.json")?;
-    Ok(Some(LdmSummary { out: out.to_path_buf(), steps: config.train.steps, num_params }))
+    Ok(Some(LdmSummary {
+        out: out.to_path_buf(),
+        steps: config.train.steps,
+        num_params,
+    }))
 }
 
 /// Held-out figures of a trained LDM.
@@ -400,7 +488,13 @@ pub struct LdmEval {
 
 /// `pipeline eval-ldm`: held-out loss and the variational bound, estimated as
 /// L_T + T * mean over t ~ U{0..T-1} of L_{t-1} (Ho et al. 2020 eq. 5; unbiased).
-pub fn eval_ldm(run: &LdmRun, limit: usize, repeats: usize, seed: u64, device: &Device) -> Result<LdmEval> {
+pub fn eval_ldm(
+    run: &LdmRun,
+    limit: usize,
+    repeats: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<LdmEval> {
     use ldm_diffusion::loss::{prior_kl, vlb_term};
     use ldm_diffusion::sampler::DdpmVariance;
     let Splits { held_out, .. } = data::load(&run.vae.config.data)?;
@@ -416,7 +510,11 @@ pub fn eval_ldm(run: &LdmRun, limit: usize, repeats: usize, seed: u64, device: &
         run.config.train.seed,
         device,
     )?;
-    let n = if limit == 0 { held_out.labels.len() } else { limit.min(held_out.labels.len()) };
+    let n = if limit == 0 {
+        held_out.labels.len()
+    } else {
+        limit.min(held_out.labels.len())
+    };
     let [c, h, w] = latents.meta.shape;
     let dims = c * h * w;
     let big_t = run.schedule.num_timesteps();
@@ -425,25 +523,49 @@ pub fn eval_ldm(run: &LdmRun, limit: usize, repeats: usize, seed: u64, device: &
     let indices: Vec<usize> = (0..n).collect();
     for (k, chunk) in indices.chunks(250).enumerate() {
         let z0 = latents.batch(chunk, device);
-        prior += ldm_common::tensor::scalar(prior_kl(&run.schedule, z0.clone()).sum()) / dims as f64;
+        prior +=
+            ldm_common::tensor::scalar(prior_kl(&run.schedule, z0.clone()).sum()) / dims as f64;
         for r in 0..repeats {
             let counter = (k * repeats + r) as u64;
             let mut rng = stream(seed, "eval-t", counter);
             let t: Vec<usize> = chunk.iter().map(|_| rng.random_range(0..big_t)).collect();
             let eps = randn(&mut stream(seed, "eval-eps", counter), z0.dims(), device);
             let z_t = q_sample(&run.schedule, z0.clone(), &t, eps.clone());
-            let t_float = Tensor::<1>::from_data(TensorData::new(t.iter().map(|&v| v as f32).collect::<Vec<_>>(), Shape::new([t.len()])), device);
+            let t_float = Tensor::<1>::from_data(
+                TensorData::new(
+                    t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                    Shape::new([t.len()]),
+                ),
+                device,
+            );
             let cond = if run.class_conditional() {
                 let nulls = vec![run.info.class_names.len() as i64; t.len()];
-                Conditioning { class: Some(Tensor::from_data(TensorData::new(nulls, Shape::new([t.len()])), device)), text: None }
+                Conditioning {
+                    class: Some(Tensor::from_data(
+                        TensorData::new(nulls, Shape::new([t.len()])),
+                        device,
+                    )),
+                    text: None,
+                }
             } else {
                 Conditioning::none()
             };
             let out = run.model.forward(z_t.clone(), t_float, &cond);
             let target = p.target(&run.schedule, z0.clone(), eps, &t);
-            loss += ldm_common::tensor::scalar(diffusion_loss(out.clone(), target, Tensor::ones([t.len()], device))) * t.len() as f64;
+            loss += ldm_common::tensor::scalar(diffusion_loss(
+                out.clone(),
+                target,
+                Tensor::ones([t.len()], device),
+            )) * t.len() as f64;
             let eps_pred = p.eps(&run.schedule, z_t.clone(), out, &t);
-            let terms = vlb_term(&run.schedule, z0.clone(), z_t, &t, eps_pred, DdpmVariance::Posterior);
+            let terms = vlb_term(
+                &run.schedule,
+                z0.clone(),
+                z_t,
+                &t,
+                eps_pred,
+                DdpmVariance::Posterior,
+            );
             diffusion += ldm_common::tensor::scalar(terms.sum()) * big_t as f64 / dims as f64;
         }
     }

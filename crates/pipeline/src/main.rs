@@ -7,7 +7,7 @@ use clap::Parser;
 
 use ldm_common::device::select;
 use ldm_pipeline::cli::{Cli, Command};
-use ldm_pipeline::{builtin, generate, interrupt, ldm_stage, recipe, vae_stage};
+use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
 
 fn main() -> ExitCode {
     interrupt::install();
@@ -37,7 +37,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seed: a.train.seed,
             };
             eprintln!("train-vae on {} -> {}", device.description, a.out.display());
-            match vae_stage::train_vae(&config, &overrides, &a.out, &device.device, a.train.resume)? {
+            match vae_stage::train_vae(&config, &overrides, &a.out, &device.device, a.train.resume)?
+            {
                 Some(s) => {
                     println!(
                         "trained the VAE for {} steps; latent scale factor {:.5}; outputs in {} (model.safetensors, vae.json, metrics.csv, samples/)",
@@ -83,7 +84,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seed: a.train.seed,
             };
             eprintln!("train-ldm on {} -> {}", device.description, a.out.display());
-            match ldm_stage::train_ldm(&config, &a.vae, &overrides, &a.out, &device.device, a.train.resume)? {
+            match ldm_stage::train_ldm(
+                &config,
+                &a.vae,
+                &overrides,
+                &a.out,
+                &device.device,
+                a.train.resume,
+            )? {
                 Some(s) => {
                     println!(
                         "trained the LDM ({} parameters) for {} steps; outputs in {} (model.safetensors = EMA weights, ldm.json, metrics.csv, samples/)",
@@ -116,7 +124,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schedule(a) => {
-            let config: ldm_stage::LdmRunConfig = ldm_pipeline::config::read(&builtin::resolve(&a.config)?)?;
+            let config: ldm_stage::LdmRunConfig =
+                ldm_pipeline::config::read(&builtin::resolve(&a.config)?)?;
             let schedule = ldm_diffusion::schedule::Schedule::new(&config.schedule)?;
             print!("{}", schedule.to_csv());
             Ok(ExitCode::SUCCESS)
@@ -135,7 +144,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(steps) = a.steps {
                 let t = run.schedule.num_timesteps();
                 if steps < 1 || steps as usize > t {
-                    anyhow::bail!("--steps {steps}: expected 1 to {t} (the model's number of timesteps)");
+                    anyhow::bail!(
+                        "--steps {steps}: expected 1 to {t} (the model's number of timesteps)"
+                    );
                 }
                 sampler.steps = steps as usize;
             }
@@ -159,7 +170,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "wrote {} images, grid.png and generate.json to {} ({}, cfg {}, {} {} steps, seed {})",
                 record.n,
                 a.out.display(),
-                record.class.as_deref().map(|c| format!("class {c}")).unwrap_or_else(|| "unconditional".into()),
+                record
+                    .class
+                    .as_deref()
+                    .map(|c| format!("class {c}"))
+                    .unwrap_or_else(|| "unconditional".into()),
                 record.cfg,
                 record.sampler.kind,
                 record.sampler.steps,
@@ -167,9 +182,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::TrainEvaluator(a) => train_evaluator(a),
+        Command::Eval(a) => eval(a),
         Command::Run(a) => {
             let device = select(a.device.device)?;
-            let overrides = recipe::RunOverrides { vae_steps: a.vae_steps, ldm_steps: a.ldm_steps, out: a.out };
+            let overrides = recipe::RunOverrides {
+                vae_steps: a.vae_steps,
+                ldm_steps: a.ldm_steps,
+                out: a.out,
+            };
             eprintln!("run {} on {}", a.recipe, device.description);
             match recipe::run(&a.recipe, &overrides, &device.device)? {
                 Some(s) => {
@@ -182,12 +203,90 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
-                    eprintln!("interrupted: checkpoints saved; run the same command again to resume");
+                    eprintln!(
+                        "interrupted: checkpoints saved; run the same command again to resume"
+                    );
                     Ok(ExitCode::from(INTERRUPTED))
                 }
             }
         }
     }
+}
+
+fn train_evaluator(a: ldm_pipeline::cli::TrainEvaluatorArgs) -> Result<ExitCode> {
+    let device = select(a.device.device)?;
+    let config = builtin::resolve(&a.config)?;
+    eprintln!(
+        "train-evaluator on {} -> {}",
+        device.description,
+        a.out.display()
+    );
+    match evaluator_stage::train_evaluator(
+        &config,
+        a.data.as_deref(),
+        &a.out,
+        &device.device,
+        a.resume,
+    )? {
+        Some(info) => {
+            println!(
+                "trained the evaluator: held-out accuracy {:.2}% on {} images; outputs in {}",
+                100.0 * info.held_out_accuracy,
+                info.held_out_images,
+                a.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => interrupted(&a.out),
+    }
+}
+
+fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
+    let device = select(a.device.device)?;
+    let model = match a.model {
+        Some(m) => m,
+        None => generate::default_model()?,
+    };
+    let evaluator = evaluator_stage::EvaluatorRun::load(&a.evaluator, &device.device)?;
+    let run = ldm_stage::LdmRun::load(&model, &device.device)?;
+    let mut sampler = run.config.sampler.clone();
+    if let Some(name) = &a.sampler {
+        sampler.kind = name.parse()?;
+    }
+    if let Some(steps) = a.steps {
+        sampler.steps = steps;
+    }
+    sampler.validate(&run.schedule)?;
+    let e = evaluator_stage::eval_model(
+        &run,
+        &evaluator,
+        a.n,
+        a.cfg,
+        &sampler,
+        a.seed,
+        &device.device,
+    )?;
+    println!(
+        "{} | cfg {} | {} {} steps | {} images per class",
+        model.display(),
+        e.cfg,
+        e.sampler.kind,
+        e.sampler.steps,
+        e.per_class
+    );
+    println!("{:<16} {:>9}", "class", "accuracy");
+    for (name, acc) in &e.accuracy_per_class {
+        println!("{name:<16} {:>8.1}%", 100.0 * acc);
+    }
+    println!("{:<16} {:>8.1}%", "all", 100.0 * e.accuracy);
+    println!(
+        "FID {:.3} (real-vs-real floor {:.3}), precision {:.3}, recall {:.3}, {:.1} images/s",
+        e.fid, e.fid_floor, e.precision, e.recall, e.images_per_second
+    );
+    if let Some(path) = a.json {
+        ldm_common::checkpoint::write_json(&path, &e)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn interrupted(out: &std::path::Path) -> Result<ExitCode> {

@@ -43,7 +43,10 @@ fn d_cfg() -> f64 {
 
 impl Default for GridSettings {
     fn default() -> Self {
-        Self { per_class: d_per_class(), cfg: d_cfg() }
+        Self {
+            per_class: d_per_class(),
+            cfg: d_cfg(),
+        }
     }
 }
 
@@ -77,20 +80,51 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     let (vae_dir, ldm_dir) = (out.join("vae"), out.join("ldm"));
 
     if !vae_dir.join("vae.json").exists() {
-        eprintln!("== stage 1/3: train-vae ({}) -> {}", recipe.vae, vae_dir.display());
-        let overrides = vae_stage::Overrides { steps: o.vae_steps, ..Default::default() };
+        eprintln!(
+            "== stage 1/3: train-vae ({}) -> {}",
+            recipe.vae,
+            vae_dir.display()
+        );
+        let overrides = vae_stage::Overrides {
+            steps: o.vae_steps,
+            ..Default::default()
+        };
         let resume = has_checkpoint(&vae_dir);
-        if vae_stage::train_vae(&builtin::resolve(&recipe.vae)?, &overrides, &vae_dir, device, resume)?.is_none() {
+        if vae_stage::train_vae(
+            &builtin::resolve(&recipe.vae)?,
+            &overrides,
+            &vae_dir,
+            device,
+            resume,
+        )?
+        .is_none()
+        {
             return Ok(None);
         }
     } else {
         eprintln!("== stage 1/3: {} is trained, kept", vae_dir.display());
     }
     if !ldm_dir.join("ldm.json").exists() {
-        eprintln!("== stage 2/3: train-ldm ({}) -> {}", recipe.ldm, ldm_dir.display());
-        let overrides = ldm_stage::Overrides { steps: o.ldm_steps, ..Default::default() };
+        eprintln!(
+            "== stage 2/3: train-ldm ({}) -> {}",
+            recipe.ldm,
+            ldm_dir.display()
+        );
+        let overrides = ldm_stage::Overrides {
+            steps: o.ldm_steps,
+            ..Default::default()
+        };
         let resume = has_checkpoint(&ldm_dir);
-        if ldm_stage::train_ldm(&builtin::resolve(&recipe.ldm)?, &vae_dir, &overrides, &ldm_dir, device, resume)?.is_none() {
+        if ldm_stage::train_ldm(
+            &builtin::resolve(&recipe.ldm)?,
+            &vae_dir,
+            &overrides,
+            &ldm_dir,
+            device,
+            resume,
+        )?
+        .is_none()
+        {
             return Ok(None);
         }
     } else {
@@ -100,7 +134,9 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     eprintln!("== stage 3/3: a grid with one row per class");
     let run = ldm_stage::LdmRun::load(&ldm_dir, device)?;
     let classes = run.info.class_names.len().max(1);
-    let labels: Vec<usize> = (0..classes).flat_map(|c| std::iter::repeat_n(c, recipe.grid.per_class)).collect();
+    let labels: Vec<usize> = (0..classes)
+        .flat_map(|c| std::iter::repeat_n(c, recipe.grid.per_class))
+        .collect();
     let request = Request {
         sampler: &run.config.sampler,
         labels: run.class_conditional().then_some(labels.as_slice()),
@@ -110,10 +146,21 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         n: labels.len(),
         seed: run.config.train.seed,
     };
-    let latents = sampling::sample_latents(&run.model, &run.schedule, run.config.diffusion.parameterization, &request, device, None)?;
+    let latents = sampling::sample_latents(
+        &run.model,
+        &run.schedule,
+        run.config.diffusion.parameterization,
+        &request,
+        device,
+        None,
+    )?;
     let images = sampling::decode(&run.vae, latents);
     let grid = out.join("grid.png");
     ldm_common::image_io::write_grid(&grid, images, recipe.grid.per_class)?;
     crate::generate::set_default_model(&ldm_dir)?;
-    Ok(Some(RunSummary { vae: vae_dir, ldm: ldm_dir, grid }))
+    Ok(Some(RunSummary {
+        vae: vae_dir,
+        ldm: ldm_dir,
+        grid,
+    }))
 }

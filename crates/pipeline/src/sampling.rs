@@ -5,13 +5,13 @@ use anyhow::{Result, bail};
 use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use ldm_common::rng::{randn, stream};
 use ldm_diffusion::backbone::BackboneModel;
 use ldm_diffusion::denoiser::{Conditioning, Denoiser};
 use ldm_diffusion::guidance::{ClassifierFreeGuidance, ModelDenoiser};
 use ldm_diffusion::parameterization::Parameterization;
 use ldm_diffusion::sampler::{SampleHooks, SamplerOptions, sample};
 use ldm_diffusion::schedule::Schedule;
-use ldm_common::rng::{randn, stream};
 
 use crate::vae_stage::VaeRun;
 
@@ -60,7 +60,10 @@ pub struct Request<'a> {
 }
 
 fn class_tensor(ids: &[i64], device: &Device) -> Tensor<1, Int> {
-    Tensor::from_data(TensorData::new(ids.to_vec(), Shape::new([ids.len()])), device)
+    Tensor::from_data(
+        TensorData::new(ids.to_vec(), Shape::new([ids.len()])),
+        device,
+    )
 }
 
 /// Samples `request.n` latents (in the diffusion model's scaled latent space).
@@ -76,27 +79,72 @@ pub fn sample_latents(
     progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
 ) -> Result<Tensor<4>> {
     let [c, h, w] = request.latent_shape;
-    let x_t = randn(&mut stream(request.seed, "sample-start", 0), [request.n, c, h, w], device);
+    let x_t = randn(
+        &mut stream(request.seed, "sample-start", 0),
+        [request.n, c, h, w],
+        device,
+    );
     let mut hooks = SampleHooks::seeded(request.seed, device.clone());
     if let Some(p) = progress {
         hooks = hooks.with_progress(p);
     }
     let latents = match request.labels {
         None => {
-            let denoiser = ModelDenoiser { backbone: model, parameterization, schedule, cond: Conditioning::none() };
-            sample(&denoiser as &dyn Denoiser, schedule, x_t, request.sampler, &mut hooks)?
+            let denoiser = ModelDenoiser {
+                backbone: model,
+                parameterization,
+                schedule,
+                cond: Conditioning::none(),
+            };
+            sample(
+                &denoiser as &dyn Denoiser,
+                schedule,
+                x_t,
+                request.sampler,
+                &mut hooks,
+            )?
         }
         Some(labels) => {
             let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-            let cond = Conditioning { class: Some(class_tensor(&ids, device)), text: None };
+            let cond = Conditioning {
+                class: Some(class_tensor(&ids, device)),
+                text: None,
+            };
             let null = request.num_classes as i64;
-            let uncond = Conditioning { class: Some(class_tensor(&vec![null; ids.len()], device)), text: None };
+            let uncond = Conditioning {
+                class: Some(class_tensor(&vec![null; ids.len()], device)),
+                text: None,
+            };
             if request.cfg == 1.0 {
-                let denoiser = ModelDenoiser { backbone: model, parameterization, schedule, cond };
-                sample(&denoiser as &dyn Denoiser, schedule, x_t, request.sampler, &mut hooks)?
+                let denoiser = ModelDenoiser {
+                    backbone: model,
+                    parameterization,
+                    schedule,
+                    cond,
+                };
+                sample(
+                    &denoiser as &dyn Denoiser,
+                    schedule,
+                    x_t,
+                    request.sampler,
+                    &mut hooks,
+                )?
             } else {
-                let denoiser = ClassifierFreeGuidance::new(model, parameterization, schedule, &cond, &uncond, request.cfg)?;
-                sample(&denoiser as &dyn Denoiser, schedule, x_t, request.sampler, &mut hooks)?
+                let denoiser = ClassifierFreeGuidance::new(
+                    model,
+                    parameterization,
+                    schedule,
+                    &cond,
+                    &uncond,
+                    request.cfg,
+                )?;
+                sample(
+                    &denoiser as &dyn Denoiser,
+                    schedule,
+                    x_t,
+                    request.sampler,
+                    &mut hooks,
+                )?
             }
         }
     };
@@ -105,5 +153,7 @@ pub fn sample_latents(
 
 /// Decodes diffusion latents to images in [-1, 1]: x = decode(z / latent_scale).
 pub fn decode(vae: &VaeRun, latents: Tensor<4>) -> Tensor<4> {
-    vae.model.decode(latents / vae.info.latent_scale).clamp(-1.0, 1.0)
+    vae.model
+        .decode(latents / vae.info.latent_scale)
+        .clamp(-1.0, 1.0)
 }

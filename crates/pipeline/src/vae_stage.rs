@@ -60,7 +60,11 @@ impl VaeRun {
     /// Loads a run folder written by `train-vae`, saying what is missing if it is incomplete.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         if !dir.is_dir() {
-            bail!("{}: no such VAE run folder (train one with `pipeline train-vae --out {}`)", dir.display(), dir.display());
+            bail!(
+                "{}: no such VAE run folder (train one with `pipeline train-vae --out {}`)",
+                dir.display(),
+                dir.display()
+            );
         }
         for file in ["config.toml", "vae.json", "model.safetensors"] {
             if !dir.join(file).exists() {
@@ -138,7 +142,11 @@ impl TrainTask for VaeTask {
         let indices = self.order.batch(step);
         let x = self.train.batch(&indices, &self.device);
         let [c, h, w] = self.latent_shape;
-        let eps = randn(&mut stream(self.seed, "vae-eps", step), [indices.len(), c, h, w], &self.device);
+        let eps = randn(
+            &mut stream(self.seed, "vae-eps", step),
+            [indices.len(), c, h, w],
+            &self.device,
+        );
         let out = model.loss(x, eps, &self.config);
         (out.loss.clone(), vec![out.recon, out.kl, out.loss])
     }
@@ -149,10 +157,17 @@ impl TrainTask for VaeTask {
         let n = preview.dims()[0];
         let reconstruction = model.decode(model.encode(preview.clone()).mean);
         let [c, h, w] = self.latent_shape;
-        let z = randn(&mut stream(self.seed, "vae-prior-samples", 0), [n, c, h, w], &device);
+        let z = randn(
+            &mut stream(self.seed, "vae-prior-samples", 0),
+            [n, c, h, w],
+            &device,
+        );
         let samples = model.decode(z);
         let grid = Tensor::cat(vec![preview, reconstruction, samples], 0);
-        let path = self.run_dir.join("samples").join(format!("step-{step:06}.png"));
+        let path = self
+            .run_dir
+            .join("samples")
+            .join(format!("step-{step:06}.png"));
         write_grid(&path, grid, n)?;
         Ok(())
     }
@@ -167,11 +182,19 @@ pub fn latent_scale(model: &Vae, images: &ImageSet, seed: u64, device: &Device) 
     let mut values = Vec::new();
     for (k, chunk) in indices.chunks(256).enumerate() {
         let q = model.encode(images.batch(chunk, device));
-        let eps = randn(&mut stream(seed, "latent-scale", k as u64), q.mean.dims(), device);
+        let eps = randn(
+            &mut stream(seed, "latent-scale", k as u64),
+            q.mean.dims(),
+            device,
+        );
         values.extend(to_vec_f32(q.sample(eps)));
     }
     let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / values.len() as f64;
-    let var = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / values.len() as f64;
+    let var = values
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / values.len() as f64;
     1.0 / var.sqrt().max(1e-8)
 }
 
@@ -206,11 +229,19 @@ pub fn train_vae(
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
     let model = Vae::new(&config.vae, channels, &ad);
-    let preview_set = if held_out.labels.is_empty() { &train } else { &held_out };
+    let preview_set = if held_out.labels.is_empty() {
+        &train
+    } else {
+        &held_out
+    };
     let preview_idx: Vec<usize> = (0..preview_set.labels.len().min(8)).collect();
     let mut task = VaeTask {
         config: config.vae.clone(),
-        order: BatchOrder::new(config.train.seed, train.labels.len(), config.train.batch_size),
+        order: BatchOrder::new(
+            config.train.seed,
+            train.labels.len(),
+            config.train.batch_size,
+        ),
         seed: config.train.seed,
         device: ad.clone(),
         latent_shape,
@@ -218,7 +249,10 @@ pub fn train_vae(
         run_dir: out.to_path_buf(),
         train,
     };
-    let architecture = format!("{:?} channels={channels} resolution={resolution}", config.vae);
+    let architecture = format!(
+        "{:?} channels={channels} resolution={resolution}",
+        config.vae
+    );
     let model = match train::train(&mut task, model, &config.train, architecture, out, resume)? {
         Outcome::Finished(model) => model.valid(),
         Outcome::Interrupted(_) => return Ok(None),
@@ -260,18 +294,25 @@ pub fn eval_vae(run: &VaeRun, limit: usize, device: &Device) -> Result<VaeEval> 
     if held_out.labels.is_empty() {
         bail!("the data set has no held-out images (data.held_out_fraction is 0)");
     }
-    let n = if limit == 0 { held_out.labels.len() } else { limit.min(held_out.labels.len()) };
-    let [c, h, w] = run.info.image_shape;
+    let n = if limit == 0 {
+        held_out.labels.len()
+    } else {
+        limit.min(held_out.labels.len())
+    };
     let (mut psnr, mut ssim, mut kl) = (0.0, 0.0, 0.0);
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(250) {
         let x = held_out.batch(chunk, device);
         let q = run.model.encode(x.clone());
-        kl += ldm_common::tensor::scalar(ldm_vae::loss::kl_to_standard_normal(&q).mean()) * chunk.len() as f64;
+        kl += ldm_common::tensor::scalar(ldm_vae::loss::kl_to_standard_normal(&q).mean())
+            * chunk.len() as f64;
         let x_hat = run.model.decode(q.mean);
-        let to_unit = |t: Tensor<4>| to_vec_f32(((t + 1.0) * 0.5).clamp(0.0, 1.0));
+        let to_unit = |t: Tensor<4>| ((t + 1.0) * 0.5).clamp(0.0, 1.0);
         let (a, b) = (to_unit(x), to_unit(x_hat));
-        let per = c * h * w; for i in 0..chunk.len() { let mse: f64 = a[i*per..(i+1)*per].iter().zip(&b[i*per..(i+1)*per]).map(|(x, y)| f64::from(x - y).powi(2)).sum::<f64>() / per as f64; psnr += -10.0 * mse.max(1e-10).log10(); }
+        psnr += ldm_eval::psnr::psnr_per_image(a.clone(), b.clone())?
+            .iter()
+            .sum::<f64>();
+        ssim += ldm_eval::ssim::ssim_per_image(a, b)?.iter().sum::<f64>();
     }
     Ok(VaeEval {
         images: n,

@@ -33,8 +33,7 @@ impl ResBlock {
             conv1: conv3x3(c_in, c_out, 1, device),
             norm2: GroupNormConfig::new(groups, c_out).init(device),
             conv2: conv3x3(c_out, c_out, 1, device),
-            skip: (c_in != c_out)
-                .then(|| Conv2dConfig::new([c_in, c_out], [1, 1]).init(device)),
+            skip: (c_in != c_out).then(|| Conv2dConfig::new([c_in, c_out], [1, 1]).init(device)),
         }
     }
 

@@ -113,7 +113,11 @@ impl VaeConfig {
         };
         let f = self.downsample_factor;
         if f == 0 || !f.is_power_of_two() {
-            return bad("downsample_factor", f.to_string(), "a power of two (1, 2, 4, 8, ...)".into());
+            return bad(
+                "downsample_factor",
+                f.to_string(),
+                "a power of two (1, 2, 4, 8, ...)".into(),
+            );
         }
         if self.channel_mult.len() != self.num_downsamples() + 1 {
             return bad(
@@ -125,7 +129,7 @@ impl VaeConfig {
                 ),
             );
         }
-        if resolution % f != 0 {
+        if !resolution.is_multiple_of(f) {
             return bad(
                 "downsample_factor",
                 f.to_string(),
@@ -133,7 +137,11 @@ impl VaeConfig {
             );
         }
         if self.latent_channels == 0 || self.base_channels == 0 || self.channel_mult.contains(&0) {
-            return bad("latent_channels", self.latent_channels.to_string(), "channels > 0".into());
+            return bad(
+                "latent_channels",
+                self.latent_channels.to_string(),
+                "channels > 0".into(),
+            );
         }
         if self.num_res_blocks == 0 {
             return bad("num_res_blocks", "0".into(), "at least 1".into());
@@ -150,7 +158,11 @@ impl VaeConfig {
             );
         }
         if !(self.kl_weight >= 0.0 && self.kl_weight.is_finite()) {
-            return bad("kl_weight", self.kl_weight.to_string(), "a finite number >= 0".into());
+            return bad(
+                "kl_weight",
+                self.kl_weight.to_string(),
+                "a finite number >= 0".into(),
+            );
         }
         Ok(())
     }

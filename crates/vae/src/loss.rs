@@ -60,7 +60,11 @@ mod tests {
         let device = Device::flex();
         let a = Tensor::<4>::from_floats([[[[1.0, -1.0, 0.5, 0.0]]]], &device);
         let b = Tensor::<4>::from_floats([[[[0.0, 1.0, 0.5, 0.0]]]], &device);
-        let l1 = values(reconstruction_loss(a.clone(), b.clone(), Reconstruction::L1))[0];
+        let l1 = values(reconstruction_loss(
+            a.clone(),
+            b.clone(),
+            Reconstruction::L1,
+        ))[0];
         let l2 = values(reconstruction_loss(a, b, Reconstruction::L2))[0];
         assert!((l1 - 0.75).abs() < 1e-7);
         assert!((l2 - 1.25).abs() < 1e-7);

@@ -190,7 +190,11 @@ mod tests {
         };
         let z = to_vec_f32(q.sample(randn(&mut stream(1, "test", 0), [n, 1, 1, 1], &device)));
         let mean = z.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-        let var = z.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+        let var = z
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
         // standard errors: 0.8 / sqrt(n) = 0.0057 for the mean, ~0.0064 for the variance
         assert!((mean - 1.5).abs() < 0.03, "mean {mean}");
         assert!((var - 0.64).abs() < 0.03, "var {var}");
@@ -229,14 +233,33 @@ mod tests {
     fn invalid_configs_name_the_key() {
         let mut c = VaeConfig::default();
         let err = c.validate(30).unwrap_err().to_string();
-        assert!(err.contains("vae.downsample_factor = 4") && err.contains("resolution 30"), "{err}");
+        assert!(
+            err.contains("vae.downsample_factor = 4") && err.contains("resolution 30"),
+            "{err}"
+        );
         c.downsample_factor = 8;
         let err = c.validate(32).unwrap_err().to_string();
-        assert!(err.contains("vae.channel_mult") && err.contains("4 entries"), "{err}");
+        assert!(
+            err.contains("vae.channel_mult") && err.contains("4 entries"),
+            "{err}"
+        );
         c.downsample_factor = 3;
-        assert!(c.validate(33).unwrap_err().to_string().contains("power of two"));
-        let c = VaeConfig { groups: 5, ..VaeConfig::default() };
-        assert!(c.validate(32).unwrap_err().to_string().contains("vae.groups = 5"));
+        assert!(
+            c.validate(33)
+                .unwrap_err()
+                .to_string()
+                .contains("power of two")
+        );
+        let c = VaeConfig {
+            groups: 5,
+            ..VaeConfig::default()
+        };
+        assert!(
+            c.validate(32)
+                .unwrap_err()
+                .to_string()
+                .contains("vae.groups = 5")
+        );
     }
 
     /// Central differences of a scalar loss against autodiff, for the input of the whole VAE

@@ -11,7 +11,15 @@ pub const FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
 
 /// Fashion-MNIST's class names, in label order (Xiao et al. 2017).
 pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
     "ankle boot",
 ];
 
@@ -117,9 +125,7 @@ impl DataConfig {
                 DataSource::FashionMnist => {
                     "install it with `bash scripts/install_data.sh` (apt-get install dataset-fashion-mnist)"
                 }
-                DataSource::Idx => {
-                    "for Animal-MNIST run `python3 scripts/prepare_animal_mnist.py`"
-                }
+                DataSource::Idx => "for Animal-MNIST run `python3 scripts/prepare_animal_mnist.py`",
                 DataSource::ImageFolder => "expected a folder with one subfolder per class",
             };
             return Err(CommonError::dataset(
@@ -145,7 +151,10 @@ pub(crate) fn read_classes_txt(dir: &Path) -> Result<Option<Vec<String>>> {
         .map(String::from)
         .collect();
     if names.is_empty() {
-        return Err(CommonError::dataset(&path, "empty: expected one class name per line"));
+        return Err(CommonError::dataset(
+            &path,
+            "empty: expected one class name per line",
+        ));
     }
     Ok(Some(names))
 }

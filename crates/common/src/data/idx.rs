@@ -50,7 +50,9 @@ pub fn parse_idx_u8(bytes: &[u8], ndim: u8) -> std::result::Result<IdxArray, Str
             magic(ndim)
         ));
     }
-    let dims: Vec<usize> = (0..ndim as usize).map(|d| word(4 + 4 * d) as usize).collect();
+    let dims: Vec<usize> = (0..ndim as usize)
+        .map(|d| word(4 + 4 * d) as usize)
+        .collect();
     let count: usize = dims.iter().product();
     let body = &bytes[header_len..];
     if body.len() != count {
@@ -92,7 +94,10 @@ mod tests {
     fn rejects_bad_magic_and_truncation() {
         let bytes = encode_idx_u8(&[2, 3, 4], &[0; 24]);
         let err = parse_idx_u8(&bytes, 1).unwrap_err();
-        assert!(err.contains("magic 0x00000803, expected 0x00000801"), "{err}");
+        assert!(
+            err.contains("magic 0x00000803, expected 0x00000801"),
+            "{err}"
+        );
         let err = parse_idx_u8(&bytes[..30], 3).unwrap_err();
         assert!(err.contains("need 24 bytes of data, found 14"), "{err}");
         let err = parse_idx_u8(&bytes[..5], 3).unwrap_err();

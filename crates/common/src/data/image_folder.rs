@@ -31,7 +31,12 @@ pub fn load_image_folder(config: &DataConfig) -> Result<Splits> {
     let captions = read_captions(&dir)?;
     let class_names: Vec<String> = classes
         .iter()
-        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     let empty = |n: usize| ImageSet {
         channels: config.channels,
@@ -43,12 +48,17 @@ pub fn load_image_folder(config: &DataConfig) -> Result<Splits> {
     };
     let (mut train, mut held_out) = (empty(0), empty(0));
     for (label, class_dir) in classes.iter().enumerate() {
-        for path in read_dir_sorted(class_dir)?.into_iter().filter(|p| p.is_file()) {
+        for path in read_dir_sorted(class_dir)?
+            .into_iter()
+            .filter(|p| p.is_file())
+        {
             let rel = relative_key(&dir, &path);
             let pixels = load_fitted(&path, config.resolution, config.channels)?;
             let caption = captions
                 .get(&rel)
-                .or_else(|| captions.get(path.file_name().unwrap_or_default().to_str().unwrap_or("")))
+                .or_else(|| {
+                    captions.get(path.file_name().unwrap_or_default().to_str().unwrap_or(""))
+                })
                 .cloned();
             let set = if split_hash(&rel) < config.held_out_fraction {
                 &mut held_out
@@ -112,7 +122,11 @@ fn read_captions(dir: &Path) -> Result<HashMap<String, String>> {
     }
     let text = std::fs::read_to_string(&path).map_err(|e| CommonError::io(&path, e))?;
     let mut map = HashMap::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let parsed: Line = serde_json::from_str(line).map_err(|e| {
             CommonError::dataset(
                 &path,

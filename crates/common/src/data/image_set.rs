@@ -71,7 +71,12 @@ impl ImageSet {
         for &i in indices {
             values.extend(self.image(i).iter().map(|&p| f32::from(p) / 127.5 - 1.0));
         }
-        let shape = [indices.len(), self.channels, self.resolution, self.resolution];
+        let shape = [
+            indices.len(),
+            self.channels,
+            self.resolution,
+            self.resolution,
+        ];
         Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
     }
 
@@ -97,10 +102,13 @@ pub(super) fn load_idx(config: &DataConfig) -> Result<Splits> {
     let dir = config.resolved_dir();
     let class_names = match (&config.classes, config.source) {
         (Some(names), _) => names.clone(),
-        (None, DataSource::FashionMnist) => {
-            FASHION_MNIST_CLASSES.iter().map(|s| s.to_string()).collect()
+        (None, DataSource::FashionMnist) => FASHION_MNIST_CLASSES
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        (None, _) => {
+            read_classes_txt(&dir)?.unwrap_or_else(|| (0..10).map(|i| i.to_string()).collect())
         }
-        (None, _) => read_classes_txt(&dir)?.unwrap_or_else(|| (0..10).map(|i| i.to_string()).collect()),
     };
     let mut train = load_idx_split(&dir, "train", config, &class_names)?;
     train.truncate(config.max_train);
@@ -135,13 +143,24 @@ fn load_idx_split(
     if labels.dims[0] != n {
         return Err(CommonError::dataset(
             &labels_path,
-            format!("{} labels for {n} images in {}", labels.dims[0], images_path.display()),
+            format!(
+                "{} labels for {n} images in {}",
+                labels.dims[0],
+                images_path.display()
+            ),
         ));
     }
-    if let Some(&bad) = labels.values.iter().find(|&&l| l as usize >= class_names.len()) {
+    if let Some(&bad) = labels
+        .values
+        .iter()
+        .find(|&&l| l as usize >= class_names.len())
+    {
         return Err(CommonError::dataset(
             &labels_path,
-            format!("label {bad} but only {} class names are known", class_names.len()),
+            format!(
+                "label {bad} but only {} class names are known",
+                class_names.len()
+            ),
         ));
     }
     let res = config.resolution;
@@ -170,18 +189,24 @@ fn fit_gray(src: &[u8], w: usize, h: usize, res: usize) -> Vec<u8> {
     if w == res && h == res {
         return src.to_vec();
     }
-    if w <= res && h <= res && (res - w) % 2 == 0 && (res - h) % 2 == 0 {
+    if w <= res && h <= res && (res - w).is_multiple_of(2) && (res - h).is_multiple_of(2) {
         let (ox, oy) = ((res - w) / 2, (res - h) / 2);
         let mut out = vec![0u8; res * res];
         for y in 0..h {
-            out[(y + oy) * res + ox..(y + oy) * res + ox + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+            out[(y + oy) * res + ox..(y + oy) * res + ox + w]
+                .copy_from_slice(&src[y * w..(y + 1) * w]);
         }
         return out;
     }
     let img = image::GrayImage::from_raw(w as u32, h as u32, src.to_vec())
         .expect("buffer length matches dimensions");
-    image::imageops::resize(&img, res as u32, res as u32, image::imageops::FilterType::Triangle)
-        .into_raw()
+    image::imageops::resize(
+        &img,
+        res as u32,
+        res as u32,
+        image::imageops::FilterType::Triangle,
+    )
+    .into_raw()
 }
 
 #[cfg(test)]

@@ -15,10 +15,11 @@ pub fn ddim_sigma(ab_t: f64, ab_s: f64, eta: f64) -> f64 {
     eta * ((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s)).sqrt()
 }
 
-/// DDIM, Song et al. 2021 eq. 12: z_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat
-/// + sigma z, with x0_hat = (z_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t) and sigma from
-/// [`ddim_sigma`]. `eta = 0` is deterministic (an Euler step of the probability-flow ODE in
-/// (sigma, z / sqrt(ab)) coordinates); the last step returns x0_hat.
+/// DDIM, Song et al. 2021 eq. 12:
+/// z_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z, with
+/// x0_hat = (z_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t) and sigma from [`ddim_sigma`].
+/// `eta = 0` is deterministic (an Euler step of the probability-flow ODE in the coordinates
+/// (sigma, z / sqrt(ab))); the last step returns x0_hat.
 pub fn sample_ddim(
     model: &dyn Denoiser,
     schedule: &Schedule,

@@ -18,7 +18,13 @@ fn norm_per_sample(x: Tensor<4>) -> Tensor<4> {
 /// One Langevin corrector step, Song et al. 2021 Algorithm 5 (VP): with score g and noise z,
 /// eps = 2 alpha_t (r ||z|| / ||g||)^2, x <- x + eps g + sqrt(2 eps) z. The step size is per
 /// sample (the algorithm is written for one x), so samples do not depend on their batch.
-fn langevin_step(x: Tensor<4>, score: Tensor<4>, noise: Tensor<4>, alpha: f64, snr: f64) -> Tensor<4> {
+fn langevin_step(
+    x: Tensor<4>,
+    score: Tensor<4>,
+    noise: Tensor<4>,
+    alpha: f64,
+    snr: f64,
+) -> Tensor<4> {
     let ratio = norm_per_sample(noise.clone()) / norm_per_sample(score.clone()).clamp_min(1e-12);
     let step = ratio.powi_scalar(2) * (2.0 * alpha * snr * snr);
     x + score * step.clone() + noise * (step * 2.0).sqrt()

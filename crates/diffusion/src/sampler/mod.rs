@@ -105,10 +105,7 @@ impl<'a> SampleHooks<'a> {
         if let Some(progress) = &mut self.progress
             && !progress(i + 1, total)
         {
-            return Err(DiffusionError::Cancelled {
-                done: i + 1,
-                total,
-            });
+            return Err(DiffusionError::Cancelled { done: i + 1, total });
         }
         Ok(x)
     }
@@ -130,9 +127,7 @@ fn alpha_bar_to(schedule: &Schedule, next: Option<usize>) -> f64 {
 /// Checks a timestep list: non-empty, strictly descending, below T.
 pub fn check_timesteps(schedule: &Schedule, timesteps: &[usize]) -> Result<()> {
     let n = schedule.num_timesteps();
-    let ok = !timesteps.is_empty()
-        && timesteps[0] < n
-        && timesteps.windows(2).all(|w| w[0] > w[1]);
+    let ok = !timesteps.is_empty() && timesteps[0] < n && timesteps.windows(2).all(|w| w[0] > w[1]);
     if ok {
         Ok(())
     } else {
@@ -197,10 +192,7 @@ impl FromStr for SamplerKind {
             .ok_or_else(|| DiffusionError::InvalidConfig {
                 key: "sampler".into(),
                 value: s.into(),
-                expected: format!(
-                    "one of {}",
-                    Self::ALL.map(Self::name).join(", ")
-                ),
+                expected: format!("one of {}", Self::ALL.map(Self::name).join(", ")),
             })
     }
 }
@@ -241,6 +233,12 @@ impl Default for SamplerOptions {
 impl SamplerOptions {
     /// Checks the options against a schedule; messages name the key.
     pub fn validate(&self, schedule: &Schedule) -> Result<()> {
+        self.check_values()?;
+        self.timesteps(schedule).map(|_| ())
+    }
+
+    /// Checks everything but `steps` (which [`sample_from`] does not use).
+    fn check_values(&self) -> Result<()> {
         let invalid = |key: &str, value: f64, expected: &str| {
             Err(DiffusionError::InvalidConfig {
                 key: key.into(),
@@ -258,7 +256,7 @@ impl SamplerOptions {
                 "a positive number (0.16 in Song et al. 2021)",
             );
         }
-        self.timesteps(schedule).map(|_| ())
+        Ok(())
     }
 
     /// The descending timesteps these options visit on `schedule`.
@@ -275,7 +273,6 @@ pub fn sample(
     options: &SamplerOptions,
     hooks: &mut SampleHooks,
 ) -> Result<Tensor<4>> {
-    options.validate(schedule)?;
     let ts = options.timesteps(schedule)?;
     sample_from(model, schedule, x, &ts, options, hooks)
 }
@@ -291,6 +288,7 @@ pub fn sample_from(
     options: &SamplerOptions,
     hooks: &mut SampleHooks,
 ) -> Result<Tensor<4>> {
+    options.check_values()?;
     match options.kind {
         SamplerKind::Ddpm => {
             sample_ddpm(model, schedule, x, timesteps, options.ddpm_variance, hooks)

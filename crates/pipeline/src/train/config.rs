@@ -95,12 +95,19 @@ impl TrainConfig {
         ];
         for (key, flag, value) in positive {
             if value == 0 {
-                let via = if flag.is_empty() { String::new() } else { format!(" ({flag})") };
+                let via = if flag.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({flag})")
+                };
                 return Err(format!("train.{key} = 0{via}: expected at least 1"));
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(format!("train.lr = {} (--lr): expected a positive number", self.lr));
+            return Err(format!(
+                "train.lr = {} (--lr): expected a positive number",
+                self.lr
+            ));
         }
         if !(self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
             return Err("train.weight_decay and train.grad_clip must be >= 0".into());
@@ -146,7 +153,13 @@ mod tests {
 
     #[test]
     fn zero_steps_is_refused() {
-        let c = TrainConfig { steps: 0, ..TrainConfig::default() };
-        assert_eq!(c.validate().unwrap_err(), "train.steps = 0 (--steps): expected at least 1");
+        let c = TrainConfig {
+            steps: 0,
+            ..TrainConfig::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err(),
+            "train.steps = 0 (--steps): expected at least 1"
+        );
     }
 }

@@ -21,12 +21,17 @@ impl MetricsLog {
         if let Some(limit) = resume_step
             && let Ok(text) = std::fs::read_to_string(path)
         {
-            kept.extend(text.lines().skip(1).filter(|line| {
-                line.split(',')
-                    .next()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .is_some_and(|s| s <= limit)
-            }).map(String::from));
+            kept.extend(
+                text.lines()
+                    .skip(1)
+                    .filter(|line| {
+                        line.split(',')
+                            .next()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .is_some_and(|s| s <= limit)
+                    })
+                    .map(String::from),
+            );
         }
         ldm_common::checkpoint::atomic_write(path, format!("{}\n", kept.join("\n")).as_bytes())?;
         let file = std::fs::OpenOptions::new()

@@ -29,10 +29,17 @@ pub fn dir(run: &Path) -> PathBuf {
 
 /// Saves model, optimizer and state; `state.json` is written last, so a checkpoint is
 /// complete exactly when its state file names its step.
-pub fn save<M: Module>(run: &Path, model: &M, optim: &ModuleOptimizer, state: &TrainState) -> Result<()> {
+pub fn save<M: Module>(
+    run: &Path,
+    model: &M,
+    optim: &ModuleOptimizer,
+    state: &TrainState,
+) -> Result<()> {
     let dir = dir(run);
     save_record(model, &dir.join("model.bpk"))?;
-    let bytes = optim.into_bytes().context("cannot serialise the optimizer state")?;
+    let bytes = optim
+        .into_bytes()
+        .context("cannot serialise the optimizer state")?;
     atomic_write(&dir.join("optimizer.bpk"), &bytes)?;
     write_json(&dir.join("state.json"), state)?;
     Ok(())
@@ -74,8 +81,8 @@ pub fn load<M: Module>(
     }
     let model = load_record(model, &dir.join("model.bpk"))?;
     let optim_path = dir.join("optimizer.bpk");
-    let optim = optim
-        .load(&optim_path)
-        .map_err(|e| anyhow::anyhow!("{}: unreadable optimizer state: {e}", optim_path.display()))?;
+    let optim = optim.load(&optim_path).map_err(|e| {
+        anyhow::anyhow!("{}: unreadable optimizer state: {e}", optim_path.display())
+    })?;
     Ok((model, optim, state))
 }

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
 use super::config::TrainConfig;
@@ -66,8 +66,8 @@ pub fn train<T: TrainTask>(
 ) -> Result<Outcome<T::Model>> {
     let mut optim_config = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
     if config.grad_clip > 0.0 {
-        optim_config =
-            optim_config.with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)));
+        optim_config = optim_config
+            .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)));
     }
     let optim = optim_config.init();
     let mut state = TrainState {
@@ -94,7 +94,11 @@ pub fn train<T: TrainTask>(
 
     let mut names = task.metric_names();
     names.extend(["lr", "images_per_s"]);
-    let mut metrics = MetricsLog::open(&run_dir.join("metrics.csv"), &names, resume.then_some(start))?;
+    let mut metrics = MetricsLog::open(
+        &run_dir.join("metrics.csv"),
+        &names,
+        resume.then_some(start),
+    )?;
     let bar = progress::bar(config.steps, "step");
     bar.set_position(start);
     let mut last_log = (Instant::now(), start);
@@ -112,7 +116,10 @@ pub fn train<T: TrainTask>(
         let checkpointing = done % config.checkpoint_every == 0 || done == config.steps;
         // The loss is read (a device sync) only when it is logged or before a checkpoint.
         let read = (logging || checkpointing).then(|| {
-            let mut values: Vec<f64> = scalars.iter().map(|s| ldm_common::tensor::scalar(s.clone())).collect();
+            let mut values: Vec<f64> = scalars
+                .iter()
+                .map(|s| ldm_common::tensor::scalar(s.clone()))
+                .collect();
             values.insert(0, ldm_common::tensor::scalar(loss.clone()));
             values
         });
@@ -121,10 +128,15 @@ pub fn train<T: TrainTask>(
         {
             bar.abandon();
             let kept = match last_good {
-                Some(s) => format!("the last good checkpoint (step {s}) is kept in {}", state::dir(run_dir).display()),
+                Some(s) => format!(
+                    "the last good checkpoint (step {s}) is kept in {}",
+                    state::dir(run_dir).display()
+                ),
                 None => "no checkpoint was written yet".into(),
             };
-            bail!("the loss became non-finite (NaN or inf) by step {done}; training stopped and {kept}; try a lower --lr");
+            bail!(
+                "the loss became non-finite (NaN or inf) by step {done}; training stopped and {kept}; try a lower --lr"
+            );
         }
         let lr = config.lr_at(step);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -134,7 +146,8 @@ pub fn train<T: TrainTask>(
 
         if let Some(values) = read {
             let (t0, s0) = last_log;
-            let images_per_s = (done - s0) as f64 * config.batch_size as f64 / t0.elapsed().as_secs_f64();
+            let images_per_s =
+                (done - s0) as f64 * config.batch_size as f64 / t0.elapsed().as_secs_f64();
             last_log = (Instant::now(), done);
             let mut row = values[1..].to_vec();
             row.extend([lr, images_per_s]);
