@@ -455,3 +455,115 @@ fn generate_bad_inputs() {
         .unwrap();
     assert_error(&o2, "no --model given and no default model recorded");
 }
+
+fn evaluator_config(data: &std::path::Path, feature_dim: usize) -> String {
+    format!(
+        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = {feature_dim}\n\n[train]\nsteps = 6\nbatch_size = 16\nlr = 3e-3\nwarmup_steps = 1\nlog_every = 2\n",
+        data.display()
+    )
+}
+
+#[test]
+fn evaluator_scores_a_model_and_refuses_bad_requests() {
+    let t = setup();
+    assert!(
+        train_ldm(&t, &t.p("ldm.toml"), &t.p("ldm"), &[])
+            .status
+            .success()
+    );
+    std::fs::write(t.path("ev.toml"), evaluator_config(&t.path("data"), 4)).unwrap();
+    let o = pipeline(&[
+        "train-evaluator",
+        "--config",
+        &t.p("ev.toml"),
+        "--out",
+        &t.p("ev"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("held-out accuracy"), "{}", stdout(&o));
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "M",
+            "--evaluator",
+            "E",
+            "--device",
+            "cpu",
+            "--steps",
+            "3",
+        ];
+        let (m, e) = (t.p("ldm"), t.p("ev"));
+        args[2] = &m;
+        args[4] = &e;
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    };
+    let o = eval(&["-n", "3", "--json", &t.p("eval.json")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("eval.json")).unwrap()).unwrap();
+    assert_eq!(e["accuracy_per_class"].as_array().unwrap().len(), 4);
+    let acc = e["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(e["fid"].as_f64().unwrap().is_finite() && e["fid_floor"].as_f64().unwrap().is_finite());
+    // 4 classes x 1 image = 4 samples for 4 feature dimensions: FID is undefined.
+    assert_error(
+        &eval(&["-n", "1"]),
+        "FID needs more samples than feature dimensions: got n = 4 for d = 4",
+    );
+    assert_error(
+        &pipeline(&[
+            "eval",
+            "--model",
+            &t.p("ldm"),
+            "--evaluator",
+            &t.p("none"),
+            "--device",
+            "cpu",
+        ]),
+        "no trained evaluator",
+    );
+    assert_error(
+        &pipeline(&[
+            "eval",
+            "--model",
+            &t.p("ldm"),
+            "--evaluator",
+            &t.p("none"),
+            "--device",
+            "cpu",
+        ]),
+        "pipeline train-evaluator",
+    );
+    // An evaluator of another recipe (other classes).
+    let other = t.path("other");
+    write_tiny_idx(&other, 32);
+    std::fs::write(other.join("classes.txt"), "n\ne\ns\nw\n").unwrap();
+    std::fs::write(t.path("ev2.toml"), evaluator_config(&other, 4)).unwrap();
+    assert!(
+        pipeline(&[
+            "train-evaluator",
+            "--config",
+            &t.p("ev2.toml"),
+            "--out",
+            &t.p("ev2"),
+            "--device",
+            "cpu"
+        ])
+        .status
+        .success()
+    );
+    let o = pipeline(&[
+        "eval",
+        "--model",
+        &t.p("ldm"),
+        "--evaluator",
+        &t.p("ev2"),
+        "--device",
+        "cpu",
+    ]);
+    assert_error(&o, "was trained on another recipe");
+}

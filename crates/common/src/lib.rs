@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod image_io;
+pub mod nn;
 pub mod rng;
 pub mod tensor;
 pub mod weights;

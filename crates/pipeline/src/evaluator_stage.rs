@@ -20,7 +20,6 @@ use ldm_eval::evaluator::{Evaluator, EvaluatorConfig};
 use ldm_eval::features::Features;
 
 use crate::ldm_stage::LdmRun;
-use crate::sampling::{self, Request};
 use crate::train::{self, Outcome, TrainConfig, TrainTask};
 
 /// A `train-evaluator` config: `[data]`, `[evaluator]`, `[train]`.
@@ -55,15 +54,16 @@ pub struct EvaluatorRun {
 impl EvaluatorRun {
     /// Loads `dir`, saying which command makes it when it is missing.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        for file in ["config.toml", "evaluator.json", "model.safetensors"] {
-            if !dir.join(file).exists() {
-                bail!(
-                    "{}: no trained evaluator ({file} is missing); train one with `pipeline train-evaluator --config evaluator-animals --out {}`",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-        }
+        let how = format!(
+            "pipeline train-evaluator --config evaluator-animals --out {}",
+            dir.display()
+        );
+        crate::run_dir::require(
+            dir,
+            "trained evaluator",
+            &["config.toml", "evaluator.json", "model.safetensors"],
+            &how,
+        )?;
         let config: EvaluatorRunConfig = crate::config::read(&dir.join("config.toml"))?;
         let info: EvaluatorInfo = read_json(&dir.join("evaluator.json"))?;
         let model = config
@@ -251,24 +251,9 @@ pub fn eval_model(
     let start = Instant::now();
     let bar = crate::progress::bar(labels.len() as u64, "image");
     for (k, chunk) in labels.chunks(100).enumerate() {
-        let request = Request {
-            sampler,
-            labels: Some(chunk),
-            num_classes: classes,
-            latent_shape: run.info.latent_shape,
-            cfg,
-            n: chunk.len(),
-            seed: seed.wrapping_add(k as u64),
-        };
-        let latents = sampling::sample_latents(
-            &run.model,
-            &run.schedule,
-            run.config.diffusion.parameterization,
-            &request,
-            device,
-            None,
-        )?;
-        let images = sampling::decode(&run.vae, latents);
+        let seed = seed.wrapping_add(k as u64);
+        let images =
+            run.sample_images(Some(chunk), chunk.len(), cfg, sampler, seed, device, None)?;
         generated.append(&Features::from_tensor(
             evaluator.model.features(images.clone()),
         ))?;

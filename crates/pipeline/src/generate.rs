@@ -13,7 +13,6 @@ use ldm_common::image_io::{encode_png, grid, interleaved, to_pixels};
 use ldm_diffusion::sampler::SamplerOptions;
 
 use crate::ldm_stage::LdmRun;
-use crate::sampling::{self, Request};
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -117,37 +116,29 @@ pub fn generate(run: &LdmRun, args: &GenerateArgs, device: &Device) -> Result<Ge
     }
     ensure_writable_dir(&args.out)?;
     let labels = class.map(|c| vec![c; args.n]);
-    let request = Request {
-        sampler: &args.sampler,
-        labels: labels.as_deref(),
-        num_classes: run.info.class_names.len(),
-        latent_shape: run.info.latent_shape,
-        cfg: if class.is_some() { cfg } else { 1.0 },
-        n: args.n,
-        seed: args.seed,
-    };
+    let cfg = if class.is_some() { cfg } else { 1.0 };
     let bar = crate::progress::bar(args.sampler.steps as u64, "step");
     let mut progress = |done: usize, _total: usize| {
         bar.set_position(done as u64);
         true
     };
-    let latents = sampling::sample_latents(
-        &run.model,
-        &run.schedule,
-        run.config.diffusion.parameterization,
-        &request,
+    let images = run.sample_images(
+        labels.as_deref(),
+        args.n,
+        cfg,
+        &args.sampler,
+        args.seed,
         device,
         Some(&mut progress),
     )?;
     bar.finish_and_clear();
-    let images = sampling::decode(&run.vae, latents);
     let mut record = GenerateRecord {
         model: run.dir.clone(),
         model_sha256: run.info.weights_sha256.clone(),
         vae_sha256: run.info.vae_sha256.clone(),
         prompt: args.prompt.clone(),
         class: class.map(|c| run.info.class_names[c].clone()),
-        cfg: request.cfg,
+        cfg,
         sampler: args.sampler.clone(),
         n: args.n,
         seed: args.seed,

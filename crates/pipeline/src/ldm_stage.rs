@@ -165,22 +165,13 @@ pub struct LdmRun {
 impl LdmRun {
     /// Loads a run folder and the VAE it was trained on, refusing a VAE whose checksum differs.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!(
-                "{}: no such model folder (train one with `pipeline train-ldm --out {}`)",
-                dir.display(),
-                dir.display()
-            );
-        }
-        for file in ["config.toml", "ldm.json", "model.safetensors"] {
-            if !dir.join(file).exists() {
-                bail!(
-                    "{}: incomplete LDM run, {file} is missing (finish it with `pipeline train-ldm --out {} --resume`)",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-        }
+        let how = format!("pipeline train-ldm --out {}", dir.display());
+        run_dir::require(
+            dir,
+            "LDM run",
+            &["config.toml", "ldm.json", "model.safetensors"],
+            &how,
+        )?;
         let config: LdmRunConfig = crate::config::read(&dir.join("config.toml"))?;
         let info: LdmInfo = read_json(&dir.join("ldm.json"))?;
         let vae_dir = if info.vae_dir.is_absolute() {
@@ -216,6 +207,43 @@ impl LdmRun {
     /// Whether the model was trained with class labels.
     pub fn class_conditional(&self) -> bool {
         self.config.diffusion.conditioning == ConditioningKind::Class
+    }
+
+    /// Samples and decodes one image per entry of `labels` (or `n` unconditional images),
+    /// in [-1, 1].
+    ///
+    /// # Shapes
+    /// - result: `[n, channels, height, width]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_images(
+        &self,
+        labels: Option<&[usize]>,
+        n: usize,
+        cfg: f64,
+        sampler: &SamplerOptions,
+        seed: u64,
+        device: &Device,
+        progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
+    ) -> Result<Tensor<4>> {
+        let request = sampling::Request {
+            sampler,
+            labels,
+            num_classes: self.info.class_names.len(),
+            latent_shape: self.info.latent_shape,
+            cfg,
+            n: labels.map_or(n, <[usize]>::len),
+            seed,
+        };
+        let parameterization = self.config.diffusion.parameterization;
+        let latents = sampling::sample_latents(
+            &self.model,
+            &self.schedule,
+            parameterization,
+            &request,
+            device,
+            progress,
+        )?;
+        Ok(sampling::decode(&self.vae, latents))
     }
 }
 

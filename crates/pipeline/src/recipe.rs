@@ -7,7 +7,6 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::sampling::{self, Request};
 use crate::{builtin, ldm_stage, vae_stage};
 
 /// A recipe file.
@@ -137,24 +136,18 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     let labels: Vec<usize> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, recipe.grid.per_class))
         .collect();
-    let request = Request {
-        sampler: &run.config.sampler,
-        labels: run.class_conditional().then_some(labels.as_slice()),
-        num_classes: run.info.class_names.len(),
-        latent_shape: run.info.latent_shape,
-        cfg: recipe.grid.cfg,
-        n: labels.len(),
-        seed: run.config.train.seed,
-    };
-    let latents = sampling::sample_latents(
-        &run.model,
-        &run.schedule,
-        run.config.diffusion.parameterization,
-        &request,
+    let labels = run.class_conditional().then_some(labels.as_slice());
+    let n = classes * recipe.grid.per_class;
+    let seed = run.config.train.seed;
+    let images = run.sample_images(
+        labels,
+        n,
+        recipe.grid.cfg,
+        &run.config.sampler,
+        seed,
         device,
         None,
     )?;
-    let images = sampling::decode(&run.vae, latents);
     let grid = out.join("grid.png");
     ldm_common::image_io::write_grid(&grid, images, recipe.grid.per_class)?;
     crate::generate::set_default_model(&ldm_dir)?;

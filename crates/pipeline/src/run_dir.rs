@@ -11,3 +11,21 @@ pub fn write_config<T: Serialize>(dir: &Path, config: &T) -> Result<()> {
     ldm_common::checkpoint::atomic_write(&dir.join("config.toml"), text.as_bytes())?;
     Ok(())
 }
+
+/// Fails with one line naming the first of `files` missing from `dir` and the command that
+/// makes it (`how`, e.g. "pipeline train-vae --out runs/vae").
+pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> {
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "{}: no such {what} folder (make one with `{how}`)",
+            dir.display()
+        );
+    }
+    if let Some(file) = files.iter().find(|f| !dir.join(f).exists()) {
+        anyhow::bail!(
+            "{}: incomplete {what}, {file} is missing (was training interrupted? finish it with `{how} --resume`)",
+            dir.display()
+        );
+    }
+    Ok(())
+}

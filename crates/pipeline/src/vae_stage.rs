@@ -59,22 +59,13 @@ pub struct VaeRun {
 impl VaeRun {
     /// Loads a run folder written by `train-vae`, saying what is missing if it is incomplete.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        if !dir.is_dir() {
-            bail!(
-                "{}: no such VAE run folder (train one with `pipeline train-vae --out {}`)",
-                dir.display(),
-                dir.display()
-            );
-        }
-        for file in ["config.toml", "vae.json", "model.safetensors"] {
-            if !dir.join(file).exists() {
-                bail!(
-                    "{}: incomplete VAE run, {file} is missing (was training interrupted? finish it with `pipeline train-vae --out {} --resume`)",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-        }
+        let how = format!("pipeline train-vae --out {}", dir.display());
+        crate::run_dir::require(
+            dir,
+            "VAE run",
+            &["config.toml", "vae.json", "model.safetensors"],
+            &how,
+        )?;
         let config: VaeRunConfig = crate::config::read(&dir.join("config.toml"))?;
         let info: VaeInfo = read_json(&dir.join("vae.json"))?;
         let model = Vae::new(&config.vae, info.image_shape[0], device);
