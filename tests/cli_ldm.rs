@@ -524,7 +524,7 @@ fn evaluator_scores_a_model_and_refuses_bad_requests() {
             "--device",
             "cpu",
         ]),
-        "no trained evaluator",
+        "no such trained evaluator folder",
     );
     assert_error(
         &pipeline(&[
