@@ -19,7 +19,10 @@ case ":$PATH:" in
 esac
 
 echo "== main job: the built-in recipe pipelines/animals.toml on the CPU (VAE, class-conditional LDM, a grid)"
-"$BIN_DIR/pipeline" run animals --device cpu
+# SETUP_VAE_STEPS / SETUP_LDM_STEPS shorten the run (a smoke test of this script); unset, the
+# recipe's own budgets apply.
+"$BIN_DIR/pipeline" run animals --device cpu \
+  ${SETUP_VAE_STEPS:+--vae-steps "$SETUP_VAE_STEPS"} ${SETUP_LDM_STEPS:+--ldm-steps "$SETUP_LDM_STEPS"}
 echo "== the design card's command"
 "$BIN_DIR/pipeline" generate --prompt "cat" --cfg 5 --out runs/animals/cat --device cpu
 echo "outputs: runs/animals/ (vae/, ldm/, grid.png: one row per class), runs/animals/cat/ (16 cats, grid.png, generate.json)"

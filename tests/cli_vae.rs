@@ -440,7 +440,7 @@ fn cuda_without_the_tch_build_is_explained() {
     }
     assert_error(
         &o,
-        "--device cuda:0: this build has no libtorch/CUDA backend; rebuild with `cargo build --release --features tch`",
+        "--device cuda:0: this build has no libtorch/CUDA backend; rebuild with `cargo build --release -p ldm-pipeline --features tch`",
     );
 }
 

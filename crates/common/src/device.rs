@@ -91,7 +91,7 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
         DeviceChoice::Auto => Ok(flex()),
         #[cfg(not(feature = "tch"))]
         other => Err(CommonError::Device(format!(
-            "{other}: this build has no libtorch/CUDA backend; rebuild with `cargo build --release --features tch` (see README, GPU)"
+            "{other}: this build has no libtorch/CUDA backend; rebuild with `cargo build --release -p ldm-pipeline --features tch` (see README, GPU)"
         ))),
     }
 }

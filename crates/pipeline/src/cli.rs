@@ -7,7 +7,12 @@ use ldm_common::device::DeviceChoice;
 
 /// Latent diffusion in Rust: train a VAE, train a diffusion model on its latents, generate.
 #[derive(Debug, Parser)]
-#[command(name = "pipeline", version, about, propagate_version = true)]
+#[command(
+    name = "pipeline",
+    version,
+    about = "Latent diffusion in Rust: train a VAE, train a diffusion model on its latents, generate images.",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
