@@ -88,66 +88,48 @@ pub fn sample_latents(
     if let Some(p) = progress {
         hooks = hooks.with_progress(p);
     }
-    let latents = match request.labels {
-        None => {
-            let denoiser = ModelDenoiser {
-                backbone: model,
-                parameterization,
-                schedule,
-                cond: Conditioning::none(),
-            };
-            sample(
-                &denoiser as &dyn Denoiser,
-                schedule,
-                x_t,
-                request.sampler,
-                &mut hooks,
-            )?
-        }
+    let plain = |cond| ModelDenoiser {
+        backbone: model,
+        parameterization,
+        schedule,
+        cond,
+    };
+    // The conditional model, and with a scale other than 1 its classifier-free guidance
+    // against the learned null class.
+    let denoiser: Box<dyn Denoiser + '_> = match request.labels {
+        None => Box::new(plain(Conditioning::none())),
         Some(labels) => {
             let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
             let cond = Conditioning {
                 class: Some(class_tensor(&ids, device)),
                 text: None,
             };
-            let null = request.num_classes as i64;
-            let uncond = Conditioning {
-                class: Some(class_tensor(&vec![null; ids.len()], device)),
-                text: None,
-            };
             if request.cfg == 1.0 {
-                let denoiser = ModelDenoiser {
-                    backbone: model,
-                    parameterization,
-                    schedule,
-                    cond,
-                };
-                sample(
-                    &denoiser as &dyn Denoiser,
-                    schedule,
-                    x_t,
-                    request.sampler,
-                    &mut hooks,
-                )?
+                Box::new(plain(cond))
             } else {
-                let denoiser = ClassifierFreeGuidance::new(
+                let null = vec![request.num_classes as i64; ids.len()];
+                let uncond = Conditioning {
+                    class: Some(class_tensor(&null, device)),
+                    text: None,
+                };
+                Box::new(ClassifierFreeGuidance::new(
                     model,
                     parameterization,
                     schedule,
                     &cond,
                     &uncond,
                     request.cfg,
-                )?;
-                sample(
-                    &denoiser as &dyn Denoiser,
-                    schedule,
-                    x_t,
-                    request.sampler,
-                    &mut hooks,
-                )?
+                )?)
             }
         }
     };
+    let latents = sample(
+        denoiser.as_ref(),
+        schedule,
+        x_t,
+        request.sampler,
+        &mut hooks,
+    )?;
     Ok(latents)
 }
 
