@@ -25,22 +25,38 @@ fn limits() -> Limits {
 
 /// Decodes an image file with [`MAX_IMAGE_SIDE`] / [`MAX_DECODE_BYTES`] limits.
 pub fn read_image(path: &Path) -> Result<DynamicImage> {
-    let err = |m: String| CommonError::Image {
-        path: path.to_path_buf(),
-        message: m,
-    };
     let mut reader = ImageReader::open(path)
         .map_err(|e| CommonError::io(path, e))?
         .with_guessed_format()
         .map_err(|e| CommonError::io(path, e))?;
     reader.limits(limits());
-    reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => err(format!(
+    reader.decode().map_err(|e| decode_error(path, e))
+}
+
+/// Decodes an image held in memory (an upload, say) with the same limits as [`read_image`];
+/// errors name it `name`.
+pub fn decode_image(bytes: &[u8], name: &str) -> Result<DynamicImage> {
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| CommonError::io(name, e))?;
+    reader.limits(limits());
+    reader
+        .decode()
+        .map_err(|e| decode_error(Path::new(name), e))
+}
+
+fn decode_error(path: &Path, e: image::ImageError) -> CommonError {
+    let message = match e {
+        image::ImageError::Limits(l) => format!(
             "refused to decode: {l} (limits: {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels, {} MiB)",
             MAX_DECODE_BYTES >> 20
-        )),
-        other => err(format!("unreadable image: {other}")),
-    })
+        ),
+        other => format!("unreadable image: {other}"),
+    };
+    CommonError::Image {
+        path: path.to_path_buf(),
+        message,
+    }
 }
 
 /// Pixels of a batch of images, each `[channels, height, width]` u8.
@@ -175,9 +191,51 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
+/// A PNG whose header declares `side x side` grayscale pixels and whose one IDAT chunk holds
+/// a few bytes: the shape of a decompression bomb, for tests of the decoder limits.
+pub fn bomb_png(side: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend(kind);
+        out.extend(data);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grayscale, deflate, no filter, no interlace
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bomb_is_refused_before_decoding() {
+        let e = decode_image(&bomb_png(60_000), "upload")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("upload: refused to decode") && e.contains("8192x8192"),
+            "{e}"
+        );
+        let e = decode_image(b"not an image", "upload")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("upload: unreadable image"), "{e}");
+    }
 
     #[test]
     fn pixels_grid_and_png_text_round_trip() {

@@ -23,7 +23,21 @@ pub fn save_safetensors<M: Module>(
     path: &Path,
     metadata: &[(&str, &str)],
 ) -> Result<()> {
+    save_safetensors_renamed(model, path, metadata, &[])
+}
+
+/// [`save_safetensors`] with the tensor names rewritten by `(regex, replacement)` pairs, in
+/// order (e.g. `("^backbone\\.", "")` drops a wrapper's field name).
+pub fn save_safetensors_renamed<M: Module>(
+    model: &M,
+    path: &Path,
+    metadata: &[(&str, &str)],
+    rename: &[(&str, &str)],
+) -> Result<()> {
     let mut store = SafetensorsStore::from_bytes(None);
+    for (from, to) in rename {
+        store = store.with_key_remapping(*from, *to);
+    }
     for (k, v) in metadata {
         store = store.metadata(*k, *v);
     }
@@ -66,9 +80,22 @@ pub fn canonical_safetensors(bytes: &[u8]) -> std::result::Result<Vec<u8>, Strin
 }
 
 /// Loads safetensors weights into `model`, which must have exactly the same architecture.
-pub fn load_safetensors<M: Module>(mut model: M, path: &Path) -> Result<M> {
+pub fn load_safetensors<M: Module>(model: M, path: &Path) -> Result<M> {
+    load_safetensors_renamed(model, path, &[])
+}
+
+/// [`load_safetensors`] with the file's tensor names rewritten by `(regex, replacement)` pairs
+/// (`$1` refers to a capture group) before they are matched to the model's.
+pub fn load_safetensors_renamed<M: Module>(
+    mut model: M,
+    path: &Path,
+    rename: &[(&str, &str)],
+) -> Result<M> {
     let bytes = std::fs::read(path).map_err(|e| CommonError::io(path, e))?;
     let mut store = SafetensorsStore::from_bytes(Some(bytes));
+    for (from, to) in rename {
+        store = store.with_key_remapping(*from, *to);
+    }
     let result = model.load_from(&mut store).map_err(|e| {
         let e = e.to_string();
         if e.contains("Validation failed") {
@@ -154,5 +181,26 @@ mod tests {
         let wrong = LinearConfig::new(4, 2).init(&device);
         let e = load_safetensors(wrong, &a).unwrap_err().to_string();
         assert!(e.contains("another architecture"), "{e}");
+    }
+
+    /// Names rewritten on save are found again by the reverse rewrite on load, and only then.
+    #[test]
+    fn renamed_tensors_round_trip() {
+        let device = Device::flex();
+        device.seed(3);
+        let model = LinearConfig::new(3, 2).init(&device);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.safetensors");
+        save_safetensors_renamed(&model, &path, &[], &[("^weight$", "w.matrix")]).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let header = String::from_utf8_lossy(&bytes[8..200]);
+        assert!(header.contains("\"w.matrix\""), "{header}");
+        device.seed(4);
+        let fresh = || LinearConfig::new(3, 2).init(&device);
+        assert!(load_safetensors(fresh(), &path).is_err());
+        let loaded =
+            load_safetensors_renamed(fresh(), &path, &[("^(w)\\.matrix$", "${1}eight")]).unwrap();
+        let w = |m: &burn::nn::Linear| crate::tensor::to_vec_f32(m.weight.val());
+        assert_eq!(w(&loaded), w(&model));
     }
 }

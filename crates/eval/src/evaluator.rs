@@ -3,6 +3,7 @@
 //! (Heusel et al. 2017) — here trained on the data set itself, small enough for 2 CPU cores.
 
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::loss::CrossEntropyLoss;
 use burn::nn::pool::{AdaptiveAvgPool2d, AdaptiveAvgPool2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::prelude::*;
@@ -166,6 +167,34 @@ impl Evaluator {
     pub fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         self.classifier.forward(self.features(images))
     }
+
+    /// The training objective of a batch: the cross-entropy -log softmax(logits)[label]
+    /// averaged over the batch, and the batch accuracy (for logging), both one-element
+    /// tensors left on the device.
+    ///
+    /// # Shapes
+    /// - `images`: `[batch, channels, h, w]` in [-1, 1]; `labels`: `[batch]`
+    pub fn loss_and_accuracy(
+        &self,
+        images: Tensor<4>,
+        labels: Tensor<1, Int>,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let logits = self.forward(images);
+        let loss =
+            CrossEntropyLoss::new(None, &logits.device()).forward(logits.clone(), labels.clone());
+        (loss, batch_accuracy(logits, labels))
+    }
+}
+
+/// Fraction of rows whose argmax is the label, as a one-element tensor.
+///
+/// # Shapes
+/// - `logits`: `[batch, num_classes]`; `labels`: `[batch]`
+pub fn batch_accuracy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
+    let [batch, _] = logits.dims();
+    // [batch, 1] -> [batch]
+    let predicted = logits.argmax(1).reshape([batch]);
+    predicted.equal(labels).float().mean()
 }
 
 #[cfg(test)]
@@ -173,10 +202,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn accuracy_counts_argmax_hits() {
+        let device = Device::flex();
+        let logits = Tensor::<2>::from_floats(
+            [
+                [2.0, 1.0, 0.0],
+                [0.0, 3.0, 1.0],
+                [0.0, 0.0, 5.0],
+                [9.0, 0.0, 0.0],
+            ],
+            &device,
+        );
+        let labels = Tensor::<1, Int>::from_ints([0, 1, 1, 2], &device);
+        assert_eq!(batch_accuracy(logits, labels).into_scalar::<f32>(), 0.5);
+    }
+
+    #[test]
+    fn loss_is_the_mean_cross_entropy() {
+        // against log-sum-exp of the logits the model itself produces, in f64
+        let device = Device::flex();
+        let model = EvaluatorConfig {
+            channels: vec![4],
+            pool_size: 1,
+            feature_dim: 3,
+        }
+        .init(1, 3, &device)
+        .unwrap();
+        let images = ldm_common::rng::randn(
+            &mut ldm_common::rng::stream(5, "images", 0),
+            [4, 1, 8, 8],
+            &device,
+        );
+        let labels = [2i64, 0, 1, 1];
+        let logits: Vec<Vec<f32>> = ldm_common::tensor::to_vec_f32(model.forward(images.clone()))
+            .chunks(3)
+            .map(<[f32]>::to_vec)
+            .collect();
+        let expected: f64 = logits
+            .iter()
+            .zip(labels)
+            .map(|(r, y)| {
+                let max = r.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                let lse = max + r.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                lse - r[y as usize] as f64
+            })
+            .sum::<f64>()
+            / 4.0;
+        let (loss, _) =
+            model.loss_and_accuracy(images, Tensor::<1, Int>::from_ints(labels, &device));
+        let loss = f64::from(loss.into_scalar::<f32>());
+        assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+    }
+
+    #[test]
     fn shapes_of_logits_and_features() {
-        let _rng = crate::train::tests::DEVICE_RNG
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
         let device = Device::flex();
         device.seed(31);
         let model = EvaluatorConfig::default().init(1, 10, &device).unwrap();

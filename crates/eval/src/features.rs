@@ -81,6 +81,15 @@ impl Features {
     pub fn rows(&self) -> std::slice::ChunksExact<'_, f32> {
         self.values.chunks_exact(self.dim)
     }
+
+    /// The samples at `indices`, in that order (each index below `len()`).
+    pub fn select(&self, indices: &[usize]) -> Features {
+        let values = indices.iter().flat_map(|&i| self.row(i)).copied().collect();
+        Self {
+            values,
+            dim: self.dim,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -114,5 +123,10 @@ mod tests {
         f.append(&f.clone()).unwrap();
         assert_eq!(f.len(), 4);
         assert!(f.append(&Features::new(vec![0.0; 2], 2).unwrap()).is_err());
+        let picked = f.select(&[3, 0]);
+        assert_eq!((picked.len(), picked.dim()), (2, 3));
+        assert_eq!(picked.row(0), &[4.0, 5.0, 6.0]);
+        assert_eq!(picked.row(1), &[1.0, 2.0, 3.0]);
+        assert!(f.select(&[]).is_empty());
     }
 }

@@ -32,12 +32,24 @@ pub const CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../configs/ldm-animals.toml"),
     ),
     (
+        "ldm-animals-text",
+        include_str!("../../../configs/ldm-animals-text.toml"),
+    ),
+    (
         "evaluator-fmnist",
         include_str!("../../../configs/evaluator-fmnist.toml"),
     ),
     (
         "evaluator-animals",
         include_str!("../../../configs/evaluator-animals.toml"),
+    ),
+    (
+        "classifier-animals",
+        include_str!("../../../configs/classifier-animals.toml"),
+    ),
+    (
+        "classifier-fmnist",
+        include_str!("../../../configs/classifier-fmnist.toml"),
     ),
     (
         "fashion-mnist",

@@ -30,14 +30,53 @@ pub enum Command {
     EvalLdm(EvalLdmArgs),
     /// Print a noise schedule as CSV (t, beta, alphas_cumprod, snr, posterior terms).
     Schedule(ScheduleArgs),
-    /// Generate images: encode -> diffuse -> decode, with class guidance.
+    /// Generate images: encode -> diffuse -> decode, guided by a class or a text prompt.
     Generate(GenerateCliArgs),
     /// Run a whole recipe: train-vae, train-ldm, then a grid with one row per class.
     Run(RunArgs),
     /// Train the evaluation classifier on a data set's real training split.
     TrainEvaluator(TrainEvaluatorArgs),
-    /// Score a class-conditional model: per-class accuracy, FID (with its floor), precision/recall.
+    /// Score a class-conditional model (or a text model, prompted with each class name):
+    /// per-class accuracy, FID (with its floor), precision/recall.
     Eval(EvalArgs),
+    /// Train a noisy-latent classifier p(y | z_t, t) on a trained LDM's latents, for classifier
+    /// guidance (`generate --classifier`).
+    TrainClassifier(TrainClassifierArgs),
+    /// Draw a run's metrics.csv as a PNG: every column against step, raw and smoothed.
+    Plot(PlotArgs),
+    /// Draw FID and accuracy against steps or guidance scale from `pipeline eval --json` files.
+    PlotSweep(PlotSweepArgs),
+    /// A local web page and JSON API for generating: the model stays loaded, one job runs at a time.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A run folder written by `train-ldm` (default: the model of the README's first command).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A folder written by `train-classifier`: requests may then ask for classifier guidance
+    /// with `classifier_scale`.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Address to listen on. Anything but loopback exposes the page, which has no
+    /// authentication, to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port; the address is printed on stdout).
+    #[arg(long, default_value_t = 7860)]
+    pub port: u16,
+    /// Requests that may wait while one runs; past it the server answers 429.
+    #[arg(long, default_value_t = 8)]
+    pub queue: usize,
+    /// Most images in one request (`n`).
+    #[arg(long, default_value_t = 16, value_parser = positive_usize, allow_negative_numbers = true)]
+    pub max_images: usize,
+    /// Largest request body in bytes (uploaded images travel base64-encoded inside it).
+    #[arg(long, default_value_t = 8 << 20, value_parser = positive_usize, allow_negative_numbers = true)]
+    pub max_body: usize,
+    #[command(flatten)]
+    pub device: DeviceFlag,
 }
 
 #[derive(Debug, Args)]
@@ -55,6 +94,73 @@ pub struct TrainEvaluatorArgs {
     pub resume: bool,
     #[command(flatten)]
     pub device: DeviceFlag,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// A run folder with a metrics.csv (train-vae, train-ldm, train-evaluator, ...).
+    pub run_dir: PathBuf,
+    /// The PNG to write (default: RUN_DIR/metrics.png).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotSweepArgs {
+    /// JSON files written by `pipeline eval --json`, one per setting.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The swept setting on the x axis.
+    #[arg(long, value_enum)]
+    pub x: crate::plot_sweep::SweepAxis,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainClassifierArgs {
+    /// The LDM run folder whose latents (same VAE, same noise schedule) the classifier learns
+    /// (default: the model of the README's first command).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A config file, or a built-in name (classifier-animals, classifier-fmnist).
+    #[arg(long, default_value = "classifier-animals")]
+    pub config: String,
+    /// Output folder.
+    #[arg(long, default_value = "runs/classifier")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceFlag,
+}
+
+/// Classifier guidance (Dhariwal & Nichol 2021), for `generate` and `eval`.
+#[derive(Debug, Args)]
+pub struct ClassifierFlags {
+    /// A folder written by `train-classifier`: adds its gradient toward the class to the score.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Classifier guidance scale s in eps - s sqrt(1 - alphabar_t) grad log p(y | z_t)
+    /// (default 1 with --classifier).
+    #[arg(long, allow_negative_numbers = true)]
+    pub classifier_scale: Option<f64>,
+}
+
+/// Image-to-image (SDEdit) and inpainting flags of `generate`.
+#[derive(Debug, Args)]
+pub struct Img2ImgFlags {
+    /// Start from this image (the model's resolution; grayscale or RGB) instead of pure noise.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// How far --init-image is noised, in (0, 1]: 1 = pure noise, near 0 = barely changed
+    /// (default 0.6 with --init-image). Runs floor(steps * strength) sampler steps.
+    #[arg(long, allow_negative_numbers = true)]
+    pub strength: Option<f64>,
+    /// Inpainting: a mask of --init-image's size; white = repaint, black = keep.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +185,8 @@ pub struct EvalArgs {
     pub steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub guidance: ClassifierFlags,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -132,9 +240,14 @@ pub struct ScheduleArgs {
 
 #[derive(Debug, Args)]
 pub struct GenerateCliArgs {
-    /// What to draw: for a class-conditional model, a prompt naming a class ("cat", "a cat").
+    /// What to draw: any prompt for a text model; for a class-conditional model, a prompt
+    /// naming a class ("cat", "a cat").
     #[arg(long)]
     pub prompt: Option<String>,
+    /// What guidance steers away from: a prompt for a text model (instead of the empty
+    /// prompt); for a class model, a prompt naming a class (instead of the null class).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     /// The class to draw, by name.
     #[arg(long)]
     pub class: Option<String>,
@@ -158,6 +271,10 @@ pub struct GenerateCliArgs {
     pub n: i64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[command(flatten)]
+    pub img2img: Img2ImgFlags,
+    #[command(flatten)]
+    pub guidance: ClassifierFlags,
     /// Output folder.
     #[arg(long, default_value = "generated")]
     pub out: PathBuf,

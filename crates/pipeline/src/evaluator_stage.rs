@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLoss;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -16,10 +15,13 @@ use ldm_common::checkpoint::{ensure_writable_dir, read_json, write_json};
 use ldm_common::data::{self, BatchOrder, DataConfig, ImageSet, Splits};
 use ldm_common::weights::{load_safetensors, save_safetensors};
 use ldm_diffusion::sampler::SamplerOptions;
+use ldm_eval::class_fid::ClassFidReport;
 use ldm_eval::evaluator::{Evaluator, EvaluatorConfig};
 use ldm_eval::features::Features;
 
+use crate::classifier_stage::ClassifierRun;
 use crate::ldm_stage::LdmRun;
+use crate::sampling::{ClassifierGuide, SampleExtras};
 use crate::train::{self, Outcome, TrainConfig, TrainTask};
 
 /// A `train-evaluator` config: `[data]`, `[evaluator]`, `[train]`.
@@ -96,11 +98,8 @@ impl TrainTask for EvaluatorTask {
         let indices = self.order.batch(step);
         let x = self.train.batch(&indices, &self.device);
         let y = self.train.batch_labels(&indices, &self.device);
-        let logits = model.forward(x);
-        let loss = CrossEntropyLoss::new(None, &self.device).forward(logits.clone(), y.clone());
-        let [b, _] = logits.dims();
-        let correct = logits.argmax(1).reshape([b]).equal(y).float().mean();
-        (loss.clone(), vec![loss, correct])
+        let (loss, accuracy) = model.loss_and_accuracy(x, y);
+        (loss.clone(), vec![loss, accuracy])
     }
 
     fn write_samples(&mut self, _model: &Evaluator, _step: u64) -> Result<()> {
@@ -210,6 +209,12 @@ pub struct ModelEval {
     pub precision: f64,
     pub recall: f64,
     pub images_per_second: f64,
+    /// Classifier guidance: the `train-classifier` folder and its scale (null without).
+    pub classifier: Option<PathBuf>,
+    pub classifier_scale: Option<f64>,
+    /// FID of each class's generated images against that class's held-out images, with the
+    /// per-class floor (null where the class has too few images for the dimension).
+    pub fid_per_class: ClassFidReport,
 }
 
 /// `pipeline eval`: samples `per_class` images of every class and scores them.
@@ -220,11 +225,14 @@ pub fn eval_model(
     cfg: f64,
     sampler: &SamplerOptions,
     seed: u64,
+    classifier: Option<(&ClassifierRun, f64)>,
     device: &Device,
 ) -> Result<ModelEval> {
-    if !run.class_conditional() {
+    // a text model is prompted with each class name; an unconditional one can be scored only
+    // under classifier guidance
+    if !run.conditional() && classifier.is_none() {
         bail!(
-            "{}: `pipeline eval` scores class-conditional samples; this model is unconditional",
+            "{}: `pipeline eval` scores class-conditional samples (or a text model's, prompted with each class name); this model is unconditional",
             run.dir.display()
         );
     }
@@ -242,6 +250,21 @@ pub fn eval_model(
     if per_class == 0 {
         bail!("-n 0: expected at least one image per class");
     }
+    // FID fits a d x d covariance: checked before any image is sampled.
+    let (classes, d) = (
+        run.info.class_names.len(),
+        evaluator.config.evaluator.feature_dim,
+    );
+    if classes * per_class <= d {
+        bail!(
+            "FID needs more samples than feature dimensions: got n = {} for d = {d} ({classes} classes x -n {per_class}); use -n {} or more",
+            classes * per_class,
+            (d + 1).div_ceil(classes)
+        );
+    }
+    if let Some((c, _)) = classifier {
+        c.check_model(run)?;
+    }
     let classes = run.info.class_names.len();
     let labels: Vec<usize> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, per_class))
@@ -252,8 +275,24 @@ pub fn eval_model(
     let bar = crate::progress::bar(labels.len() as u64, "image");
     for (k, chunk) in labels.chunks(100).enumerate() {
         let seed = seed.wrapping_add(k as u64);
-        let images =
-            run.sample_images(Some(chunk), chunk.len(), cfg, sampler, seed, device, None)?;
+        let extras = SampleExtras {
+            init: None,
+            classifier: classifier.map(|(c, scale)| ClassifierGuide {
+                classifier: &c.model,
+                labels: chunk,
+                scale,
+            }),
+        };
+        let images = run.sample_images_with(
+            Some(chunk),
+            chunk.len(),
+            cfg,
+            sampler,
+            seed,
+            extras,
+            device,
+            None,
+        )?;
         generated.append(&Features::from_tensor(
             evaluator.model.features(images.clone()),
         ))?;
@@ -291,6 +330,19 @@ pub fn eval_model(
     )?;
     let fid_floor = ldm_eval::frechet::fid(&a, &b)?;
     let pr = ldm_eval::prdc::precision_recall(&real, &generated, ldm_eval::prdc::DEFAULT_K)?;
+    let all_real = features_of(
+        &evaluator.model,
+        &held_out,
+        &(0..held_out.labels.len()).collect::<Vec<_>>(),
+        device,
+    )?;
+    let fid_per_class = ldm_eval::class_fid::class_fids(
+        &run.info.class_names,
+        &all_real,
+        &held_out.labels,
+        &generated,
+        &labels,
+    )?;
     let accuracy_per_class: Vec<(String, f64)> = run
         .info
         .class_names
@@ -309,7 +361,63 @@ pub fn eval_model(
         precision: pr.precision,
         recall: pr.recall,
         images_per_second,
+        classifier: classifier.map(|(c, _)| c.dir.clone()),
+        classifier_scale: classifier.map(|(_, s)| s),
+        fid_per_class,
     })
+}
+
+/// The per-class table of `pipeline eval`: accuracy, FID (floor) in the evaluator's d
+/// features and in the top-k principal directions; "-" where FID is undefined, with the
+/// reasons below the table (one line per distinct reason).
+pub fn class_table(e: &ModelEval) -> String {
+    use std::fmt::Write;
+    let r = &e.fid_per_class;
+    let cell = |fid: Option<f64>, floor: Option<f64>| match (fid, floor) {
+        (Some(f), Some(fl)) => format!("{f:.2} ({fl:.2})"),
+        (Some(f), None) => format!("{f:.2} (-)"),
+        (None, Some(fl)) => format!("- ({fl:.2})"),
+        (None, None) => "-".into(),
+    };
+    let mut out = String::new();
+    let full = format!("FID d={} (floor)", r.feature_dim);
+    let pca = format!("FID k={} (floor)", r.pca_dim);
+    let _ = writeln!(
+        out,
+        "{:<16} {:>9}  {full:>20}  {pca:>20}",
+        "class", "accuracy"
+    );
+    let mut reasons: Vec<(String, Vec<&str>)> = Vec::new();
+    for ((name, acc), c) in e.accuracy_per_class.iter().zip(&r.classes) {
+        let _ = writeln!(
+            out,
+            "{name:<16} {:>8.1}%  {:>20}  {:>20}",
+            100.0 * acc,
+            cell(c.fid, c.fid_floor),
+            cell(c.fid_pca, c.fid_pca_floor)
+        );
+        if let Some(note) = &c.note {
+            match reasons.iter_mut().find(|(n, _)| n == note) {
+                Some((_, classes)) => classes.push(&c.class),
+                None => reasons.push((note.clone(), vec![&c.class])),
+            }
+        }
+    }
+    let _ = writeln!(out, "{:<16} {:>8.1}%", "all", 100.0 * e.accuracy);
+    if let Some(v) = r.pca_explained_variance {
+        let _ = writeln!(
+            out,
+            "k={}: FID in the top {} principal directions of the held-out features ({:.1}% of their variance), a lower bound of the d={} figure",
+            r.pca_dim,
+            r.pca_dim,
+            100.0 * v,
+            r.feature_dim
+        );
+    }
+    for (note, classes) in reasons {
+        let _ = writeln!(out, "- for {}: {note}", classes.join(", "));
+    }
+    out
 }
 
 /// Penultimate-layer features of the images at `indices`.
@@ -328,4 +436,88 @@ fn features_of(
         }
     }
     out.ok_or_else(|| anyhow::anyhow!("the held-out split is empty"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::config::LrDecay;
+
+    /// 16 noise images of 16x16 with labels of 4 classes that no pattern explains: only
+    /// memorisation fits them.
+    fn noise_set() -> ImageSet {
+        let mut rng = ldm_common::rng::stream(41, "images", 0);
+        let pixels: Vec<u8> = (0..16 * 16 * 16)
+            .map(|_| rand::RngExt::random::<u8>(&mut rng))
+            .collect();
+        ImageSet {
+            channels: 1,
+            resolution: 16,
+            pixels,
+            labels: (0..16).map(|i| (i * 7 + 3) % 4).collect(),
+            captions: vec![None; 16],
+            class_names: (0..4).map(|c| format!("c{c}")).collect(),
+        }
+    }
+
+    /// The path `train-evaluator` takes (EvaluatorTask in the shared training loop) fits a
+    /// fixed set of 16 random images: the objective, its gradients and AdamW are wired.
+    #[test]
+    fn the_training_task_overfits_a_fixed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = noise_set();
+        let ad = Device::flex().autodiff();
+        ad.seed(41);
+        let config = EvaluatorConfig {
+            channels: vec![8, 16],
+            pool_size: 2,
+            feature_dim: 32,
+        };
+        let model = config.init(1, 4, &ad).unwrap();
+        let train_config = TrainConfig {
+            steps: 80,
+            batch_size: 16,
+            lr: 1e-2,
+            warmup_steps: 0,
+            lr_decay: LrDecay::Constant,
+            log_every: 1,
+            sample_every: 1000,
+            checkpoint_every: 1000,
+            ..TrainConfig::default()
+        };
+        let mut task = EvaluatorTask {
+            order: BatchOrder::new(0, 16, 16),
+            train: set.clone(),
+            device: ad,
+        };
+        let Outcome::Finished(model) = train::train(
+            &mut task,
+            model,
+            &train_config,
+            "test".into(),
+            dir.path(),
+            false,
+        )
+        .unwrap() else {
+            panic!("not interrupted");
+        };
+        let accuracy = held_out_accuracy(&model.valid(), &set, &Device::flex());
+        assert_eq!(accuracy, 1.0);
+        let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        let losses: Vec<f64> = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(losses.len(), 80);
+        assert!(
+            losses[0] > 1.0 && losses[79] < 0.2 * losses[0],
+            "{:?}",
+            losses
+        );
+        assert!(
+            csv.starts_with("step,loss,accuracy,lr,images_per_s\n"),
+            "{csv}"
+        );
+    }
 }

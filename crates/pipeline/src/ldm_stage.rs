@@ -3,7 +3,8 @@
 //!
 //! An LDM run folder holds `config.toml`, `model.safetensors` (the EMA weights, used for
 //! sampling), `ldm.json` (the VAE it belongs to, by path and checksum; shapes; classes),
-//! `metrics.csv`, `samples/step-*.png`, `latents/` (the cache) and `checkpoint/`.
+//! `tokenizer.json` (a text-conditioned model's tokenizer), `metrics.csv`,
+//! `samples/step-*.png`, `latents/` (the cache) and `checkpoint/`.
 
 use std::path::{Path, PathBuf};
 
@@ -15,9 +16,12 @@ use serde::{Deserialize, Serialize};
 use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
 use ldm_common::data::{self, BatchOrder, Splits};
 use ldm_common::rng::{randn, stream};
-use ldm_common::weights::{load_record, load_safetensors, save_record, save_safetensors};
-use ldm_diffusion::backbone::{BackboneConfig, BackboneModel, ConditioningSpec};
+use ldm_common::weights::{
+    load_record, load_safetensors_renamed, save_record, save_safetensors_renamed,
+};
+use ldm_diffusion::backbone::{BackboneConfig, ConditioningSpec};
 use ldm_diffusion::denoiser::{Backbone, Conditioning};
+use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::loss::{LossWeighting, diffusion_loss};
 use ldm_diffusion::parameterization::Parameterization;
 use ldm_diffusion::process::q_sample;
@@ -26,6 +30,7 @@ use rand::RngExt;
 
 use crate::latents::{self, LatentSet, LatentSource};
 use crate::sampling::{self, GuidanceConfig};
+use crate::text::{self, Captions, PromptTokenizer, TextSettings};
 use crate::train::{self, Outcome, TrainConfig, TrainTask};
 use crate::vae_stage::VaeRun;
 use crate::{ema, run_dir};
@@ -39,6 +44,10 @@ pub enum ConditioningKind {
     None,
     /// The class label, through a label embedding with a learned null class.
     Class,
+    /// A caption, through a text encoder trained jointly with the backbone: cross-attention
+    /// to its token embeddings and its pooled embedding added to the time embedding; the
+    /// empty prompt is the unconditional input.
+    Text,
 }
 
 /// The `[diffusion]` section: what is learned and how.
@@ -57,8 +66,8 @@ pub struct DiffusionSettings {
     pub ema_decay: f64,
     #[serde(default = "d_cond")]
     pub conditioning: ConditioningKind,
-    /// Probability of replacing the condition by the null class in training (classifier-free
-    /// guidance, Ho & Salimans 2022).
+    /// Probability of replacing the condition by the null class (or the caption by the empty
+    /// prompt) in training (classifier-free guidance, Ho & Salimans 2022).
     #[serde(default = "d_uncond")]
     pub p_uncond: f64,
 }
@@ -92,6 +101,9 @@ pub struct LdmRunConfig {
     pub diffusion: DiffusionSettings,
     #[serde(default)]
     pub backbone: BackboneConfig,
+    /// The tokenizer's prompt length and the text encoder (with `conditioning = "text"`).
+    #[serde(default)]
+    pub text: TextSettings,
     /// The sampler of the preview grids and `generate`'s default.
     #[serde(default)]
     pub sampler: SamplerOptions,
@@ -122,6 +134,9 @@ impl LdmRunConfig {
                 d.p_uncond
             );
         }
+        if d.conditioning == ConditioningKind::Text {
+            self.text.validate()?;
+        }
         let schedule = Schedule::new(&self.schedule)?;
         self.sampler.validate(&schedule)?;
         self.guidance.validate()?;
@@ -142,14 +157,64 @@ pub struct LdmInfo {
     pub steps: u64,
     /// SHA-256 of this run's `model.safetensors`.
     pub weights_sha256: String,
+    /// SHA-256 of `tokenizer.json` (a text-conditioned model): the model is refused with any
+    /// other tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
 }
 
+/// Tensor names of `model.safetensors`: the backbone's as a bare backbone's ("DiT.blocks.0...",
+/// "UNet..."), the text encoder's under "text_encoder.", so weights written before the text
+/// encoder joined the model still load.
+const SAVED_NAMES: &[(&str, &str)] = &[(r"^backbone\.", "")];
+const LOADED_NAMES: &[(&str, &str)] = &[(r"^(UNet|DiT)\.", "backbone.${1}.")];
+
 /// The conditioning spec of a config and data set.
-fn conditioning_spec(kind: ConditioningKind, num_classes: usize) -> ConditioningSpec {
+fn conditioning_spec(config: &LdmRunConfig, num_classes: usize) -> ConditioningSpec {
+    let kind = config.diffusion.conditioning;
     ConditioningSpec {
         num_classes: (kind == ConditioningKind::Class).then_some(num_classes),
-        text_dim: None,
+        text_dim: (kind == ConditioningKind::Text).then_some(config.text.dim),
     }
+}
+
+/// The model of a config for `c x s x s` latents: class-conditional on `num_classes` classes,
+/// or text-conditional with a tokenizer of `vocab_size` ids.
+fn build_model(
+    config: &LdmRunConfig,
+    [c, s]: [usize; 2],
+    num_classes: usize,
+    tokenizer: Option<&PromptTokenizer>,
+    device: &Device,
+) -> Result<LdmModel> {
+    let spec = conditioning_spec(config, num_classes);
+    let text = tokenizer.map(|t| config.text.encoder_config(t.vocab_size()));
+    Ok(LdmModel::init(
+        &config.backbone,
+        c,
+        s,
+        spec.num_classes,
+        text.as_ref(),
+        device,
+    )?)
+}
+
+/// What a batch of images is asked to show, and what classifier-free guidance steers away
+/// from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    /// Unconditional.
+    None,
+    /// One class per image; guidance against the `negative` class or the learned null class.
+    Class {
+        labels: Vec<usize>,
+        negative: Option<usize>,
+    },
+    /// One prompt per image; guidance against the `negative` prompt or the empty prompt.
+    Text {
+        prompts: Vec<String>,
+        negative: Option<String>,
+    },
 }
 
 /// A trained LDM with its VAE.
@@ -158,7 +223,9 @@ pub struct LdmRun {
     pub config: LdmRunConfig,
     pub info: LdmInfo,
     pub schedule: Schedule,
-    pub model: BackboneModel,
+    pub model: LdmModel,
+    /// The tokenizer of a text-conditioned model.
+    pub tokenizer: Option<PromptTokenizer>,
     pub vae: VaeRun,
 }
 
@@ -173,6 +240,9 @@ impl LdmRun {
             &how,
         )?;
         let config: LdmRunConfig = crate::config::read(&dir.join("config.toml"))?;
+        if config.diffusion.conditioning == ConditioningKind::Text {
+            run_dir::require(dir, "LDM run", &["tokenizer.json"], &how)?;
+        }
         let info: LdmInfo = read_json(&dir.join("ldm.json"))?;
         let vae_dir = if info.vae_dir.is_absolute() {
             info.vae_dir.clone()
@@ -189,17 +259,27 @@ impl LdmRun {
                 &info.vae_sha256[..12.min(info.vae_sha256.len())]
             );
         }
+        let tokenizer = match config.diffusion.conditioning {
+            ConditioningKind::Text => Some(load_tokenizer(dir, &config, &info)?),
+            _ => None,
+        };
         let schedule = Schedule::new(&config.schedule)?;
         let [c, s, _] = info.latent_shape;
-        let spec = conditioning_spec(config.diffusion.conditioning, info.class_names.len());
-        let model = config.backbone.init(c, s, &spec, device)?;
-        let model = load_safetensors(model, &dir.join("model.safetensors"))?;
+        let model = build_model(
+            &config,
+            [c, s],
+            info.class_names.len(),
+            tokenizer.as_ref(),
+            device,
+        )?;
+        let model = load_safetensors_renamed(model, &dir.join("model.safetensors"), LOADED_NAMES)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
             info,
             schedule,
             model,
+            tokenizer,
             vae,
         })
     }
@@ -209,8 +289,66 @@ impl LdmRun {
         self.config.diffusion.conditioning == ConditioningKind::Class
     }
 
-    /// Samples and decodes one image per entry of `labels` (or `n` unconditional images),
-    /// in [-1, 1].
+    /// Whether the model was trained with captions.
+    pub fn text_conditional(&self) -> bool {
+        self.config.diffusion.conditioning == ConditioningKind::Text
+    }
+
+    /// Whether the model was trained with a condition (class or caption).
+    pub fn conditional(&self) -> bool {
+        self.config.diffusion.conditioning != ConditioningKind::None
+    }
+
+    /// Asks for the classes `labels`: the labels themselves for a class-conditional model,
+    /// the class names as prompts for a text model, nothing for an unconditional one.
+    pub fn class_condition(&self, labels: &[usize]) -> Condition {
+        match self.config.diffusion.conditioning {
+            ConditioningKind::None => Condition::None,
+            ConditioningKind::Class => Condition::Class {
+                labels: labels.to_vec(),
+                negative: None,
+            },
+            ConditioningKind::Text => Condition::Text {
+                prompts: labels
+                    .iter()
+                    .map(|&l| self.info.class_names[l].clone())
+                    .collect(),
+                negative: None,
+            },
+        }
+    }
+
+    /// The unconditional input of a batch of `n`: the learned null class, the empty prompt,
+    /// or nothing.
+    pub fn null_condition(&self, n: usize, device: &Device) -> Result<Conditioning> {
+        Ok(
+            match (&self.config.diffusion.conditioning, &self.tokenizer) {
+                (ConditioningKind::Class, _) => {
+                    let nulls = vec![self.info.class_names.len() as i64; n];
+                    Conditioning {
+                        class: Some(Tensor::from_data(
+                            TensorData::new(nulls, Shape::new([n])),
+                            device,
+                        )),
+                        text: None,
+                    }
+                }
+                (ConditioningKind::Text, Some(tokenizer)) => Conditioning {
+                    class: None,
+                    text: Some(text::encode_prompts(
+                        &self.model,
+                        tokenizer,
+                        &vec![""; n],
+                        device,
+                    )?),
+                },
+                _ => Conditioning::none(),
+            },
+        )
+    }
+
+    /// Samples and decodes one image per entry of `labels` (see
+    /// [`class_condition`](Self::class_condition)), or `n` unconditional images, in [-1, 1].
     ///
     /// # Shapes
     /// - result: `[n, channels, height, width]`
@@ -225,26 +363,117 @@ impl LdmRun {
         device: &Device,
         progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
     ) -> Result<Tensor<4>> {
+        self.sample_images_with(
+            labels,
+            n,
+            cfg,
+            sampler,
+            seed,
+            sampling::SampleExtras::default(),
+            device,
+            progress,
+        )
+    }
+
+    /// [`LdmRun::sample_images`] from an init latent (image-to-image, inpainting) and/or with
+    /// classifier guidance.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_images_with(
+        &self,
+        labels: Option<&[usize]>,
+        n: usize,
+        cfg: f64,
+        sampler: &SamplerOptions,
+        seed: u64,
+        extras: sampling::SampleExtras,
+        device: &Device,
+        progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
+    ) -> Result<Tensor<4>> {
+        let condition = labels.map_or(Condition::None, |l| self.class_condition(l));
+        self.sample(&condition, n, cfg, sampler, seed, extras, device, progress)
+    }
+
+    /// Samples and decodes one image per class or prompt of `condition` (or `n` unconditional
+    /// images), in [-1, 1], with classifier-free guidance of scale `cfg` and the `extras` of
+    /// [`sampling::SampleExtras`].
+    ///
+    /// # Shapes
+    /// - result: `[n, channels, height, width]`
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample(
+        &self,
+        condition: &Condition,
+        n: usize,
+        cfg: f64,
+        sampler: &SamplerOptions,
+        seed: u64,
+        extras: sampling::SampleExtras,
+        device: &Device,
+        progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
+    ) -> Result<Tensor<4>> {
+        let (labels, negative_class, text, n) = match (condition, &self.tokenizer) {
+            (Condition::None, _) => (None, None, None, n),
+            (Condition::Class { labels, negative }, None) if self.class_conditional() => {
+                (Some(labels.as_slice()), *negative, None, labels.len())
+            }
+            (Condition::Text { prompts, negative }, Some(tokenizer)) => {
+                let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                let pair = text::guidance_pair(
+                    &self.model,
+                    tokenizer,
+                    &prompts,
+                    negative.as_deref(),
+                    device,
+                )?;
+                (None, None, Some(pair), prompts.len())
+            }
+            _ => bail!(
+                "{}: a model conditioned on {:?} cannot follow {condition:?}",
+                self.dir.display(),
+                self.config.diffusion.conditioning
+            ),
+        };
         let request = sampling::Request {
             sampler,
             labels,
             num_classes: self.info.class_names.len(),
+            negative_class,
+            text,
             latent_shape: self.info.latent_shape,
             cfg,
-            n: labels.map_or(n, <[usize]>::len),
+            n,
             seed,
         };
         let parameterization = self.config.diffusion.parameterization;
-        let latents = sampling::sample_latents(
-            &self.model,
+        let latents = sampling::sample_latents_with(
+            &self.model.backbone,
             &self.schedule,
             parameterization,
             &request,
+            extras,
             device,
             progress,
         )?;
         Ok(sampling::decode(&self.vae, latents))
     }
+}
+
+/// Loads the tokenizer of a text model, refusing one whose checksum is not the one recorded
+/// at training.
+fn load_tokenizer(dir: &Path, config: &LdmRunConfig, info: &LdmInfo) -> Result<PromptTokenizer> {
+    let path = dir.join("tokenizer.json");
+    if let Some(expected) = &info.tokenizer_sha256 {
+        let found = sha256_file(&path)?;
+        if &found != expected {
+            bail!(
+                "{}: tokenizer.json has changed since this model was trained (sha256 {}…, expected {}…); restore it or retrain the model",
+                dir.display(),
+                &found[..12],
+                &expected[..12.min(expected.len())]
+            );
+        }
+    }
+    PromptTokenizer::load(&path, config.text.max_tokens)
 }
 
 struct LdmTask {
@@ -256,7 +485,10 @@ struct LdmTask {
     seed: u64,
     device: Device,
     /// EMA weights, on the plain (no autodiff) device.
-    ema: BackboneModel,
+    ema: LdmModel,
+    /// A text model's tokenizer and the captions of its training images.
+    tokenizer: Option<PromptTokenizer>,
+    captions: Option<Captions>,
     vae: VaeRun,
     sampler: SamplerOptions,
     guidance: GuidanceConfig,
@@ -284,16 +516,35 @@ impl LdmTask {
             &self.device,
         ))
     }
+
+    /// A text model's conditioning of a batch: tau_theta of the captions drawn for it (the
+    /// empty prompt with probability `p_uncond`).
+    fn text(
+        &self,
+        model: &LdmModel,
+        indices: &[usize],
+        step: u64,
+    ) -> Option<ldm_diffusion::denoiser::TextConditioning> {
+        let captions = self.captions.as_ref()?;
+        let batch = captions.draw(
+            indices,
+            &self.latents.labels,
+            self.settings.p_uncond,
+            self.seed,
+            step,
+        );
+        Some(text::encode_batch(model, &batch, &self.device))
+    }
 }
 
 impl TrainTask for LdmTask {
-    type Model = BackboneModel;
+    type Model = LdmModel;
 
     fn metric_names(&self) -> Vec<&'static str> {
         vec!["loss"]
     }
 
-    fn forward(&mut self, model: &BackboneModel, step: u64) -> (Tensor<1>, Vec<Tensor<1>>) {
+    fn forward(&mut self, model: &LdmModel, step: u64) -> (Tensor<1>, Vec<Tensor<1>>) {
         let indices = self.order.batch(step);
         let b = indices.len();
         let z0 = self.latents.batch(&indices, &self.device);
@@ -316,7 +567,7 @@ impl TrainTask for LdmTask {
         );
         let cond = Conditioning {
             class: self.labels(&indices, step),
-            text: None,
+            text: self.text(model, &indices, step),
         };
         let output = model.forward(z_t, t_float, &cond);
         let p = self.settings.parameterization;
@@ -329,12 +580,12 @@ impl TrainTask for LdmTask {
         (loss.clone(), vec![loss])
     }
 
-    fn after_update(&mut self, model: &BackboneModel, step: u64) {
+    fn after_update(&mut self, model: &LdmModel, step: u64) {
         let decay = ema::warmed_decay(self.settings.ema_decay, step);
         self.ema = ema::update(self.ema.clone(), model, decay);
     }
 
-    fn write_samples(&mut self, _model: &BackboneModel, step: u64) -> Result<()> {
+    fn write_samples(&mut self, _model: &LdmModel, step: u64) -> Result<()> {
         let plain = self
             .ema
             .devices()
@@ -346,21 +597,35 @@ impl TrainTask for LdmTask {
             .spec
             .num_classes
             .map(|_| (0..n).collect::<Vec<usize>>());
+        // a text model is prompted with the class names
+        let text = match &self.tokenizer {
+            Some(tokenizer) => {
+                let prompts: Vec<&str> = (0..n)
+                    .map(|i| self.class_names.get(i).map_or("", String::as_str))
+                    .collect();
+                Some(text::guidance_pair(
+                    &self.ema, tokenizer, &prompts, None, &plain,
+                )?)
+            }
+            None => None,
+        };
         let request = sampling::Request {
             sampler: &self.sampler,
             labels: labels.as_deref(),
             num_classes: self.class_names.len(),
-            latent_shape: self.latents.meta.shape,
-            cfg: if labels.is_some() {
+            negative_class: None,
+            cfg: if labels.is_some() || text.is_some() {
                 self.guidance.cfg
             } else {
                 1.0
             },
+            text,
+            latent_shape: self.latents.meta.shape,
             n,
             seed: self.seed,
         };
         let latents = sampling::sample_latents(
-            &self.ema,
+            &self.ema.backbone,
             &self.schedule,
             self.settings.parameterization,
             &request,
@@ -431,7 +696,7 @@ pub fn train_ldm(
     let vae = VaeRun::load(vae_dir, device)?;
     let [c, s, _] = vae.info.latent_shape;
     let class_names = vae.info.class_names.clone();
-    let spec = conditioning_spec(config.diffusion.conditioning, class_names.len());
+    let spec = conditioning_spec(&config, class_names.len());
     config.backbone.validate(c, s, &spec)?;
     ensure_writable_dir(out)?;
     run_dir::write_config(out, &config)?;
@@ -446,10 +711,25 @@ pub fn train_ldm(
         config.train.seed,
         device,
     )?;
+    // A text model: the tokenizer, trained on the class templates and captions, and the
+    // captions of each training image.
+    let tokenizer = match config.diffusion.conditioning {
+        ConditioningKind::Text => {
+            let corpus = text::corpus(&class_names, &train.captions);
+            let tokenizer = PromptTokenizer::train(&corpus, config.text.max_tokens)?;
+            tokenizer.save(&out.join("tokenizer.json"))?;
+            Some(tokenizer)
+        }
+        _ => None,
+    };
+    let captions = tokenizer
+        .as_ref()
+        .map(|t| Captions::new(t, &class_names, &train.captions))
+        .transpose()?;
     let schedule = Schedule::new(&config.schedule)?;
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
-    let model = config.backbone.init(c, s, &spec, &ad)?;
+    let model = build_model(&config, [c, s], class_names.len(), tokenizer.as_ref(), &ad)?;
     let num_params = model.num_params();
     let mut task = LdmTask {
         order: BatchOrder::new(
@@ -464,24 +744,34 @@ pub fn train_ldm(
         seed: config.train.seed,
         device: ad.clone(),
         ema: model.valid(),
+        tokenizer: tokenizer.clone(),
+        captions,
         vae,
         sampler: config.sampler.clone(),
         guidance: config.guidance.clone(),
         class_names: class_names.clone(),
         run_dir: out.to_path_buf(),
     };
-    let architecture = format!(
+    let mut architecture = format!(
         "{:?} {:?} latent={c}x{s}x{s} classes={}",
         config.backbone,
         spec,
         class_names.len()
     );
+    if let Some(t) = &tokenizer {
+        architecture += &format!(" text={:?} vocab={}", config.text, t.vocab_size());
+    }
     match train::train(&mut task, model, &config.train, architecture, out, resume)? {
         Outcome::Finished(_) => {}
         Outcome::Interrupted(_) => return Ok(None),
     }
     let weights = out.join("model.safetensors");
-    save_safetensors(&task.ema, &weights, &[("stage", "ldm"), ("weights", "ema")])?;
+    save_safetensors_renamed(
+        &task.ema,
+        &weights,
+        &[("stage", "ldm"), ("weights", "ema")],
+        SAVED_NAMES,
+    )?;
     let info = LdmInfo {
         vae_dir: std::path::absolute(vae_dir).unwrap_or_else(|_| vae_dir.to_path_buf()),
         vae_sha256: task.vae.info.weights_sha256.clone(),
@@ -490,6 +780,9 @@ pub fn train_ldm(
         num_params,
         steps: config.train.steps,
         weights_sha256: sha256_file(&weights)?,
+        tokenizer_sha256: tokenizer
+            .map(|_| sha256_file(&out.join("tokenizer.json")))
+            .transpose()?,
     };
     write_json(&out.join("ldm.json"), &info).context("writing ldm.json")?;
     Ok(Some(LdmSummary {
@@ -566,18 +859,7 @@ pub fn eval_ldm(
                 ),
                 device,
             );
-            let cond = if run.class_conditional() {
-                let nulls = vec![run.info.class_names.len() as i64; t.len()];
-                Conditioning {
-                    class: Some(Tensor::from_data(
-                        TensorData::new(nulls, Shape::new([t.len()])),
-                        device,
-                    )),
-                    text: None,
-                }
-            } else {
-                Conditioning::none()
-            };
+            let cond = run.null_condition(t.len(), device)?;
             let out = run.model.forward(z_t.clone(), t_float, &cond);
             let target = p.target(&run.schedule, z0.clone(), eps, &t);
             loss += ldm_common::tensor::scalar(diffusion_loss(

@@ -8,6 +8,7 @@ use clap::Parser;
 use ldm_common::device::select;
 use ldm_pipeline::cli::{Cli, Command};
 use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
+use ldm_pipeline::{classifier_stage, img2img};
 
 fn main() -> ExitCode {
     interrupt::install();
@@ -137,44 +138,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => generate::default_model()?,
             };
             let run = ldm_stage::LdmRun::load(&model, &device.device)?;
-            let mut sampler = run.config.sampler.clone();
-            if let Some(name) = &a.sampler {
-                sampler.kind = name.parse()?;
-            }
-            if let Some(steps) = a.steps {
-                let t = run.schedule.num_timesteps();
-                if steps < 1 || steps as usize > t {
-                    anyhow::bail!(
-                        "--steps {steps}: expected 1 to {t} (the model's number of timesteps)"
-                    );
-                }
-                sampler.steps = steps as usize;
-            }
-            if let Some(eta) = a.eta {
-                sampler.eta = eta;
-            }
+            let sampler = generate::sampler_options(
+                &run.config.sampler,
+                &run.schedule,
+                a.sampler.as_deref(),
+                a.steps,
+                a.eta,
+            )?;
             if a.n < 1 {
                 anyhow::bail!("-n {}: expected at least one image", a.n);
             }
             let args = generate::GenerateArgs {
                 prompt: a.prompt,
+                negative_prompt: a.negative_prompt,
                 class: a.class,
                 cfg: a.cfg,
                 sampler,
                 n: a.n as usize,
                 seed: a.seed,
-                out: a.out.clone(),
+                img2img: img2img::from_flags(
+                    a.img2img.init_image,
+                    a.img2img.strength,
+                    a.img2img.mask,
+                )?,
+                classifier: classifier_stage::from_flags(
+                    a.guidance.classifier,
+                    a.guidance.classifier_scale,
+                )?,
             };
-            let record = generate::generate(&run, &args, &device.device)?;
+            let record = generate::generate(&run, &args, &a.out, &device.device)?;
+            let mut what = match (&record.class, &record.prompt) {
+                (Some(c), _) => format!("class {c}"),
+                (None, Some(p)) if run.text_conditional() => format!("prompt {p:?}"),
+                _ => "unconditional".into(),
+            };
+            if let Some(negative) = &record.negative_prompt {
+                what += &format!(", negative prompt {negative:?}");
+            }
             println!(
-                "wrote {} images, grid.png and generate.json to {} ({}, cfg {}, {} {} steps, seed {})",
+                "wrote {} images, grid.png and generate.json to {} ({what}, cfg {}, {} {} steps, seed {})",
                 record.n,
                 a.out.display(),
-                record
-                    .class
-                    .as_deref()
-                    .map(|c| format!("class {c}"))
-                    .unwrap_or_else(|| "unconditional".into()),
                 record.cfg,
                 record.sampler.kind,
                 record.sampler.steps,
@@ -183,7 +187,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::TrainEvaluator(a) => train_evaluator(a),
+        Command::TrainClassifier(a) => train_classifier(a),
         Command::Eval(a) => eval(a),
+        Command::Plot(a) => {
+            let (path, w, h) = ldm_pipeline::plot::plot_run(&a.run_dir, a.out.as_deref())?;
+            println!("wrote {} ({w}x{h})", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PlotSweep(a) => {
+            let table = ldm_pipeline::plot_sweep::plot_sweep(&a.files, a.x, &a.out)?;
+            print!("{table}");
+            eprintln!("wrote {}", a.out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(a) => {
+            let model = match a.model {
+                Some(m) => m,
+                None => generate::default_model()?,
+            };
+            ldm_pipeline::serve::serve(ldm_pipeline::serve::ServeOptions {
+                model,
+                classifier: a.classifier,
+                host: a.host,
+                port: a.port,
+                queue: a.queue,
+                max_images: a.max_images,
+                max_body: a.max_body,
+                device: a.device.device,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(a) => {
             let device = select(a.device.device)?;
             let overrides = recipe::RunOverrides {
@@ -241,6 +274,54 @@ fn train_evaluator(a: ldm_pipeline::cli::TrainEvaluatorArgs) -> Result<ExitCode>
     }
 }
 
+fn train_classifier(a: ldm_pipeline::cli::TrainClassifierArgs) -> Result<ExitCode> {
+    let device = select(a.device.device)?;
+    let config = builtin::resolve(&a.config)?;
+    let model = match a.model {
+        Some(m) => m,
+        None => generate::default_model()?,
+    };
+    let run = ldm_stage::LdmRun::load(&model, &device.device)?;
+    let overrides = classifier_stage::Overrides {
+        steps: a.train.steps,
+        batch_size: a.train.batch_size,
+        lr: a.train.lr,
+        seed: a.train.seed,
+    };
+    eprintln!(
+        "train-classifier on the latents of {} on {} -> {}",
+        model.display(),
+        device.description,
+        a.out.display()
+    );
+    match classifier_stage::train_classifier(
+        &config,
+        &run,
+        &overrides,
+        &a.out,
+        &device.device,
+        a.train.resume,
+    )? {
+        Some(info) => {
+            let table: Vec<String> = info
+                .held_out_accuracy
+                .iter()
+                .map(|a| format!("t={} {:.1}%", a.t, 100.0 * a.accuracy))
+                .collect();
+            println!(
+                "trained the noisy-latent classifier ({} parameters) for {} steps; held-out accuracy on {} latents: {}; outputs in {} (model.safetensors, classifier.json, metrics.csv)",
+                info.num_params,
+                info.steps,
+                info.held_out_latents,
+                table.join(", "),
+                a.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        None => interrupted(&a.out),
+    }
+}
+
 fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
     let device = select(a.device.device)?;
     let model = match a.model {
@@ -257,6 +338,11 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         sampler.steps = steps;
     }
     sampler.validate(&run.schedule)?;
+    let guide = classifier_stage::from_flags(a.guidance.classifier, a.guidance.classifier_scale)?
+        .map(|c| {
+            classifier_stage::ClassifierRun::load(&c.dir, &device.device).map(|r| (r, c.scale))
+        })
+        .transpose()?;
     let e = evaluator_stage::eval_model(
         &run,
         &evaluator,
@@ -264,6 +350,7 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         a.cfg,
         &sampler,
         a.seed,
+        guide.as_ref().map(|(r, s)| (r, *s)),
         &device.device,
     )?;
     println!(
@@ -274,11 +361,7 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         e.sampler.steps,
         e.per_class
     );
-    println!("{:<16} {:>9}", "class", "accuracy");
-    for (name, acc) in &e.accuracy_per_class {
-        println!("{name:<16} {:>8.1}%", 100.0 * acc);
-    }
-    println!("{:<16} {:>8.1}%", "all", 100.0 * e.accuracy);
+    print!("{}", evaluator_stage::class_table(&e));
     println!(
         "FID {:.3} (real-vs-real floor {:.3}), precision {:.3}, recall {:.3}, {:.1} images/s",
         e.fid, e.fid_floor, e.precision, e.recall, e.images_per_second

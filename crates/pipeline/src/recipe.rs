@@ -136,7 +136,8 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     let labels: Vec<usize> = (0..classes)
         .flat_map(|c| std::iter::repeat_n(c, recipe.grid.per_class))
         .collect();
-    let labels = run.class_conditional().then_some(labels.as_slice());
+    // a text model is prompted with each class name
+    let labels = run.conditional().then_some(labels.as_slice());
     let n = classes * recipe.grid.per_class;
     let seed = run.config.train.seed;
     let images = run.sample_images(

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use ldm_common::rng::{randn, stream};
 use ldm_diffusion::backbone::BackboneModel;
-use ldm_diffusion::denoiser::{Conditioning, Denoiser};
-use ldm_diffusion::guidance::{ClassifierFreeGuidance, ModelDenoiser};
+use ldm_diffusion::denoiser::{Conditioning, Denoiser, TextConditioning};
+use ldm_diffusion::guidance::{ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser};
+use ldm_diffusion::noisy_classifier::NoisyClassifier;
 use ldm_diffusion::parameterization::Parameterization;
 use ldm_diffusion::sampler::{SampleHooks, SamplerOptions, sample};
 use ldm_diffusion::schedule::Schedule;
@@ -51,6 +52,12 @@ pub struct Request<'a> {
     pub labels: Option<&'a [usize]>,
     /// Classes the model knows; the id `num_classes` is its learned null class.
     pub num_classes: usize,
+    /// The class of the unconditional branch of classifier-free guidance (a negative prompt
+    /// naming a class); `None`: the learned null class.
+    pub negative_class: Option<usize>,
+    /// A text model's conditioning: the prompts' encodings and the unconditional branch's
+    /// (the negative or the empty prompt), `n` of each; `labels` is then `None`.
+    pub text: Option<(TextConditioning, TextConditioning)>,
     /// `[channels, side, side]` of a latent.
     pub latent_shape: [usize; 3],
     /// Classifier-free guidance scale; 1 disables it (one forward pass per step).
@@ -66,6 +73,23 @@ fn class_tensor(ids: &[i64], device: &Device) -> Tensor<1, Int> {
     )
 }
 
+/// Classifier guidance (Dhariwal & Nichol 2021): a noisy-latent classifier, the class of each
+/// image, and the scale s in eps - s sqrt(1 - alphabar_t) grad log p(y | z_t).
+#[derive(Clone, Copy)]
+pub struct ClassifierGuide<'a> {
+    pub classifier: &'a NoisyClassifier,
+    pub labels: &'a [usize],
+    pub scale: f64,
+}
+
+/// What may change a plain sampling run: an init latent to start from (image-to-image,
+/// inpainting) and classifier guidance around the (classifier-free guided) model.
+#[derive(Clone, Copy, Default)]
+pub struct SampleExtras<'a> {
+    pub init: Option<&'a crate::img2img::InitLatent>,
+    pub classifier: Option<ClassifierGuide<'a>>,
+}
+
 /// Samples `request.n` latents (in the diffusion model's scaled latent space).
 ///
 /// # Shapes
@@ -78,12 +102,27 @@ pub fn sample_latents(
     device: &Device,
     progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
 ) -> Result<Tensor<4>> {
-    let [c, h, w] = request.latent_shape;
-    let x_t = randn(
-        &mut stream(request.seed, "sample-start", 0),
-        [request.n, c, h, w],
+    sample_latents_with(
+        model,
+        schedule,
+        parameterization,
+        request,
+        SampleExtras::default(),
         device,
-    );
+        progress,
+    )
+}
+
+/// [`sample_latents`] from an init latent and/or with classifier guidance.
+pub fn sample_latents_with(
+    model: &BackboneModel,
+    schedule: &Schedule,
+    parameterization: Parameterization,
+    request: &Request,
+    extras: SampleExtras,
+    device: &Device,
+    progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
+) -> Result<Tensor<4>> {
     let mut hooks = SampleHooks::seeded(request.seed, device.clone());
     if let Some(p) = progress {
         hooks = hooks.with_progress(p);
@@ -95,41 +134,72 @@ pub fn sample_latents(
         cond,
     };
     // The conditional model, and with a scale other than 1 its classifier-free guidance
-    // against the learned null class.
-    let denoiser: Box<dyn Denoiser + '_> = match request.labels {
-        None => Box::new(plain(Conditioning::none())),
-        Some(labels) => {
+    // against the learned null class (or the negative class), or against the empty (or
+    // negative) prompt.
+    let pair = match (request.labels, &request.text) {
+        (Some(labels), _) => {
             let ids: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-            let cond = Conditioning {
-                class: Some(class_tensor(&ids, device)),
+            let null = request.negative_class.unwrap_or(request.num_classes) as i64;
+            let class = |ids: &[i64]| Conditioning {
+                class: Some(class_tensor(ids, device)),
                 text: None,
             };
-            if request.cfg == 1.0 {
-                Box::new(plain(cond))
-            } else {
-                let null = vec![request.num_classes as i64; ids.len()];
-                let uncond = Conditioning {
-                    class: Some(class_tensor(&null, device)),
-                    text: None,
-                };
-                Box::new(ClassifierFreeGuidance::new(
-                    model,
-                    parameterization,
-                    schedule,
-                    &cond,
-                    &uncond,
-                    request.cfg,
-                )?)
+            Some((class(&ids), class(&vec![null; ids.len()])))
+        }
+        (None, Some((cond, uncond))) => {
+            let text = |t: &TextConditioning| Conditioning {
+                class: None,
+                text: Some(t.clone()),
+            };
+            Some((text(cond), text(uncond)))
+        }
+        (None, None) => None,
+    };
+    let denoiser: Box<dyn Denoiser + '_> = match pair {
+        None => Box::new(plain(Conditioning::none())),
+        Some((cond, _)) if request.cfg == 1.0 => Box::new(plain(cond)),
+        Some((cond, uncond)) => Box::new(ClassifierFreeGuidance::new(
+            model,
+            parameterization,
+            schedule,
+            &cond,
+            &uncond,
+            request.cfg,
+        )?),
+    };
+    // Classifier guidance wraps whatever the model answers (cfg 1: the classifier alone).
+    let guided;
+    let denoiser: &dyn Denoiser = match extras.classifier {
+        None => denoiser.as_ref(),
+        Some(g) => {
+            if g.labels.len() != request.n {
+                bail!(
+                    "classifier guidance: {} labels for {} images",
+                    g.labels.len(),
+                    request.n
+                );
             }
+            guided = ClassifierGuidance {
+                inner: denoiser.as_ref(),
+                schedule,
+                grad_log_prob: move |z: Tensor<4>, t: usize| {
+                    g.classifier.grad_log_prob(z, t, g.labels)
+                },
+                scale: g.scale,
+            };
+            &guided
         }
     };
-    let latents = sample(
-        denoiser.as_ref(),
-        schedule,
-        x_t,
-        request.sampler,
-        &mut hooks,
-    )?;
+    if let Some(init) = extras.init {
+        return crate::img2img::sample(denoiser, schedule, init, request, hooks, device);
+    }
+    let [c, h, w] = request.latent_shape;
+    let x_t = randn(
+        &mut stream(request.seed, "sample-start", 0),
+        [request.n, c, h, w],
+        device,
+    );
+    let latents = sample(denoiser, schedule, x_t, request.sampler, &mut hooks)?;
     Ok(latents)
 }
 

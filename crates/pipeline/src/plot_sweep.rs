@@ -1,0 +1,161 @@
+//! `pipeline plot-sweep`: FID and accuracy against the number of sampling steps or the
+//! guidance scale, from the JSON files `pipeline eval --json` wrote for each setting; a PNG
+//! and a Markdown table (stdout), so that a results page can be rebuilt from the files.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::chart::{self, Line, Panel, Scale, Style};
+
+/// The x axis of a sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SweepAxis {
+    /// Denoising steps (log axis); one line per sampler and guidance scale.
+    Steps,
+    /// Classifier-free guidance scale; one line per sampler and step count.
+    Cfg,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct SamplerPart {
+    kind: String,
+    steps: usize,
+}
+
+/// The fields of an `eval.json` a sweep reads.
+#[derive(Debug, Clone, Deserialize)]
+struct EvalPoint {
+    per_class: usize,
+    cfg: f64,
+    sampler: SamplerPart,
+    accuracy: f64,
+    fid: f64,
+    fid_floor: f64,
+    precision: f64,
+    recall: f64,
+    images_per_second: f64,
+}
+
+fn read_point(path: &Path) -> Result<EvalPoint> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not an eval JSON written by `pipeline eval --json` ({e})",
+            path.display()
+        )
+    })
+}
+
+/// Points grouped into lines: the label of the line and its points sorted by x.
+fn group(
+    points: Vec<(PathBuf, EvalPoint)>,
+    axis: SweepAxis,
+) -> BTreeMap<String, Vec<(f64, EvalPoint)>> {
+    let mut lines: BTreeMap<String, Vec<(f64, EvalPoint)>> = BTreeMap::new();
+    for (_, p) in points {
+        let (label, x) = match axis {
+            SweepAxis::Steps => (
+                format!("{} cfg {}", p.sampler.kind, p.cfg),
+                p.sampler.steps as f64,
+            ),
+            SweepAxis::Cfg => (
+                format!("{} {} steps", p.sampler.kind, p.sampler.steps),
+                p.cfg,
+            ),
+        };
+        lines.entry(label).or_default().push((x, p));
+    }
+    for points in lines.values_mut() {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    lines
+}
+
+/// Writes the sweep's PNG to `out` and returns its Markdown table.
+pub fn plot_sweep(files: &[PathBuf], axis: SweepAxis, out: &Path) -> Result<String> {
+    if files.is_empty() {
+        bail!("no eval JSON files given; expected the files `pipeline eval --json FILE` wrote");
+    }
+    let points = files
+        .iter()
+        .map(|f| read_point(f).map(|p| (f.clone(), p)))
+        .collect::<Result<Vec<_>>>()?;
+    let lines = group(points, axis);
+    let x_label = match axis {
+        SweepAxis::Steps => "sampling steps",
+        SweepAxis::Cfg => "guidance scale w",
+    };
+    let x_scale = match axis {
+        SweepAxis::Steps => Scale::Log,
+        SweepAxis::Cfg => Scale::Linear,
+    };
+    let mut fid = Vec::new();
+    let mut acc = Vec::new();
+    for (i, (label, pts)) in lines.iter().enumerate() {
+        let xy = |f: fn(&EvalPoint) -> f64| pts.iter().map(|(x, p)| (*x, f(p))).collect();
+        fid.push(Line {
+            label: Some(label.clone()),
+            points: xy(|p| p.fid),
+            style: Style::Main(i),
+        });
+        // the floors depend on the images per class only: one legend entry for all
+        fid.push(Line {
+            label: (i == 0).then(|| "real-vs-real floor (dashed)".to_string()),
+            points: xy(|p| p.fid_floor),
+            style: Style::Reference,
+        });
+        acc.push(Line {
+            label: Some(label.clone()),
+            points: xy(|p| 100.0 * p.accuracy),
+            style: Style::Main(i),
+        });
+    }
+    let panel = |title: &str, y: &str, scale, lines| Panel {
+        title: title.into(),
+        x_label: x_label.into(),
+        y_label: y.into(),
+        x_scale,
+        scale,
+        lines,
+    };
+    let panels = [
+        panel(&format!("FID vs {x_label}"), "FID", Scale::Log, fid),
+        panel(
+            &format!("conditional accuracy vs {x_label}"),
+            "accuracy (%)",
+            Scale::Linear,
+            acc,
+        ),
+    ];
+    chart::draw_png(&panels, out, &[("Source", "pipeline plot-sweep")])?;
+    Ok(table(&lines))
+}
+
+/// The sweep as a Markdown table, one row per file, grouped by line.
+fn table(lines: &BTreeMap<String, Vec<(f64, EvalPoint)>>) -> String {
+    let mut out = String::from(
+        "| sampler | steps | cfg | images per class | accuracy | FID | FID floor | precision | recall | images/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (_, p) in lines.values().flatten() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1}% | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} |",
+            p.sampler.kind,
+            p.sampler.steps,
+            p.cfg,
+            p.per_class,
+            100.0 * p.accuracy,
+            p.fid,
+            p.fid_floor,
+            p.precision,
+            p.recall,
+            p.images_per_second
+        );
+    }
+    out
+}

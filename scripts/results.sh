@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# Rebuilds docs/RESULTS.md from the measurements that exist, and runs the sweeps behind it.
+#
+#   scripts/results.sh                       assemble docs/RESULTS.md (fast; runs nothing long)
+#   scripts/results.sh sweep-cfg MODEL EVALUATOR NAME
+#       pipeline eval --cfg w for w in $CFGS (default 0 1 2 3 5 8)
+#       -> docs/results/NAME-cfg<w>.json, then assemble
+#   scripts/results.sh sweep-steps MODEL EVALUATOR NAME
+#       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim dpm-solver++
+#       heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5)
+#       -> docs/results/NAME-<s>-steps<n>.json, then assemble
+#
+# Sweeps are long (every point samples N images per class; default N=50): run them on purpose.
+# Environment: PIPELINE (the binary; default target/release/pipeline, else `pipeline` on the PATH),
+# N, CFGS, SAMPLERS, STEPS, CFG, DEVICE (default auto), SEED (default 0), RUNS (the run folders
+# whose curves to draw; default every finished run under runs/).
+#
+# Nothing here makes up a number: the page shows what the JSON files written by `pipeline eval`,
+# `eval-vae`, `eval-ldm` and `train-evaluator` hold, the PNGs `pipeline plot` and
+# `pipeline plot-sweep` draw from them and from runs/*/metrics.csv, and, for each figure, the
+# command, device and date recorded beside it in a `.meta` file (written by the sweeps here;
+# "not recorded" where none exists). A hand-written reading of a table lives in
+# docs/results/KEY.notes.md (KEY: evaluators, vae, ldm, an eval group such as `animals`, or a
+# sweep such as `animals-cfg`) and is copied under it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=docs/results
+PAGE=docs/RESULTS.md
+if [[ -n "${PIPELINE:-}" ]]; then :
+elif [[ -x target/release/pipeline ]]; then PIPELINE=target/release/pipeline
+else PIPELINE=pipeline; fi
+DEVICE=${DEVICE:-auto}
+N=${N:-50}
+SEED=${SEED:-0}
+
+die() { echo "error: $*" >&2; exit 1; }
+
+# One line describing this machine: CPU model and cores, GPUs if any (and the --device asked
+# for, with an argument).
+machine() {
+  local cpu cores gpu
+  cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n1)
+  cores=$(nproc 2>/dev/null || echo '?')
+  gpu=$(nvidia-smi -L 2>/dev/null | sed 's/ (UUID.*//' | paste -sd ';' - || true)
+  echo "${cores} CPU cores (${cpu:-unknown CPU})${gpu:+, GPU: $gpu}${1:+, --device $1}"
+}
+
+# Runs a command that writes JSON file $1 (the command follows), and records how in $1.meta.
+measure() {
+  local json=$1; shift
+  echo "== $*" >&2
+  local start=$SECONDS
+  "$@"
+  printf 'command: %s\ndevice: %s\ndate: %s\nwall: %s s\n' \
+    "${*/#$PIPELINE/pipeline}" "$(machine "$DEVICE")" "$(date -u +%Y-%m-%d)" "$((SECONDS - start))" > "$json.meta"
+}
+
+sweep_cfg() {
+  local model=$1 evaluator=$2 name=$3
+  for w in ${CFGS:-0 1 2 3 5 8}; do
+    measure "$RESULTS/$name-cfg$w.json" "$PIPELINE" eval --model "$model" --evaluator "$evaluator" \
+      -n "$N" --cfg "$w" --seed "$SEED" --device "$DEVICE" --json "$RESULTS/$name-cfg$w.json"
+  done
+}
+
+sweep_steps() {
+  local model=$1 evaluator=$2 name=$3
+  for s in ${SAMPLERS:-ddpm ddim dpm-solver++ heun langevin}; do
+    for n in ${STEPS:-10 20 50 100 250 1000}; do
+      measure "$RESULTS/$name-$s-steps$n.json" "$PIPELINE" eval --model "$model" \
+        --evaluator "$evaluator" -n "$N" --cfg "${CFG:-5}" --sampler "$s" --steps "$n" \
+        --seed "$SEED" --device "$DEVICE" --json "$RESULTS/$name-$s-steps$n.json"
+    done
+  done
+}
+
+# Loss curves of every finished run (a model.safetensors beside its metrics.csv) in runs/X
+# and recipe stages runs/X/Y, or of the folders in $RUNS.
+plot_runs() {
+  mkdir -p "$RESULTS/curves"
+  local csv run name
+  for csv in ${RUNS:+$(printf '%s/metrics.csv ' $RUNS)} ${RUNS:-runs/*/metrics.csv runs/*/*/metrics.csv}; do
+    [[ -f $csv && -f $(dirname "$csv")/model.safetensors ]] || continue
+    run=$(dirname "$csv")
+    name=$(echo "${run#runs/}" | tr '/' '-')
+    "$PIPELINE" plot "$run" --out "$RESULTS/curves/$name.png" >/dev/null
+    printf 'command: pipeline plot %s --out %s\nrun: %s (its settings: %s/config.toml)\ndate: %s\n' \
+      "$run" "$RESULTS/curves/$name.png" "$run" "$run" "$(date -u +%Y-%m-%d)" \
+      > "$RESULTS/curves/$name.png.meta"
+  done
+}
+
+# Sweep plots and tables: NAME-cfg<w>.json groups, and NAME-<sampler>-steps<n>.json groups.
+plot_sweeps() {
+  local tmp=$1 f name
+  declare -A cfg_groups=() step_groups=()
+  for f in "$RESULTS"/*.json; do
+    [[ -f $f ]] || continue
+    name=$(basename "$f" .json)
+    if [[ $name =~ ^(.+)-cfg[0-9.]+$ ]]; then
+      cfg_groups[${BASH_REMATCH[1]}]+="$f "
+    elif [[ $name =~ ^(.+)-(ddpm|ddim|dpm-solver\+\+|heun|langevin)-steps[0-9]+$ ]]; then
+      step_groups[${BASH_REMATCH[1]}]+="$f "
+    fi
+  done
+  mkdir -p "$RESULTS/sweeps"
+  for name in "${!cfg_groups[@]}"; do
+    # shellcheck disable=SC2086
+    "$PIPELINE" plot-sweep --x cfg --out "$RESULTS/sweeps/$name-cfg.png" ${cfg_groups[$name]} \
+      > "$tmp/sweep-cfg-$name.md" 2>/dev/null
+  done
+  for name in "${!step_groups[@]}"; do
+    # shellcheck disable=SC2086
+    "$PIPELINE" plot-sweep --x steps --out "$RESULTS/sweeps/$name-steps.png" ${step_groups[$name]} \
+      > "$tmp/sweep-steps-$name.md" 2>/dev/null
+  done
+}
+
+assemble() {
+  command -v "$PIPELINE" >/dev/null || [[ -x $PIPELINE ]] \
+    || die "$PIPELINE: not found; build it (cargo build --release -p ldm-pipeline) or set PIPELINE"
+  command -v python3 >/dev/null || die "python3 is needed to write the tables"
+  local tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  plot_runs
+  plot_sweeps "$tmp"
+  python3 - "$RESULTS" "$tmp" "$(machine)" > "$PAGE.tmp" <<'PY'
+import glob, json, os, re, sys
+from datetime import datetime, timezone
+
+results, tmp, here = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def meta(path):
+    """The key: value lines recorded beside a file, or {}."""
+    try:
+        with open(path + ".meta") as f:
+            return dict(l.rstrip("\n").split(": ", 1) for l in f if ": " in l)
+    except OSError:
+        return {}
+
+def provenance(path):
+    m = meta(path)
+    if not m:
+        return f"`{path}`: command, device and date not recorded."
+    parts = [f"`{m['command']}`" if "command" in m else None,
+             m.get("device"), m.get("date"),
+             f"{m['wall']} wall" if "wall" in m else None, m.get("note")]
+    return f"`{path}`: " + "; ".join(p for p in parts if p) + "."
+
+def notes(key):
+    """A hand-written reading kept beside the data (docs/results/KEY.notes.md), if any."""
+    try:
+        with open(os.path.join(results, key + ".notes.md")) as f:
+            text = f.read().strip()
+    except OSError:
+        return
+    w(text)
+    w("")
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+def pct(x):
+    return f"{100 * x:.1f}%"
+
+def num(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+files = sorted(glob.glob(os.path.join(results, "*.json")))
+kinds = {"evaluator": [], "vae": [], "ldm": [], "eval": []}
+for f in files:
+    try:
+        j = load(f)
+    except (OSError, ValueError):
+        continue
+    if "held_out_accuracy" in j:
+        kinds["evaluator"].append((f, j))
+    elif "psnr_db" in j:
+        kinds["vae"].append((f, j))
+    elif "vlb_nats_per_dim" in j:
+        kinds["ldm"].append((f, j))
+    elif "fid" in j and "accuracy_per_class" in j:
+        kinds["eval"].append((f, j))
+
+out = []
+w = out.append
+w("# Results")
+w("")
+w(f"Assembled by `scripts/results.sh` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
+  f"(on {here}) from the files in `{results}/` and the run folders present; do not edit by hand. "
+  "Each figure names the file it comes from and the command, device and date recorded with it. "
+  "Sizes are those of the project's CPU budget unless a figure says otherwise.")
+w("")
+
+if kinds["evaluator"]:
+    w("## Evaluation classifiers")
+    w("")
+    w("The CNN whose penultimate features define FID and precision/recall, trained on the real "
+      "training split only (`pipeline train-evaluator`).")
+    w("")
+    w("| file | classes | held-out accuracy | held-out images |")
+    w("|---|---|---|---|")
+    for f, j in kinds["evaluator"]:
+        w(f"| `{os.path.basename(f)}` | {len(j['class_names'])} | **{pct(j['held_out_accuracy'])}** | {j['held_out_images']} |")
+    w("")
+    for f, _ in kinds["evaluator"]:
+        w(f"- {provenance(f)}")
+    w("")
+    notes("evaluators")
+
+if kinds["vae"]:
+    w("## VAE (stage 1): held-out reconstruction")
+    w("")
+    w("| file | images | PSNR | SSIM | KL / latent dim |")
+    w("|---|---|---|---|---|")
+    for f, j in kinds["vae"]:
+        w(f"| `{os.path.basename(f)}` | {j['images']} | {j['psnr_db']:.2f} dB | {j['ssim']:.4f} | {j['kl_per_dim']:.3f} nats |")
+    w("")
+    for f, _ in kinds["vae"]:
+        w(f"- {provenance(f)}")
+    w("")
+    notes("vae")
+
+if kinds["ldm"]:
+    w("## Latent diffusion (stage 2): held-out variational bound")
+    w("")
+    w("| file | latents | loss | bound (nats / latent dim) | prior | diffusion |")
+    w("|---|---|---|---|---|---|")
+    for f, j in kinds["ldm"]:
+        w(f"| `{os.path.basename(f)}` | {j.get('latents', '-')} | {j.get('loss', float('nan')):.5f} | "
+          f"{j['vlb_nats_per_dim']:.4f} | {j.get('prior_nats_per_dim', float('nan')):.4f} | "
+          f"{j.get('diffusion_nats_per_dim', float('nan')):.4f} |")
+    w("")
+    for f, _ in kinds["ldm"]:
+        w(f"- {provenance(f)}")
+    w("")
+    notes("ldm")
+
+def group_of(f):
+    name = os.path.basename(f)[:-5]
+    m = re.match(r"^(.+)-cfg[0-9.]+$", name) or \
+        re.match(r"^(.+)-(ddpm|ddim|dpm-solver\+\+|heun|langevin)-steps[0-9]+$", name)
+    return m.group(1) if m else name
+
+if kinds["eval"]:
+    w("## Generated samples scored by the evaluator (`pipeline eval`)")
+    w("")
+    w("Per-class conditional accuracy (generated images of class c classified as c), FID in the "
+      "evaluator's features against the held-out split with its real-vs-real floor (two disjoint "
+      "halves of held-out images at the same sample size), precision/recall (k-NN manifolds, "
+      "k = 3) and sampling speed.")
+    w("")
+    groups = {}
+    for f, j in kinds["eval"]:
+        groups.setdefault(group_of(f), []).append((f, j))
+    for g, members in sorted(groups.items()):
+        members.sort(key=lambda fj: (fj[1]["sampler"]["kind"], fj[1]["sampler"]["steps"], fj[1]["cfg"]))
+        classes = [c for c, _ in members[0][1]["accuracy_per_class"]]
+        w(f"### {g}")
+        w("")
+        w("| sampler | steps | cfg | n/class | " + " | ".join(classes) + " | all | FID (floor) | precision / recall | images/s |")
+        w("|---" * (len(classes) + 8) + "|")
+        for f, j in members:
+            accs = " | ".join(pct(a) for _, a in j["accuracy_per_class"])
+            w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {j['cfg']:g} | {j['per_class']} | {accs} | "
+              f"**{pct(j['accuracy'])}** | {j['fid']:.2f} ({j['fid_floor']:.2f}) | "
+              f"{j['precision']:.3f} / {j['recall']:.3f} | {j['images_per_second']:.1f} |")
+        w("")
+        with_class_fid = [(f, j) for f, j in members if "fid_per_class" in j]
+        if with_class_fid:
+            r = with_class_fid[0][1]["fid_per_class"]
+            w(f"Per-class FID (floor): `d` in the evaluator's {r['feature_dim']} features, `k` in the top "
+              f"{r['pca_dim']} principal directions of the held-out features (a lower bound of the d figure); "
+              "`-` where the class has too few images for the dimension (FID needs more samples than dimensions).")
+            w("")
+            w("| sampler | steps | cfg | " + " | ".join(classes) + " |")
+            w("|---" * (len(classes) + 3) + "|")
+            for f, j in with_class_fid:
+                cells = []
+                for c in j["fid_per_class"]["classes"]:
+                    d = f"d {num(c['fid'])} ({num(c['fid_floor'])})" if c["fid"] is not None else None
+                    k = f"k {num(c['fid_pca'])} ({num(c['fid_pca_floor'])})" if c["fid_pca"] is not None else None
+                    cells.append("<br>".join(x for x in (d, k) if x) or "-")
+                w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {j['cfg']:g} | " + " | ".join(cells) + " |")
+            w("")
+            reasons = sorted({c["note"] for f, j in with_class_fid for c in j["fid_per_class"]["classes"] if c.get("note")})
+            for n in reasons:
+                w(f"- {n}")
+            if reasons:
+                w("")
+        for f, _ in members:
+            w(f"- {provenance(f)}")
+        w("")
+        notes(g)
+
+sweeps = sorted(glob.glob(os.path.join(tmp, "sweep-*.md")))
+if sweeps:
+    w("## Sweeps")
+    w("")
+    for s in sweeps:
+        kind, name = re.match(r"sweep-(cfg|steps)-(.+)\.md$", os.path.basename(s)).groups()
+        png = f"results/sweeps/{name}-{kind}.png"
+        what = "guidance scale" if kind == "cfg" else "number of sampling steps"
+        w(f"### {name}: FID and accuracy vs {what}")
+        w("")
+        w(f"![{name} {kind} sweep]({png})")
+        w("")
+        with open(s) as fh:
+            w(fh.read().rstrip())
+        w("")
+        w(f"Drawn by `pipeline plot-sweep --x {kind} --out docs/{png} <the JSON files of the {name} rows above>`; "
+          "the dashed lines are the real-vs-real floors.")
+        w("")
+        notes(f"{name}-{kind}")
+
+curves = sorted(glob.glob(os.path.join(results, "curves", "*.png")))
+if curves:
+    w("## Training curves")
+    w("")
+    w("Every numeric column of each run's `metrics.csv` against step (`pipeline plot`): the raw "
+      "values in light blue, an exponential moving average over them (time constant 1/40 of the "
+      "logged rows); loss-like columns on a log axis.")
+    w("")
+    for c in curves:
+        name = os.path.basename(c)[:-4]
+        w(f"### {name}")
+        w("")
+        w(f"![{name}](results/curves/{name}.png)")
+        w("")
+        w(f"- {provenance(c)}")
+        w("")
+
+grids = sorted(p for p in glob.glob(os.path.join(results, "*.png")))
+if grids:
+    w("## Sample grids and other images")
+    w("")
+    for p in grids:
+        name = os.path.basename(p)
+        w(f"![{name}](results/{name})")
+        w("")
+        w(f"- {provenance(p)}")
+        w("")
+
+print("\n".join(out).rstrip() + "\n")
+PY
+  mv "$PAGE.tmp" "$PAGE"
+  echo "wrote $PAGE" >&2
+}
+
+mode=${1:-assemble}
+case "$mode" in
+  assemble) assemble ;;
+  sweep-cfg|sweep-steps)
+    [[ $# -eq 4 ]] || die "usage: scripts/results.sh $mode MODEL EVALUATOR NAME"
+    [[ -d $2 ]] || die "$2: no such model folder (a run of pipeline train-ldm)"
+    [[ -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator)"
+    if [[ $mode == sweep-cfg ]]; then sweep_cfg "$2" "$3" "$4"; else sweep_steps "$2" "$3" "$4"; fi
+    assemble ;;
+  -h|--help) sed -n '2,24p' "$0" ;;
+  *) die "unknown mode '$mode'; expected assemble, sweep-cfg or sweep-steps (see --help)" ;;
+esac
