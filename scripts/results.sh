@@ -176,7 +176,7 @@ for f in files:
         j = load(f)
     except (OSError, ValueError):
         continue
-    if "held_out_accuracy" in j:
+    if isinstance(j.get("held_out_accuracy"), (int, float)):
         kinds["evaluator"].append((f, j))
     elif "psnr_db" in j:
         kinds["vae"].append((f, j))
