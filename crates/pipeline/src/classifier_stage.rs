@@ -279,13 +279,7 @@ fn accuracy_at(
 }
 
 /// Flags of `train-classifier` that override config keys.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub steps: Option<u64>,
-    pub batch_size: Option<usize>,
-    pub lr: Option<f64>,
-    pub seed: Option<u64>,
-}
+pub type Overrides = crate::train::TrainOverrides;
 
 /// `pipeline train-classifier`: trains on the LDM's cached training latents, reports held-out
 /// accuracy at the configured timesteps, and writes the run folder; `None` when Ctrl-C stopped
@@ -299,19 +293,7 @@ pub fn train_classifier(
     resume: bool,
 ) -> Result<Option<ClassifierInfo>> {
     let mut config: ClassifierRunConfig = crate::config::read(config_path)?;
-    let t = &mut config.train;
-    if let Some(v) = overrides.steps {
-        t.steps = v;
-    }
-    if let Some(v) = overrides.batch_size {
-        t.batch_size = v;
-    }
-    if let Some(v) = overrides.lr {
-        t.lr = v;
-    }
-    if let Some(v) = overrides.seed {
-        t.seed = v;
-    }
+    overrides.apply(&mut config.train);
     config.train.validate().map_err(anyhow::Error::msg)?;
     let report_t = config.report.timesteps(run.schedule.num_timesteps())?;
     let [c, s, _] = run.info.latent_shape;

@@ -653,13 +653,7 @@ impl TrainTask for LdmTask {
 }
 
 /// Flags of `train-ldm` that override config keys.
-#[derive(Debug, Clone, Default)]
-pub struct Overrides {
-    pub steps: Option<u64>,
-    pub batch_size: Option<usize>,
-    pub lr: Option<f64>,
-    pub seed: Option<u64>,
-}
+pub type Overrides = crate::train::TrainOverrides;
 
 /// What `train-ldm` reports.
 pub struct LdmSummary {
@@ -679,19 +673,7 @@ pub fn train_ldm(
     resume: bool,
 ) -> Result<Option<LdmSummary>> {
     let mut config: LdmRunConfig = crate::config::read(config_path)?;
-    let t = &mut config.train;
-    if let Some(v) = overrides.steps {
-        t.steps = v;
-    }
-    if let Some(v) = overrides.batch_size {
-        t.batch_size = v;
-    }
-    if let Some(v) = overrides.lr {
-        t.lr = v;
-    }
-    if let Some(v) = overrides.seed {
-        t.seed = v;
-    }
+    overrides.apply(&mut config.train);
     config.validate()?;
     let vae = VaeRun::load(vae_dir, device)?;
     let [c, s, _] = vae.info.latent_shape;

@@ -163,3 +163,31 @@ mod tests {
         );
     }
 }
+
+/// Flags of a training command that override `[train]` keys (`--steps`, `--batch-size`,
+/// `--lr`, `--seed`).
+#[derive(Debug, Clone, Default)]
+pub struct TrainOverrides {
+    pub steps: Option<u64>,
+    pub batch_size: Option<usize>,
+    pub lr: Option<f64>,
+    pub seed: Option<u64>,
+}
+
+impl TrainOverrides {
+    /// Writes every given flag into `train`.
+    pub fn apply(&self, train: &mut TrainConfig) {
+        if let Some(v) = self.steps {
+            train.steps = v;
+        }
+        if let Some(v) = self.batch_size {
+            train.batch_size = v;
+        }
+        if let Some(v) = self.lr {
+            train.lr = v;
+        }
+        if let Some(v) = self.seed {
+            train.seed = v;
+        }
+    }
+}

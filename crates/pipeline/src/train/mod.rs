@@ -5,5 +5,5 @@ pub mod metrics;
 pub mod state;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{TrainConfig, TrainOverrides};
 pub use trainer::{Outcome, TrainTask, train};
