@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
+use futures_util::StreamExt;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -111,7 +112,10 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 /// answers with the images when done, or streams its progress as server-sent events.
 async fn generate(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     match start(&state, body).await {
-        Ok(job) if wants_events(&headers) => events(job.id, job.status.clone(), Some(job)),
+        Ok(job) if wants_events(&headers) => {
+            let accepted = Status::Queued { ahead: job.ahead };
+            events(job.id, job.status.clone(), Some((accepted, job)))
+        }
         Ok(job) => finish(job).await,
         Err(e) => e.into_response(),
     }
@@ -206,11 +210,27 @@ fn event(id: u64, status: &Status) -> Event {
     Event::default().event(name).data(data.to_string())
 }
 
-/// The events of a job until it ends. `hold` keeps the job alive while the stream is read:
-/// the client closing it cancels the job.
-fn events(id: u64, status: watch::Receiver<Status>, hold: Option<JobHandle>) -> Response {
-    let stream = futures_util::stream::unfold(
-        (status, hold, true, false),
+/// The events of a job until it ends. A job's own request passes `submitted`: the status it
+/// was accepted with (so its stream always opens with `queued`, however fast the worker takes
+/// it) and the handle that keeps the job alive while the stream is read (the client closing
+/// it cancels the job). A follower starts from the job's current status.
+fn events(
+    id: u64,
+    status: watch::Receiver<Status>,
+    submitted: Option<(Status, JobHandle)>,
+) -> Response {
+    let (opening, hold) = match submitted {
+        Some((accepted, handle)) => (
+            Some(Ok::<_, std::convert::Infallible>(event(id, &accepted))),
+            Some(handle),
+        ),
+        None => (None, None),
+    };
+    // After the opening event, `changed()` reports every status published since acceptance
+    // (the handle's receiver has seen only the initial one).
+    let first = opening.is_none();
+    let rest = futures_util::stream::unfold(
+        (status, hold, first, false),
         move |(mut status, hold, first, over)| async move {
             if over {
                 return None;
@@ -227,6 +247,7 @@ fn events(id: u64, status: watch::Receiver<Status>, hold: Option<JobHandle>) -> 
             Some((Ok(event(id, &now)), (status, hold, false, over)))
         },
     );
+    let stream = futures_util::stream::iter(opening).chain(rest);
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
         .into_response()

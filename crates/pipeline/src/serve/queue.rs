@@ -86,6 +86,8 @@ pub struct Queue {
 /// A submitted job; dropping it cancels the job if it is still queued or running.
 pub struct JobHandle {
     pub id: u64,
+    /// Jobs ahead of this one when it was accepted (the running one included).
+    pub ahead: usize,
     pub status: watch::Receiver<Status>,
     cancel: Arc<AtomicBool>,
     queue: Arc<Queue>,
@@ -176,6 +178,7 @@ impl Queue {
         );
         let handle = JobHandle {
             id,
+            ahead,
             status: rx,
             cancel: cancel.clone(),
             queue: self.clone(),
