@@ -9,19 +9,27 @@
 #       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim dpm-solver++
 #       heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5)
 #       -> docs/results/NAME-<s>-steps<n>.json, then assemble
+#   scripts/results.sh sweep-ablation VAE EVALUATOR NAME
+#       trains one proxy LDM per variant of $ABL_CONFIG (default configs/ldm-animals.toml) for
+#       $ABL_STEPS steps (default 1000) into runs/ablation/NAME-<variant> (a trained variant is
+#       kept, an interrupted one resumed), variants $ABL_VARIANTS (default all: base x0 v
+#       cosine scaled-linear min-snr unet), then per variant `pipeline eval-ldm`
+#       -> docs/results/NAME-<variant>-bound.json and `pipeline eval --cfg $CFG` (default 5)
+#       -> docs/results/NAME-<variant>.json, each .meta with the training's wall time; assemble
 #
 # Sweeps are long (every point samples N images per class; default N=50): run them on purpose.
 # Environment: PIPELINE (the binary; default target/release/pipeline, else `pipeline` on the PATH),
 # N, CFGS, SAMPLERS, STEPS, CFG, DEVICE (default auto), SEED (default 0), RUNS (the run folders
-# whose curves to draw; default every finished run under runs/).
+# whose curves to draw; default every finished run under runs/), ABL_STEPS, ABL_CONFIG,
+# ABL_VARIANTS.
 #
 # Nothing here makes up a number: the page shows what the JSON files written by `pipeline eval`,
 # `eval-vae`, `eval-ldm` and `train-evaluator` hold, the PNGs `pipeline plot` and
 # `pipeline plot-sweep` draw from them and from runs/*/metrics.csv, and, for each figure, the
 # command, device and date recorded beside it in a `.meta` file (written by the sweeps here;
 # "not recorded" where none exists). A hand-written reading of a table lives in
-# docs/results/KEY.notes.md (KEY: evaluators, vae, ldm, an eval group such as `animals`, or a
-# sweep such as `animals-cfg`) and is copied under it.
+# docs/results/KEY.notes.md (KEY: evaluators, vae, ldm, an eval group such as `animals`, a
+# sweep such as `animals-cfg`, or an ablation such as `animals-ablation`) and is copied under it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +80,75 @@ sweep_steps() {
         --evaluator "$evaluator" -n "$N" --cfg "${CFG:-5}" --sampler "$s" --steps "$n" \
         --seed "$SEED" --device "$DEVICE" --json "$RESULTS/$name-$s-steps$n.json"
     done
+  done
+}
+
+# The variants of sweep-ablation: each changes one thing of the base recipe (epsilon, linear,
+# L_simple, DiT-M/2), through `train-ldm --set`. The U-Net is the ldm-fmnist-unet backbone:
+# 2,799,556 parameters against the DiT-M/2's 2,837,776 on 4x8x8 latents with 10 classes.
+ABLATION_VARIANTS="base x0 v cosine scaled-linear min-snr unet"
+ABLATION_UNET='backbone={kind="unet", base_channels=64, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=4, groups=32}'
+
+# Sets the array SETS to the --set flags of ablation variant $1.
+ablation_sets() {
+  case $1 in
+    base) SETS=() ;;
+    x0) SETS=(--set diffusion.parameterization=x0) ;;
+    v) SETS=(--set diffusion.parameterization=v) ;;
+    cosine) SETS=(--set schedule.kind=cosine) ;;
+    scaled-linear) SETS=(--set schedule.kind=scaled-linear) ;;
+    min-snr) SETS=(--set 'diffusion.loss={kind="min-snr", gamma=5.0}') ;;
+    unet) SETS=(--set "$ABLATION_UNET") ;;
+    *) die "unknown ablation variant '$1'; expected some of: $ABLATION_VARIANTS" ;;
+  esac
+}
+
+sweep_ablation() {
+  local vae=$1 evaluator=$2 name=$3 v dir start resume params a shown
+  local steps=${ABL_STEPS:-1000} config=${ABL_CONFIG:-configs/ldm-animals.toml}
+  local variants=${ABL_VARIANTS:-$ABLATION_VARIANTS} cache=runs/ablation/.latents-$name
+  for v in $variants; do ablation_sets "$v"; done
+  # The training latents, encoded once (a one-step run) and copied to every variant, so that
+  # each variant's wall time is its training alone.
+  if [[ ! -f $cache/latents/train.meta.json ]]; then
+    echo "== encoding the training latents once into $cache" >&2
+    "$PIPELINE" train-ldm --config "$config" --vae "$vae" --out "$cache" --steps 1 \
+      --seed "$SEED" --device "$DEVICE" >&2
+  fi
+  for v in $variants; do
+    ablation_sets "$v"
+    dir=runs/ablation/$name-$v
+    if [[ -f $dir/model.safetensors ]]; then
+      echo "== $dir is trained, kept" >&2
+    else
+      mkdir -p "$dir"
+      [[ -d $dir/latents ]] || cp -a "$cache/latents" "$dir/latents"
+      resume=()
+      [[ -f $dir/checkpoint/state.json ]] && resume=(--resume)
+      echo "== train-ldm $v -> $dir" >&2
+      start=$SECONDS
+      "$PIPELINE" train-ldm --config "$config" --vae "$vae" --out "$dir" --steps "$steps" \
+        --seed "$SEED" --device "$DEVICE" "${SETS[@]}" "${resume[@]}"
+      shown=""
+      for a in "${SETS[@]}"; do [[ $a == --set ]] && shown+=" --set" || shown+=" '$a'"; done
+      params=$(sed -n 's/.*"num_params": *\([0-9]*\).*/\1/p' "$dir/ldm.json")
+      printf 'train_command: %s\ntrain_device: %s\ntrain_date: %s\ntrain_wall: %s s%s\ntrain_steps: %s\nparams: %s\nvariant: %s\n' \
+        "pipeline train-ldm --config $config --vae $vae --out $dir --steps $steps --seed $SEED$shown" \
+        "$(machine "$DEVICE")" "$(date -u +%Y-%m-%d)" "$((SECONDS - start))" \
+        "${resume[*]:+ (resumed: the part after the checkpoint only)}" "$steps" "$params" "$v" \
+        > "$dir/train.meta"
+    fi
+    # an evaluation newer than the model is kept
+    if [[ ! $RESULTS/$name-$v-bound.json.meta -nt $dir/model.safetensors ]]; then
+      measure "$RESULTS/$name-$v-bound.json" "$PIPELINE" eval-ldm --model "$dir" --seed "$SEED" \
+        --device "$DEVICE" --json "$RESULTS/$name-$v-bound.json"
+      cat "$dir/train.meta" >> "$RESULTS/$name-$v-bound.json.meta"
+    fi
+    if [[ ! $RESULTS/$name-$v.json.meta -nt $dir/model.safetensors ]]; then
+      measure "$RESULTS/$name-$v.json" "$PIPELINE" eval --model "$dir" --evaluator "$evaluator" \
+        -n "$N" --cfg "${CFG:-5}" --seed "$SEED" --device "$DEVICE" --json "$RESULTS/$name-$v.json"
+      cat "$dir/train.meta" >> "$RESULTS/$name-$v.json.meta"
+    fi
   done
 }
 
@@ -185,6 +262,38 @@ for f in files:
     elif "fid" in j and "accuracy_per_class" in j:
         kinds["eval"].append((f, j))
 
+# sweep-ablation files (NAME-<variant>.json, NAME-<variant>-bound.json, each with the variant in
+# its .meta) get their own table instead of the eval and bound tables.
+ABLATION = ["base", "x0", "v", "cosine", "scaled-linear", "min-snr", "unet"]
+ABL_RE = re.compile(r"^(.+)-(" + "|".join(map(re.escape, ABLATION)) + r")(-bound)?$")
+CHANGES = {
+    "base": "nothing: the training command's config as it is",
+    "x0": "predicts x0 (`diffusion.parameterization = \"sample\"`)",
+    "v": "predicts v (`diffusion.parameterization = \"v\"`)",
+    "cosine": "cosine schedule",
+    "scaled-linear": "scaled-linear schedule",
+    "min-snr": "min-SNR-gamma loss weighting, gamma 5",
+    "unet": "U-Net (64 channels, mult [1, 2], 1 block per level, attention at 4x4) for the DiT",
+}
+
+def ablation_of(f):
+    """(NAME, variant, is_bound) of a sweep-ablation file, or None."""
+    m = ABL_RE.match(os.path.basename(f)[:-5])
+    if m and meta(f).get("variant") == m.group(2):
+        return m.group(1), m.group(2), bool(m.group(3))
+    return None
+
+ablations = {}
+for kind, bound in (("eval", False), ("ldm", True)):
+    keep = []
+    for f, j in kinds[kind]:
+        a = ablation_of(f)
+        if a and a[2] == bound:
+            ablations.setdefault(a[0], {}).setdefault(a[1], {})["bound" if bound else "eval"] = (f, j)
+        else:
+            keep.append((f, j))
+    kinds[kind] = keep
+
 out = []
 w = out.append
 w("# Results")
@@ -296,6 +405,58 @@ if kinds["eval"]:
         w("")
         notes(g)
 
+if ablations:
+    w("## Ablations: parameterization, schedule, loss weighting, backbone")
+    w("")
+    w("Proxy runs of `scripts/results.sh sweep-ablation`: each variant changes one thing of the "
+      "base config (by default `configs/ldm-animals.toml`: epsilon prediction, linear schedule, "
+      "L_simple, DiT-M/2; each training command below names its config) with `train-ldm --set` "
+      "and is trained for the same number of steps on the same "
+      "VAE latents, seed and data order, then scored by `pipeline eval` (conditional accuracy, FID "
+      "with its real-vs-real floor, precision/recall) and `pipeline eval-ldm` (held-out variational "
+      "bound, 4 timesteps per latent). The held-out loss is each run's own training objective: "
+      "those of different parameterizations and weightings measure different things and are not "
+      "comparable with each other; the bound is.")
+    w("")
+    for name, variants in sorted(ablations.items()):
+        w(f"### {name}: ablations")
+        w("")
+        w("| variant | what changed | parameters | training | cfg, n/class | accuracy | FID (floor) | precision | recall | held-out loss | bound (nats / latent dim) |")
+        w("|---" * 11 + "|")
+        for v in ABLATION:
+            if v not in variants:
+                continue
+            e, b = variants[v].get("eval"), variants[v].get("bound")
+            m = meta((e or b)[0])
+            params = m.get("params", "")
+            params = f"{int(params):,}" if params.isdigit() else "-"
+            train = f"{m['train_steps']} steps, {m['train_wall']}" if "train_wall" in m else "-"
+            row = [v, CHANGES[v], params, train]
+            if e:
+                j = e[1]
+                row += [f"{j['cfg']:g}, {j['per_class']}", f"**{pct(j['accuracy'])}**",
+                        f"{j['fid']:.2f} ({j['fid_floor']:.2f})", f"{j['precision']:.3f}", f"{j['recall']:.3f}"]
+            else:
+                row += ["-"] * 5
+            if b:
+                j = b[1]
+                row += [f"{j['loss']:.5f}" if "loss" in j else "-", f"{j['vlb_nats_per_dim']:.4f}"]
+            else:
+                row += ["-", "-"]
+            w("| " + " | ".join(row) + " |")
+        w("")
+        for v in ABLATION:
+            for key in ("eval", "bound"):
+                if key in variants.get(v, {}):
+                    w(f"- {provenance(variants[v][key][0])}")
+            first = next(iter(variants.get(v, {}).values()), None)
+            m = meta(first[0]) if first else {}
+            if "train_command" in m:
+                w(f"- training of `{v}`: `{m['train_command']}`; {m.get('train_device', '?')}; "
+                  f"{m.get('train_date', '?')}; {m['train_wall']} wall.")
+        w("")
+        notes(f"{name}-ablation")
+
 sweeps = sorted(glob.glob(os.path.join(tmp, "sweep-*.md")))
 if sweeps:
     w("## Sweeps")
@@ -359,6 +520,13 @@ case "$mode" in
     [[ -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator)"
     if [[ $mode == sweep-cfg ]]; then sweep_cfg "$2" "$3" "$4"; else sweep_steps "$2" "$3" "$4"; fi
     assemble ;;
-  -h|--help) sed -n '2,24p' "$0" ;;
-  *) die "unknown mode '$mode'; expected assemble, sweep-cfg or sweep-steps (see --help)" ;;
+  sweep-ablation)
+    [[ $# -eq 4 ]] || die "usage: scripts/results.sh $mode VAE EVALUATOR NAME"
+    [[ -f $2/vae.json ]] || die "$2: not a trained VAE folder (make one with pipeline train-vae)"
+    [[ -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator)"
+    [[ $4 =~ ^[A-Za-z0-9_.-]+$ ]] || die "NAME '$4': expected letters, digits, '.', '_' or '-'"
+    sweep_ablation "$2" "$3" "$4"
+    assemble ;;
+  -h|--help) sed -n '2,32p' "$0" ;;
+  *) die "unknown mode '$mode'; expected assemble, sweep-cfg, sweep-steps or sweep-ablation (see --help)" ;;
 esac

@@ -13,18 +13,25 @@ use crate::schedule::Schedule;
 
 /// How the per-sample squared errors are weighted. TOML: `{ kind = "simple" }` or
 /// `{ kind = "min-snr", gamma = 5.0 }`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum LossWeighting {
-    /// Unweighted MSE on the parameterization's target (Ho et al. 2020, eq. 14).
-    #[default]
-    Simple,
+    /// Unweighted MSE on the parameterization's target (Ho et al. 2020, eq. 14). A struct
+    /// variant (no fields) so that `deny_unknown_fields` refuses `{ kind = "simple", gamma = 5 }`
+    /// instead of dropping `gamma` silently.
+    Simple {},
     /// Min-SNR-gamma: the x0-space weight min(SNR(t), gamma), expressed in the target's space
     /// (Hang et al. 2023).
     MinSnr {
         #[serde(default = "default_gamma")]
         gamma: f64,
     },
+}
+
+impl Default for LossWeighting {
+    fn default() -> Self {
+        Self::Simple {}
+    }
 }
 
 fn default_gamma() -> f64 {
@@ -299,7 +306,7 @@ mod tests {
                 m / (snr + 1.0)
             ));
             assert_eq!(
-                LossWeighting::Simple.weight(&s, Parameterization::Velocity, t),
+                LossWeighting::Simple {}.weight(&s, Parameterization::Velocity, t),
                 1.0
             );
         }
@@ -340,8 +347,11 @@ mod tests {
         let read = |s: &str| parse_toml::<C>(s).map(|c| c.loss);
         assert_eq!(
             read("loss = { kind = \"simple\" }").unwrap(),
-            LossWeighting::Simple
+            LossWeighting::Simple {}
         );
+        // a key that only min-snr has is refused, not dropped
+        let e = read("loss = { kind = \"simple\", gamma = 5.0 }").unwrap_err();
+        assert!(e.contains("gamma"), "{e}");
         assert_eq!(
             read("loss = { kind = \"min-snr\", gamma = 3.0 }").unwrap(),
             LossWeighting::MinSnr { gamma: 3.0 }

@@ -292,7 +292,7 @@ pub fn train_classifier(
     device: &Device,
     resume: bool,
 ) -> Result<Option<ClassifierInfo>> {
-    let mut config: ClassifierRunConfig = crate::config::read(config_path)?;
+    let mut config: ClassifierRunConfig = crate::overrides::read(config_path, &overrides.sets)?;
     overrides.apply(&mut config.train);
     config.train.validate().map_err(anyhow::Error::msg)?;
     let report_t = config.report.timesteps(run.schedule.num_timesteps())?;
@@ -307,6 +307,7 @@ pub fn train_classifier(
         );
     }
     ensure_writable_dir(out)?;
+    crate::resume_check::check(out, &config, resume)?;
     crate::run_dir::write_config(out, &config)?;
     let cache = |split: &str, images| {
         latents::load_or_encode(

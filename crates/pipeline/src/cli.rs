@@ -48,6 +48,45 @@ pub enum Command {
     PlotSweep(PlotSweepArgs),
     /// A local web page and JSON API for generating: the model stays loaded, one job runs at a time.
     Serve(ServeArgs),
+    /// Time the VAE and LDM training steps and DDIM sampling on a device, with random weights
+    /// and data (the PyTorch twin in scripts/bench/ builds the same networks).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// A recipe file (pipelines/*.toml) or a built-in recipe name (animals, fashion-mnist): the
+    /// VAE config, the LDM config (latent shape, sampled backbone) and the grid's cfg.
+    #[arg(long, default_value = "animals")]
+    pub config: String,
+    /// LDM config of the U-Net row (default: the recipe's LDM if a U-Net, else ldm-fmnist-unet).
+    #[arg(long)]
+    pub unet: Option<String>,
+    /// LDM config of the DiT row (default: the recipe's LDM if a DiT, else ldm-animals).
+    #[arg(long)]
+    pub dit: Option<String>,
+    /// Batch of every row (default: each config's train.batch_size).
+    #[arg(long, value_parser = positive_usize, allow_negative_numbers = true)]
+    pub batch_size: Option<usize>,
+    /// Timed training steps per row.
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true)]
+    pub iters: i64,
+    /// Untimed training steps before them (and one untimed sampling run if > 0).
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+    pub warmup: i64,
+    /// Timed sampling runs (DDIM 50 of one batch, then the VAE decode).
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
+    pub sample_runs: i64,
+    /// Classes of a class-conditional LDM (no data set is read).
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
+    pub classes: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the rows and every resolved setting (the twin's input) as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceFlag,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +128,12 @@ pub struct TrainEvaluatorArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value = "runs/evaluator-animals")]
     pub out: PathBuf,
+    /// Override a config key: a dotted TOML path and a TOML value (a bare word is a string),
+    /// e.g. `--set diffusion.parameterization=v`, `--set 'diffusion.loss={kind="min-snr"}'`.
+    /// Repeatable, applied in order before the other flags; an inline table replaces the
+    /// whole table.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Continue from `<out>/checkpoint`.
     #[arg(long)]
     pub resume: bool,
@@ -207,6 +252,10 @@ pub struct TrainLdmArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
+    /// Data-parallel training: a comma-separated list of devices of one kind (`cpu,cpu`,
+    /// `cuda:0,cuda:1`), each taking an equal share of every batch (overrides `train.devices`).
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub devices: Option<String>,
     #[command(flatten)]
     pub device: DeviceFlag,
 }
@@ -295,6 +344,10 @@ pub struct RunArgs {
     /// Output folder (overrides the recipe's `out`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Override a key of a stage's config: `vae.` or `ldm.` and the key, e.g.
+    /// `--set ldm.schedule.kind=cosine` (see `train-ldm --help`). Repeatable.
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+    pub set: Vec<String>,
     #[command(flatten)]
     pub device: DeviceFlag,
 }
@@ -314,6 +367,12 @@ pub struct TrainFlags {
     /// Seed of every random choice (overrides `train.seed`).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Override a config key: a dotted TOML path and a TOML value (a bare word is a string),
+    /// e.g. `--set diffusion.parameterization=v`, `--set 'diffusion.loss={kind="min-snr"}'`.
+    /// Repeatable, applied in order before the other flags; an inline table replaces the
+    /// whole table.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Continue from `<out>/checkpoint` with the same optimizer state and data order.
     #[arg(long)]
     pub resume: bool,
@@ -332,6 +391,10 @@ pub struct TrainVaeArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
+    /// Data-parallel training: a comma-separated list of devices of one kind (`cpu,cpu`,
+    /// `cuda:0,cuda:1`), each taking an equal share of every batch (overrides `train.devices`).
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub devices: Option<String>,
     #[command(flatten)]
     pub device: DeviceFlag,
 }

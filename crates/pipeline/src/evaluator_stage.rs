@@ -121,28 +121,42 @@ fn predict(model: &Evaluator, images: Tensor<4>) -> Vec<usize> {
 
 /// Held-out accuracy of an evaluator.
 fn held_out_accuracy(model: &Evaluator, held_out: &ImageSet, device: &Device) -> f64 {
+    let (correct, total) = held_out_counts(model, held_out, 0, device);
+    correct.iter().sum::<usize>() as f64 / total.iter().sum::<usize>().max(1) as f64
+}
+
+/// Correct predictions and images of each class (at least `classes` entries) over the held-out
+/// split.
+fn held_out_counts(
+    model: &Evaluator,
+    held_out: &ImageSet,
+    classes: usize,
+    device: &Device,
+) -> (Vec<usize>, Vec<usize>) {
+    let classes = classes.max(held_out.labels.iter().max().map_or(0, |m| m + 1));
+    let (mut correct, mut total) = (vec![0usize; classes], vec![0usize; classes]);
     let indices: Vec<usize> = (0..held_out.labels.len()).collect();
-    let mut correct = 0usize;
     for chunk in indices.chunks(500) {
         let predicted = predict(model, held_out.batch(chunk, device));
-        correct += chunk
-            .iter()
-            .zip(predicted)
-            .filter(|(i, p)| held_out.labels[**i] == *p)
-            .count();
+        for (i, p) in chunk.iter().zip(predicted) {
+            let label = held_out.labels[*i];
+            total[label] += 1;
+            correct[label] += usize::from(label == p);
+        }
     }
-    correct as f64 / held_out.labels.len().max(1) as f64
+    (correct, total)
 }
 
 /// `pipeline train-evaluator`; returns the held-out accuracy, or `None` if interrupted.
 pub fn train_evaluator(
     config_path: &Path,
+    sets: &[String],
     data_dir: Option<&Path>,
     out: &Path,
     device: &Device,
     resume: bool,
 ) -> Result<Option<EvaluatorInfo>> {
-    let mut config: EvaluatorRunConfig = crate::config::read(config_path)?;
+    let mut config: EvaluatorRunConfig = crate::overrides::read(config_path, sets)?;
     if let Some(dir) = data_dir {
         config.data.dir = Some(dir.to_path_buf());
     }
@@ -153,6 +167,7 @@ pub fn train_evaluator(
         .evaluator
         .validate(config.data.channels, num_classes)?;
     ensure_writable_dir(out)?;
+    crate::resume_check::check(out, &config, resume)?;
     crate::run_dir::write_config(out, &config)?;
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
@@ -201,6 +216,9 @@ pub struct ModelEval {
     pub sampler: SamplerOptions,
     /// Fraction of generated images of each class classified as that class.
     pub accuracy_per_class: Vec<(String, f64)>,
+    /// The same for the held-out real images of each class: how well the evaluator tells
+    /// that class at all, the reference for the generated figure.
+    pub real_accuracy_per_class: Vec<(String, f64)>,
     pub accuracy: f64,
     /// FID in the evaluator's penultimate features, generated vs held-out real.
     pub fid: f64,
@@ -350,12 +368,21 @@ pub fn eval_model(
         .zip(&correct)
         .map(|(name, &c)| (name.clone(), c as f64 / per_class as f64))
         .collect();
+    let (real_correct, real_total) = held_out_counts(&evaluator.model, &held_out, classes, device);
+    let real_accuracy_per_class = run
+        .info
+        .class_names
+        .iter()
+        .zip(real_correct.iter().zip(&real_total))
+        .map(|(name, (&c, &t))| (name.clone(), c as f64 / t.max(1) as f64))
+        .collect();
     Ok(ModelEval {
         per_class,
         cfg,
         sampler: sampler.clone(),
         accuracy: correct.iter().sum::<usize>() as f64 / labels.len() as f64,
         accuracy_per_class,
+        real_accuracy_per_class,
         fid,
         fid_floor,
         precision: pr.precision,
@@ -384,15 +411,21 @@ pub fn class_table(e: &ModelEval) -> String {
     let pca = format!("FID k={} (floor)", r.pca_dim);
     let _ = writeln!(
         out,
-        "{:<16} {:>9}  {full:>20}  {pca:>20}",
-        "class", "accuracy"
+        "{:<16} {:>9} {:>9}  {full:>20}  {pca:>20}",
+        "class", "accuracy", "(real)"
     );
     let mut reasons: Vec<(String, Vec<&str>)> = Vec::new();
-    for ((name, acc), c) in e.accuracy_per_class.iter().zip(&r.classes) {
+    for (((name, acc), (_, real)), c) in e
+        .accuracy_per_class
+        .iter()
+        .zip(&e.real_accuracy_per_class)
+        .zip(&r.classes)
+    {
         let _ = writeln!(
             out,
-            "{name:<16} {:>8.1}%  {:>20}  {:>20}",
+            "{name:<16} {:>8.1}% {:>8.1}%  {:>20}  {:>20}",
             100.0 * acc,
+            100.0 * real,
             cell(c.fid, c.fid_floor),
             cell(c.fid_pca, c.fid_pca_floor)
         );
@@ -404,6 +437,10 @@ pub fn class_table(e: &ModelEval) -> String {
         }
     }
     let _ = writeln!(out, "{:<16} {:>8.1}%", "all", 100.0 * e.accuracy);
+    let _ = writeln!(
+        out,
+        "(real): the evaluator's accuracy on the held-out real images of the class"
+    );
     if let Some(v) = r.pca_explained_variance {
         let _ = writeln!(
             out,

@@ -6,6 +6,7 @@
 //! `tokenizer.json` (a text-conditioned model's tokenizer), `metrics.csv`,
 //! `samples/step-*.png`, `latents/` (the cache) and `checkpoint/`.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -31,7 +32,8 @@ use rand::RngExt;
 use crate::latents::{self, LatentSet, LatentSource};
 use crate::sampling::{self, GuidanceConfig};
 use crate::text::{self, Captions, PromptTokenizer, TextSettings};
-use crate::train::{self, Outcome, TrainConfig, TrainTask};
+use crate::train::parallel::take_rows;
+use crate::train::{self, Outcome, ShardedTask, TrainConfig, TrainTask};
 use crate::vae_stage::VaeRun;
 use crate::{ema, run_dir};
 use ldm_diffusion::sampler::SamplerOptions;
@@ -476,6 +478,54 @@ fn load_tokenizer(dir: &Path, config: &LdmRunConfig, info: &LdmInfo) -> Result<P
     PromptTokenizer::load(&path, config.text.max_tokens)
 }
 
+impl ShardedTask for LdmTask {
+    fn batch_indices(&mut self, step: u64) -> Vec<usize> {
+        self.order.batch(step)
+    }
+
+    fn forward_rows(
+        &self,
+        model: &LdmModel,
+        step: u64,
+        indices: &[usize],
+        rows: Range<usize>,
+        device: &Device,
+    ) -> (Tensor<1>, Vec<Tensor<1>>) {
+        let b = indices.len();
+        let z0 = self.latents.batch(&indices[rows.clone()], device);
+        let mut rng = stream(self.seed, "ldm-t", step);
+        let t: Vec<usize> = (0..b)
+            .map(|_| rng.random_range(0..self.schedule.num_timesteps()))
+            .collect();
+        let t = t[rows.clone()].to_vec();
+        let [_, c, h, w] = z0.dims();
+        let eps = randn(
+            &mut stream(self.seed, "ldm-eps", step),
+            [b, c, h, w],
+            device,
+        );
+        let eps = take_rows(eps, &rows);
+        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
+        let t_float = Tensor::<1>::from_data(
+            TensorData::new(
+                t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                Shape::new([t.len()]),
+            ),
+            device,
+        );
+        let cond = Conditioning {
+            class: self.labels(indices, &rows, step, device),
+            text: self.text(model, indices, &rows, step, device),
+        };
+        let output = model.forward(z_t, t_float, &cond);
+        let p = self.settings.parameterization;
+        let target = p.target(&self.schedule, z0, eps, &t);
+        let weights = self.settings.loss.weights(&self.schedule, p, &t, device);
+        let loss = diffusion_loss(output, target, weights);
+        (loss.clone(), vec![loss])
+    }
+}
+
 struct LdmTask {
     latents: LatentSet,
     order: BatchOrder,
@@ -497,8 +547,15 @@ struct LdmTask {
 }
 
 impl LdmTask {
-    /// Labels of a batch with a fraction `p_uncond` replaced by the null class.
-    fn labels(&self, indices: &[usize], step: u64) -> Option<Tensor<1, Int>> {
+    /// Labels of rows `rows` of a batch, a fraction `p_uncond` of the batch replaced by the
+    /// null class.
+    fn labels(
+        &self,
+        indices: &[usize],
+        rows: &Range<usize>,
+        step: u64,
+        device: &Device,
+    ) -> Option<Tensor<1, Int>> {
         let num_classes = self.spec.num_classes?;
         let mut rng = stream(self.seed, "ldm-cfg-drop", step);
         let labels: Vec<i64> = indices
@@ -511,19 +568,22 @@ impl LdmTask {
                 }
             })
             .collect();
+        let labels = labels[rows.clone()].to_vec();
         Some(Tensor::from_data(
-            TensorData::new(labels, Shape::new([indices.len()])),
-            &self.device,
+            TensorData::new(labels, Shape::new([rows.len()])),
+            device,
         ))
     }
 
-    /// A text model's conditioning of a batch: tau_theta of the captions drawn for it (the
-    /// empty prompt with probability `p_uncond`).
+    /// A text model's conditioning of rows `rows` of a batch: tau_theta of the captions drawn
+    /// for the batch (the empty prompt with probability `p_uncond`).
     fn text(
         &self,
         model: &LdmModel,
         indices: &[usize],
+        rows: &Range<usize>,
         step: u64,
+        device: &Device,
     ) -> Option<ldm_diffusion::denoiser::TextConditioning> {
         let captions = self.captions.as_ref()?;
         let batch = captions.draw(
@@ -533,7 +593,7 @@ impl LdmTask {
             self.seed,
             step,
         );
-        Some(text::encode_batch(model, &batch, &self.device))
+        Some(text::encode_batch(model, &batch[rows.clone()], device))
     }
 }
 
@@ -546,38 +606,8 @@ impl TrainTask for LdmTask {
 
     fn forward(&mut self, model: &LdmModel, step: u64) -> (Tensor<1>, Vec<Tensor<1>>) {
         let indices = self.order.batch(step);
-        let b = indices.len();
-        let z0 = self.latents.batch(&indices, &self.device);
-        let mut rng = stream(self.seed, "ldm-t", step);
-        let t: Vec<usize> = (0..b)
-            .map(|_| rng.random_range(0..self.schedule.num_timesteps()))
-            .collect();
-        let eps = randn(
-            &mut stream(self.seed, "ldm-eps", step),
-            z0.dims(),
-            &self.device,
-        );
-        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
-        let t_float = Tensor::<1>::from_data(
-            TensorData::new(
-                t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                Shape::new([b]),
-            ),
-            &self.device,
-        );
-        let cond = Conditioning {
-            class: self.labels(&indices, step),
-            text: self.text(model, &indices, step),
-        };
-        let output = model.forward(z_t, t_float, &cond);
-        let p = self.settings.parameterization;
-        let target = p.target(&self.schedule, z0, eps, &t);
-        let weights = self
-            .settings
-            .loss
-            .weights(&self.schedule, p, &t, &self.device);
-        let loss = diffusion_loss(output, target, weights);
-        (loss.clone(), vec![loss])
+        let device = self.device.clone();
+        self.forward_rows(model, step, &indices, 0..indices.len(), &device)
     }
 
     fn after_update(&mut self, model: &LdmModel, step: u64) {
@@ -672,15 +702,27 @@ pub fn train_ldm(
     device: &Device,
     resume: bool,
 ) -> Result<Option<LdmSummary>> {
-    let mut config: LdmRunConfig = crate::config::read(config_path)?;
+    let mut config: LdmRunConfig = crate::overrides::read(config_path, &overrides.sets)?;
     overrides.apply(&mut config.train);
     config.validate()?;
+    let device = &train::parallel::main_device(&config.train, device)?;
+    if config.train.devices.len() > 1
+        && let BackboneConfig::UNet(unet) = &config.backbone
+        && unet.dropout > 0.0
+    {
+        bail!(
+            "backbone.dropout = {} with --devices {}: dropout masks come from each device's own generator, not from --seed, so several devices cannot reproduce one-device training; set backbone.dropout = 0 or train on one device",
+            unet.dropout,
+            config.train.devices.join(",")
+        );
+    }
     let vae = VaeRun::load(vae_dir, device)?;
     let [c, s, _] = vae.info.latent_shape;
     let class_names = vae.info.class_names.clone();
     let spec = conditioning_spec(&config, class_names.len());
     config.backbone.validate(c, s, &spec)?;
     ensure_writable_dir(out)?;
+    crate::resume_check::check(out, &config, resume)?;
     run_dir::write_config(out, &config)?;
 
     let Splits { train, .. } = data::load(&vae.config.data)?;
@@ -743,7 +785,7 @@ pub fn train_ldm(
     if let Some(t) = &tokenizer {
         architecture += &format!(" text={:?} vocab={}", config.text, t.vocab_size());
     }
-    match train::train(&mut task, model, &config.train, architecture, out, resume)? {
+    match train::train_sharded(&mut task, model, &config.train, architecture, out, resume)? {
         Outcome::Finished(_) => {}
         Outcome::Interrupted(_) => return Ok(None),
     }

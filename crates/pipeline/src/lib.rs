@@ -1,5 +1,6 @@
 //! Stage 3 and the `pipeline` command: wiring data, the VAE and the diffusion model together.
 
+pub mod bench;
 pub mod builtin;
 pub mod chart;
 pub mod classifier_stage;
@@ -12,10 +13,12 @@ pub mod img2img;
 pub mod interrupt;
 pub mod latents;
 pub mod ldm_stage;
+pub mod overrides;
 pub mod plot;
 pub mod plot_sweep;
 pub mod progress;
 pub mod recipe;
+pub mod resume_check;
 pub mod run_dir;
 pub mod sampling;
 pub mod serve;

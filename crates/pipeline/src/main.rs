@@ -7,6 +7,7 @@ use clap::Parser;
 
 use ldm_common::device::select;
 use ldm_pipeline::cli::{Cli, Command};
+use ldm_pipeline::train::parallel::split_list;
 use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
 use ldm_pipeline::{classifier_stage, img2img};
 
@@ -22,6 +23,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// What a training command runs on: the `--devices` list when given, else the one device.
+fn on_devices(devices: Option<&str>, device: &str) -> String {
+    match devices {
+        Some(list) => format!("{list} (data-parallel)"),
+        None => device.to_string(),
+    }
+}
+
 /// Exit code of a run stopped by Ctrl-C after saving its state (128 + SIGINT).
 const INTERRUPTED: u8 = 130;
 
@@ -31,13 +40,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let device = select(a.device.device)?;
             let config = builtin::resolve(&a.config)?;
             let overrides = vae_stage::Overrides {
+                devices: a.devices.as_deref().map(split_list),
+                sets: a.train.set,
                 data: a.data,
                 steps: a.train.steps,
                 batch_size: a.train.batch_size,
                 lr: a.train.lr,
                 seed: a.train.seed,
             };
-            eprintln!("train-vae on {} -> {}", device.description, a.out.display());
+            eprintln!(
+                "train-vae on {} -> {}",
+                on_devices(a.devices.as_deref(), &device.description),
+                a.out.display()
+            );
             match vae_stage::train_vae(&config, &overrides, &a.out, &device.device, a.train.resume)?
             {
                 Some(s) => {
@@ -79,12 +94,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let device = select(a.device.device)?;
             let config = builtin::resolve(&a.config)?;
             let overrides = ldm_stage::Overrides {
+                devices: a.devices.as_deref().map(split_list),
+                sets: a.train.set,
                 steps: a.train.steps,
                 batch_size: a.train.batch_size,
                 lr: a.train.lr,
                 seed: a.train.seed,
             };
-            eprintln!("train-ldm on {} -> {}", device.description, a.out.display());
+            eprintln!(
+                "train-ldm on {} -> {}",
+                on_devices(a.devices.as_deref(), &device.description),
+                a.out.display()
+            );
             match ldm_stage::train_ldm(
                 &config,
                 &a.vae,
@@ -217,9 +238,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(a) => ldm_pipeline::bench::run_cli(a),
         Command::Run(a) => {
             let device = select(a.device.device)?;
             let overrides = recipe::RunOverrides {
+                sets: a.set,
                 vae_steps: a.vae_steps,
                 ldm_steps: a.ldm_steps,
                 out: a.out,
@@ -256,6 +279,7 @@ fn train_evaluator(a: ldm_pipeline::cli::TrainEvaluatorArgs) -> Result<ExitCode>
     );
     match evaluator_stage::train_evaluator(
         &config,
+        &a.set,
         a.data.as_deref(),
         &a.out,
         &device.device,
@@ -283,6 +307,8 @@ fn train_classifier(a: ldm_pipeline::cli::TrainClassifierArgs) -> Result<ExitCod
     };
     let run = ldm_stage::LdmRun::load(&model, &device.device)?;
     let overrides = classifier_stage::Overrides {
+        devices: None,
+        sets: a.train.set,
         steps: a.train.steps,
         batch_size: a.train.batch_size,
         lr: a.train.lr,

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use burn::tensor::Device;
 use serde::Deserialize;
 
-use crate::{builtin, ldm_stage, vae_stage};
+use crate::{builtin, ldm_stage, overrides, resume_check, vae_stage};
 
 /// A recipe file.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +52,8 @@ impl Default for GridSettings {
 /// Overrides from the command line.
 #[derive(Debug, Clone, Default)]
 pub struct RunOverrides {
+    /// `--set vae.KEY=VALUE` / `--set ldm.KEY=VALUE`: a key of one stage's config.
+    pub sets: Vec<String>,
     pub vae_steps: Option<u64>,
     pub ldm_steps: Option<u64>,
     pub out: Option<PathBuf>,
@@ -62,6 +64,24 @@ pub struct RunSummary {
     pub vae: PathBuf,
     pub ldm: PathBuf,
     pub grid: PathBuf,
+}
+
+/// Splits `--set STAGE.KEY=VALUE` flags into the VAE's and the LDM's `KEY=VALUE` settings.
+fn stage_sets(sets: &[String]) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut vae, mut ldm) = (Vec::new(), Vec::new());
+    for s in sets {
+        let s = s.trim_start();
+        if let Some(rest) = s.strip_prefix("vae.") {
+            vae.push(rest.to_string());
+        } else if let Some(rest) = s.strip_prefix("ldm.") {
+            ldm.push(rest.to_string());
+        } else {
+            bail!(
+                "--set {s}: expected a key starting with vae. or ldm. (the stage whose config it changes), e.g. --set ldm.schedule.kind=cosine"
+            );
+        }
+    }
+    Ok((vae, ldm))
 }
 
 /// Whether a stage has a checkpoint to resume.
@@ -75,6 +95,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     if recipe.grid.per_class == 0 {
         bail!("grid.per_class = 0: expected at least 1");
     }
+    let (vae_sets, ldm_sets) = stage_sets(&o.sets)?;
     let out = o.out.clone().unwrap_or(recipe.out.clone());
     let (vae_dir, ldm_dir) = (out.join("vae"), out.join("ldm"));
 
@@ -85,6 +106,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             vae_dir.display()
         );
         let overrides = vae_stage::Overrides {
+            sets: vae_sets,
             steps: o.vae_steps,
             ..Default::default()
         };
@@ -101,6 +123,13 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             return Ok(None);
         }
     } else {
+        // a kept stage must have been trained with the settings asked for
+        if !vae_sets.is_empty() {
+            let config: vae_stage::VaeRunConfig =
+                overrides::read(&builtin::resolve(&recipe.vae)?, &vae_sets)?;
+            let kept = format!("{} is trained and kept", vae_dir.display());
+            resume_check::compare(&vae_dir, &config, &kept)?;
+        }
         eprintln!("== stage 1/3: {} is trained, kept", vae_dir.display());
     }
     if !ldm_dir.join("ldm.json").exists() {
@@ -110,6 +139,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             ldm_dir.display()
         );
         let overrides = ldm_stage::Overrides {
+            sets: ldm_sets,
             steps: o.ldm_steps,
             ..Default::default()
         };
@@ -127,6 +157,12 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             return Ok(None);
         }
     } else {
+        if !ldm_sets.is_empty() {
+            let config: ldm_stage::LdmRunConfig =
+                overrides::read(&builtin::resolve(&recipe.ldm)?, &ldm_sets)?;
+            let kept = format!("{} is trained and kept", ldm_dir.display());
+            resume_check::compare(&ldm_dir, &config, &kept)?;
+        }
         eprintln!("== stage 2/3: {} is trained, kept", ldm_dir.display());
     }
 

@@ -20,7 +20,8 @@ use ldm_common::tensor::to_vec_f32;
 use ldm_common::weights::{load_safetensors, save_safetensors};
 use ldm_vae::{Vae, VaeConfig};
 
-use crate::train::{self, Outcome, TrainConfig, TrainTask};
+use crate::train::parallel::take_rows;
+use crate::train::{self, Outcome, ShardedTask, TrainConfig, TrainTask};
 
 /// A `train-vae` config file: `[data]`, `[vae]`, `[train]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,11 +83,15 @@ impl VaeRun {
 /// Flags of `train-vae` that override config keys.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// `--set KEY=VALUE` flags, applied to the config file before the flags below.
+    pub sets: Vec<String>,
     pub data: Option<PathBuf>,
     pub steps: Option<u64>,
     pub batch_size: Option<usize>,
     pub lr: Option<f64>,
     pub seed: Option<u64>,
+    /// `--devices LIST`, split at commas (`train.devices`).
+    pub devices: Option<Vec<String>>,
 }
 
 impl Overrides {
@@ -106,6 +111,9 @@ impl Overrides {
         }
         if let Some(v) = self.seed {
             train.seed = v;
+        }
+        if let Some(v) = &self.devices {
+            train.devices = v.clone();
         }
     }
 }
@@ -131,15 +139,8 @@ impl TrainTask for VaeTask {
 
     fn forward(&mut self, model: &Vae, step: u64) -> (Tensor<1>, Vec<Tensor<1>>) {
         let indices = self.order.batch(step);
-        let x = self.train.batch(&indices, &self.device);
-        let [c, h, w] = self.latent_shape;
-        let eps = randn(
-            &mut stream(self.seed, "vae-eps", step),
-            [indices.len(), c, h, w],
-            &self.device,
-        );
-        let out = model.loss(x, eps, &self.config);
-        (out.loss.clone(), vec![out.recon, out.kl, out.loss])
+        let device = self.device.clone();
+        self.forward_rows(model, step, &indices, 0..indices.len(), &device)
     }
 
     fn write_samples(&mut self, model: &Vae, step: u64) -> Result<()> {
@@ -161,6 +162,31 @@ impl TrainTask for VaeTask {
             .join(format!("step-{step:06}.png"));
         write_grid(&path, grid, n)?;
         Ok(())
+    }
+}
+
+impl ShardedTask for VaeTask {
+    fn batch_indices(&mut self, step: u64) -> Vec<usize> {
+        self.order.batch(step)
+    }
+
+    fn forward_rows(
+        &self,
+        model: &Vae,
+        step: u64,
+        indices: &[usize],
+        rows: std::ops::Range<usize>,
+        device: &Device,
+    ) -> (Tensor<1>, Vec<Tensor<1>>) {
+        let x = self.train.batch(&indices[rows.clone()], device);
+        let [c, h, w] = self.latent_shape;
+        let eps = randn(
+            &mut stream(self.seed, "vae-eps", step),
+            [indices.len(), c, h, w],
+            device,
+        );
+        let out = model.loss(x, take_rows(eps, &rows), &self.config);
+        (out.loss.clone(), vec![out.recon, out.kl, out.loss])
     }
 }
 
@@ -205,10 +231,11 @@ pub fn train_vae(
     device: &Device,
     resume: bool,
 ) -> Result<Option<VaeSummary>> {
-    let mut config: VaeRunConfig = crate::config::read(config_path)?;
+    let mut config: VaeRunConfig = crate::overrides::read(config_path, &overrides.sets)?;
     overrides.apply(&mut config.data, &mut config.train);
     config.train.validate().map_err(anyhow::Error::msg)?;
     config.vae.validate(config.data.resolution)?;
+    let device = &train::parallel::main_device(&config.train, device)?;
     ensure_writable_dir(out)?;
     let Splits { train, held_out } = data::load(&config.data)?;
     let resolution = config.data.resolution;
@@ -216,6 +243,7 @@ pub fn train_vae(
     let latent_shape = [config.vae.latent_channels, latent_side, latent_side];
     let channels = config.data.channels;
 
+    crate::resume_check::check(out, &config, resume)?;
     crate::run_dir::write_config(out, &config)?;
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
@@ -244,10 +272,11 @@ pub fn train_vae(
         "{:?} channels={channels} resolution={resolution}",
         config.vae
     );
-    let model = match train::train(&mut task, model, &config.train, architecture, out, resume)? {
-        Outcome::Finished(model) => model.valid(),
-        Outcome::Interrupted(_) => return Ok(None),
-    };
+    let model =
+        match train::train_sharded(&mut task, model, &config.train, architecture, out, resume)? {
+            Outcome::Finished(model) => model.valid(),
+            Outcome::Interrupted(_) => return Ok(None),
+        };
     let scale = latent_scale(&model, &task.train, config.train.seed, device);
     let weights = out.join("model.safetensors");
     save_safetensors(&model, &weights, &[("stage", "vae")])?;

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use futures_util::StreamExt;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 

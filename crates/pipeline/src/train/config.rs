@@ -47,6 +47,11 @@ pub struct TrainConfig {
     /// Steps between checkpoints.
     #[serde(default = "d_ckpt")]
     pub checkpoint_every: u64,
+    /// Data-parallel training (`--devices`): devices such as `["cpu", "cpu"]` or
+    /// `["cuda:0", "cuda:1"]`, each taking an equal share of every batch; empty: the one
+    /// `--device`. See [`super::parallel`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 fn d_steps() -> u64 {
@@ -112,7 +117,7 @@ impl TrainConfig {
         if !(self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
             return Err("train.weight_decay and train.grad_clip must be >= 0".into());
         }
-        Ok(())
+        super::parallel::check_devices(&self.devices, self.batch_size)
     }
 
     /// Learning rate at `step` (0-based): linear warm-up, then constant or cosine decay.
@@ -168,10 +173,14 @@ mod tests {
 /// `--lr`, `--seed`).
 #[derive(Debug, Clone, Default)]
 pub struct TrainOverrides {
+    /// `--set KEY=VALUE` flags, applied to the config file before the flags below.
+    pub sets: Vec<String>,
     pub steps: Option<u64>,
     pub batch_size: Option<usize>,
     pub lr: Option<f64>,
     pub seed: Option<u64>,
+    /// `--devices LIST`, split at commas (`train.devices`).
+    pub devices: Option<Vec<String>>,
 }
 
 impl TrainOverrides {
@@ -188,6 +197,9 @@ impl TrainOverrides {
         }
         if let Some(v) = self.seed {
             train.seed = v;
+        }
+        if let Some(v) = &self.devices {
+            train.devices = v.clone();
         }
     }
 }

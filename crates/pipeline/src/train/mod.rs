@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod metrics;
+pub mod parallel;
 pub mod state;
 pub mod trainer;
 
 pub use config::{TrainConfig, TrainOverrides};
-pub use trainer::{Outcome, TrainTask, train};
+pub use parallel::ShardedTask;
+pub use trainer::{Outcome, TrainTask, train, train_sharded};

@@ -3,7 +3,8 @@
 //! `--resume`, Ctrl-C saving state, and a stop at the first non-finite loss.
 //!
 //! A stage plugs in through [`TrainTask`]: its forward pass returns the loss to minimise and
-//! the scalars to log, so the same step could run under burn-train's multi-device strategies.
+//! the scalars to log. A stage that also implements [`ShardedTask`] trains through
+//! [`train_sharded`], which splits each batch over `train.devices` ([`super::parallel`]).
 
 use std::path::Path;
 use std::time::Instant;
@@ -16,6 +17,7 @@ use burn::tensor::Tensor;
 
 use super::config::TrainConfig;
 use super::metrics::MetricsLog;
+use super::parallel::{self, DataParallel, ShardedTask, StepOutput};
 use super::state::{self, TrainState};
 use crate::{interrupt, progress};
 
@@ -55,7 +57,7 @@ pub enum Outcome<M> {
     Interrupted(u64),
 }
 
-/// Runs `task` from step 0, or from the checkpoint in `run_dir` with `resume`.
+/// Runs `task` on one device from step 0, or from the checkpoint in `run_dir` with `resume`.
 pub fn train<T: TrainTask>(
     task: &mut T,
     model: T::Model,
@@ -63,6 +65,76 @@ pub fn train<T: TrainTask>(
     architecture: String,
     run_dir: &Path,
     resume: bool,
+) -> Result<Outcome<T::Model>> {
+    if !config.devices.is_empty() {
+        bail!(
+            "train.devices (--devices) = {}: this stage trains on one device (data parallelism is for train-vae and train-ldm); remove it and use --device",
+            config.devices.join(",")
+        );
+    }
+    run(
+        task,
+        model,
+        config,
+        architecture,
+        run_dir,
+        resume,
+        one_device,
+    )
+}
+
+/// Like [`train`], with each batch split evenly over `train.devices` when it names more than
+/// one; the model must live on the first of them ([`parallel::main_device`]).
+pub fn train_sharded<T: ShardedTask>(
+    task: &mut T,
+    model: T::Model,
+    config: &TrainConfig,
+    architecture: String,
+    run_dir: &Path,
+    resume: bool,
+) -> Result<Outcome<T::Model>> {
+    let devices = parallel::select_all(&config.devices)?;
+    if devices.len() <= 1 {
+        return run(
+            task,
+            model,
+            config,
+            architecture,
+            run_dir,
+            resume,
+            one_device,
+        );
+    }
+    eprintln!("{}", parallel::describe(&devices, config.batch_size));
+    let replicas = DataParallel::new(&devices, config.batch_size);
+    run(
+        task,
+        model,
+        config,
+        architecture,
+        run_dir,
+        resume,
+        |task, model, step| replicas.step(task, model, step),
+    )
+}
+
+/// The step on one device: forward, then backward.
+fn one_device<T: TrainTask>(task: &mut T, model: &T::Model, step: u64) -> Result<StepOutput> {
+    let (loss, scalars) = task.forward(model, step);
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    Ok((loss, scalars, grads))
+}
+
+/// The loop around `forward_backward`, which returns the loss, the scalars and the gradients
+/// of batch `step`.
+fn run<T: TrainTask>(
+    task: &mut T,
+    model: T::Model,
+    config: &TrainConfig,
+    architecture: String,
+    run_dir: &Path,
+    resume: bool,
+    mut forward_backward: impl FnMut(&mut T, &T::Model, u64) -> Result<StepOutput>,
 ) -> Result<Outcome<T::Model>> {
     let mut optim_config = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
     if config.grad_clip > 0.0 {
@@ -110,7 +182,7 @@ pub fn train<T: TrainTask>(
             return save_checkpoint(task, &model, &optim, &mut state, run_dir, step)
                 .map(|()| Outcome::Interrupted(step));
         }
-        let (loss, scalars) = task.forward(&model, step);
+        let (loss, scalars, grads) = forward_backward(task, &model, step)?;
         let done = step + 1;
         let logging = done % config.log_every == 0 || done == config.steps;
         let checkpointing = done % config.checkpoint_every == 0 || done == config.steps;
@@ -139,7 +211,6 @@ pub fn train<T: TrainTask>(
             );
         }
         let lr = config.lr_at(step);
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(lr, model, grads);
         task.after_update(&model, step);
         bar.inc(1);

@@ -1,0 +1,254 @@
+//! Data-parallel training (`--devices`): two CPU devices over a global batch follow one device
+//! on the same batch, for both stages; resume; and the bad inputs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+
+/// A tiny class-conditional DiT LDM config on the tiny VAE's 8x8x2 latents.
+const LDM: &str = r#"
+[schedule]
+kind = "linear"
+num_timesteps = 100
+
+[diffusion]
+conditioning = "class"
+ema_decay = 0.9
+
+[backbone]
+kind = "dit"
+patch_size = 2
+hidden_size = 32
+depth = 1
+num_heads = 2
+
+[sampler]
+kind = "ddim"
+steps = 5
+
+[train]
+steps = 4
+batch_size = 8
+lr = 1e-3
+warmup_steps = 1
+log_every = 1
+sample_every = 4
+checkpoint_every = 2
+"#;
+
+/// Every tensor of a safetensors file (all F32 here), by name.
+fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            assert_eq!(info["dtype"], "F32", "{name}");
+            let at = |i: usize| info["data_offsets"][i].as_u64().unwrap() as usize;
+            let values = data[at(0)..at(1)]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name.clone(), values)
+        })
+        .collect()
+}
+
+/// The largest |a - b| over all weights of two runs of one architecture.
+fn max_weight_difference(a: &Path, b: &Path) -> f32 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the two runs hold different tensors"
+    );
+    let mut max = 0f32;
+    for (name, x) in &a {
+        let y = &b[name];
+        assert_eq!(x.len(), y.len(), "{name}");
+        for (u, v) in x.iter().zip(y) {
+            assert!(u.is_finite() && v.is_finite(), "{name}");
+            max = max.max((u - v).abs());
+        }
+    }
+    max
+}
+
+/// `metrics.csv` as (column, values by row), without the wall-clock column.
+fn metrics(run: &Path) -> BTreeMap<String, Vec<f64>> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let names: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in lines {
+        for (name, cell) in names.iter().zip(line.split(',')) {
+            if *name != "images_per_s" {
+                columns
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(cell.parse().unwrap());
+            }
+        }
+    }
+    columns
+}
+
+/// Asserts both runs logged the same rows, each value within `rel` relative difference.
+fn assert_same_metrics(a: &Path, b: &Path, rel: f64) {
+    let (a, b) = (metrics(a), metrics(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert_eq!(a["step"], b["step"]);
+    for (name, x) in &a {
+        for (u, v) in x.iter().zip(&b[name]) {
+            assert!(
+                (u - v).abs() <= rel * u.abs().max(1e-12),
+                "{name}: {u} on one device, {v} on two"
+            );
+        }
+    }
+}
+
+fn train_vae(t: &TinyVae, out: &str, device_flags: &[&str]) -> std::process::Output {
+    let (config, out) = (t.p("vae.toml"), t.p(out));
+    let mut args = vec!["train-vae", "--config", &config, "--out", &out];
+    args.extend_from_slice(device_flags);
+    pipeline(&args)
+}
+
+fn train_ldm(t: &TinyVae, out: &str, flags: &[&str]) -> std::process::Output {
+    let (config, vae, out) = (t.p("ldm.toml"), t.p("vae"), t.p(out));
+    let mut args = vec![
+        "train-ldm",
+        "--config",
+        &config,
+        "--vae",
+        &vae,
+        "--out",
+        &out,
+    ];
+    args.extend_from_slice(flags);
+    pipeline(&args)
+}
+
+// Tolerances. Two devices compute the same mean loss and gradient as one, but sum the batch in
+// another order (two halves, then the halves), so float32 rounding differs at about 1e-7
+// relative per step. AdamW divides each update by the root of the squared-gradient average, so
+// a relative gradient difference d moves a weight by about lr * d: after 4 steps at lr 1e-3
+// the weights differ by well under 1e-6. The bounds below (1e-5 on weights, 1e-4 relative on
+// logged losses) leave room for that rounding and are still 100 times smaller than a single
+// AdamW step (lr = 1e-3), which is what a wrong sample, a wrong noise draw or a wrong
+// weighting of the shards changes.
+const WEIGHT_TOLERANCE: f32 = 1e-5;
+const METRIC_TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
+    let t = TinyVae::new("");
+    let o = train_vae(&t, "vae", &["--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train_vae(&t, "vae2", &["--devices", "cpu,cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("data parallel over 2 devices"),
+        "{}",
+        stderr(&o)
+    );
+    let diff = max_weight_difference(
+        &t.path("vae/model.safetensors"),
+        &t.path("vae2/model.safetensors"),
+    );
+    eprintln!("VAE: largest weight difference, 1 vs 2 devices: {diff:e}");
+    assert!(diff <= WEIGHT_TOLERANCE, "VAE weights differ by {diff}");
+    assert_same_metrics(&t.path("vae"), &t.path("vae2"), METRIC_TOLERANCE);
+
+    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    let o = train_ldm(&t, "ldm", &["--device", "cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train_ldm(&t, "ldm2", &["--devices", "cpu,cpu"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // model.safetensors holds the EMA weights, which follow the trained ones
+    let diff = max_weight_difference(
+        &t.path("ldm/model.safetensors"),
+        &t.path("ldm2/model.safetensors"),
+    );
+    eprintln!("LDM: largest EMA weight difference, 1 vs 2 devices: {diff:e}");
+    assert!(diff <= WEIGHT_TOLERANCE, "LDM weights differ by {diff}");
+    assert_same_metrics(&t.path("ldm"), &t.path("ldm2"), METRIC_TOLERANCE);
+    let saved = std::fs::read_to_string(t.path("ldm2/config.toml")).unwrap();
+    assert!(saved.contains("devices = ["), "{saved}");
+
+    // Resuming a two-device run gives the uninterrupted run's weights exactly.
+    let o = train_ldm(&t, "ldm3", &["--devices", "cpu,cpu", "--steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = train_ldm(&t, "ldm3", &["--devices", "cpu,cpu", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sha = |run: &str| {
+        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
+    };
+    assert_eq!(sha("ldm2"), sha("ldm3"), "the resumed run differs");
+}
+
+#[test]
+fn bad_device_lists_are_refused() {
+    let t = TinyVae::new("");
+    let o = train_vae(&t, "a", &["--devices", "cpu,cpu", "--batch-size", "5"]);
+    assert_error(
+        &o,
+        "train.batch_size = 5 (--batch-size) is not divisible by the 2 devices of --devices cpu,cpu: expected a multiple of 2",
+    );
+    let o = train_vae(&t, "a", &["--devices", "cpu,gpu"]);
+    assert_error(
+        &o,
+        "unknown device `gpu` in the list; expected cpu, libtorch, cuda or cuda:N",
+    );
+    let o = train_vae(&t, "a", &["--devices", "cpu,,cpu"]);
+    assert_error(&o, "unknown device `` in the list");
+    let o = train_vae(&t, "a", &["--devices", "cpu,cuda:1"]);
+    assert_error(&o, "mixes cpu with cuda:1; expected devices of one kind");
+    assert!(!t.path("a/checkpoint").exists(), "nothing was trained");
+    let o = train_vae(&t, "a", &["--devices", "cpu,cpu", "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
+
+    // A config list is checked the same way as the flag.
+    let o = train_vae(&t, "a", &["--set", r#"train.devices=["cpu","gpu"]"#]);
+    assert_error(&o, "unknown device `gpu` in the list");
+    assert!(!t.path("a/checkpoint").exists(), "nothing was trained");
+
+    // Other training commands train on one device and say so.
+    let evaluator = format!(
+        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 2\nbatch_size = 8\ndevices = [\"cpu\", \"cpu\"]\n",
+        t.path("data").display()
+    );
+    std::fs::write(t.path("ev.toml"), evaluator).unwrap();
+    let o = pipeline(&[
+        "train-evaluator",
+        "--config",
+        &t.p("ev.toml"),
+        "--out",
+        &t.p("ev"),
+        "--device",
+        "cpu",
+    ]);
+    assert_error(
+        &o,
+        "train.devices (--devices) = cpu,cpu: this stage trains on one device",
+    );
+
+    // The U-Net's dropout masks do not come from --seed.
+    let unet = LDM.replace(
+        "kind = \"dit\"\npatch_size = 2\nhidden_size = 32\ndepth = 1\nnum_heads = 2",
+        "kind = \"unet\"\nbase_channels = 8\nchannel_mult = [1]\ngroups = 4\ndropout = 0.1",
+    );
+    std::fs::write(t.path("ldm.toml"), unet).unwrap();
+    let o = train_ldm(&t, "b", &["--devices", "cpu,cpu"]);
+    assert_error(&o, "backbone.dropout = 0.1 with --devices cpu,cpu");
+}

@@ -1,0 +1,324 @@
+//! `--set KEY=VALUE` config overrides end to end: they reach the run folder's `config.toml`
+//! (a whole backbone table included), `--resume` and `pipeline run` refuse other settings than
+//! the run was started with, and bad settings are one-line errors naming the key.
+
+mod common;
+
+use common::*;
+use toml::Table;
+
+/// A tiny class-conditional LDM config (DiT with 2x2 patches on 8x8x2 latents).
+const LDM: &str = r#"
+[schedule]
+kind = "linear"
+num_timesteps = 100
+
+[diffusion]
+conditioning = "class"
+ema_decay = 0.9
+
+[backbone]
+kind = "dit"
+patch_size = 2
+hidden_size = 32
+depth = 1
+num_heads = 2
+
+[sampler]
+kind = "ddim"
+steps = 5
+
+[train]
+steps = 4
+batch_size = 8
+lr = 1e-3
+warmup_steps = 1
+log_every = 1
+sample_every = 2
+checkpoint_every = 2
+"#;
+
+/// The ablation settings of `scripts/results.sh sweep-ablation`, on a tiny U-Net.
+const V: &str = "diffusion.parameterization=v";
+const COSINE: &str = "schedule.kind=cosine";
+const MIN_SNR: &str = "diffusion.loss={kind=\"min-snr\",gamma=5.0}";
+const UNET: &str = "backbone={kind=\"unet\", base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=2, groups=4}";
+
+fn config_of(run: &std::path::Path) -> Table {
+    std::fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// `args` with `--set S` for each setting.
+fn with_sets<'a>(args: &[&'a str], sets: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    for s in sets {
+        all.extend(["--set", s]);
+    }
+    all
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", stderr(o));
+}
+
+#[test]
+fn settings_reach_the_run_and_resume_must_repeat_them() {
+    let t = TinyVae::new("");
+    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    let (vae, cfg) = (t.p("vae"), t.p("ldm.toml"));
+    ok(&pipeline(&with_sets(
+        &[
+            "train-vae",
+            "--config",
+            &t.p("vae.toml"),
+            "--out",
+            &vae,
+            "--device",
+            "cpu",
+        ],
+        &["train.lr=2e-3", "vae.latent_channels=2"],
+    )));
+    assert_eq!(
+        config_of(&t.path("vae"))["train"]["lr"].as_float(),
+        Some(2e-3)
+    );
+
+    let (out, half) = (t.p("ldm"), t.p("half"));
+    let train = |out: &str, sets: &[&str], extra: &[&str]| {
+        let mut args = with_sets(
+            &[
+                "train-ldm",
+                "--config",
+                &cfg,
+                "--vae",
+                &vae,
+                "--out",
+                out,
+                "--device",
+                "cpu",
+            ],
+            sets,
+        );
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    };
+    let all = [V, COSINE, MIN_SNR, UNET];
+    let o = train(&out, &all, &[]);
+    ok(&o);
+    let c = config_of(&t.path("ldm"));
+    assert_eq!(c["diffusion"]["parameterization"].as_str(), Some("v"));
+    assert_eq!(c["schedule"]["kind"].as_str(), Some("cosine"));
+    assert_eq!(c["diffusion"]["loss"]["kind"].as_str(), Some("min-snr"));
+    assert_eq!(c["diffusion"]["loss"]["gamma"].as_float(), Some(5.0));
+    let backbone = c["backbone"].as_table().unwrap();
+    assert_eq!(backbone["kind"].as_str(), Some("unet"));
+    assert_eq!(backbone["base_channels"].as_integer(), Some(8));
+    assert!(!backbone.contains_key("patch_size"), "{backbone:?}");
+    // keys no setting touched keep the file's values
+    assert_eq!(c["diffusion"]["ema_decay"].as_float(), Some(0.9));
+    assert_eq!(c["train"]["lr"].as_float(), Some(1e-3));
+    // the run loads and is scored with the resolved config
+    let e = pipeline(&["eval-ldm", "--model", &out, "-n", "8", "--device", "cpu"]);
+    ok(&e);
+    assert!(stdout(&e).contains("variational bound"), "{}", stdout(&e));
+
+    // --resume continues only under the settings the run began with (more steps allowed)
+    ok(&train(&half, &all, &["--steps", "2"]));
+    assert_error(
+        &train(&half, &[COSINE, MIN_SNR, UNET], &["--resume"]),
+        "the config the run was started with: diffusion.parameterization = \"epsilon\" (the run has \"v\")",
+    );
+    assert_error(
+        &train(&half, &all, &["--resume", "--set", "train.lr=0.5"]),
+        "train.lr = 0.5 (the run has 0.001)",
+    );
+    ok(&train(&half, &all, &["--resume"]));
+    let sha = |run: &str| {
+        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
+    };
+    assert_eq!(
+        sha("ldm"),
+        sha("half"),
+        "a resumed run with the same settings differs from the straight one"
+    );
+
+    // bad settings of train-classifier fail before any training
+    let o = pipeline(&[
+        "train-classifier",
+        "--model",
+        &out,
+        "--out",
+        &t.p("cls"),
+        "--device",
+        "cpu",
+        "--set",
+        "classifier.widht=3",
+    ]);
+    assert_error(
+        &o,
+        "--set classifier.widht=3: classifier.widht: unknown field `widht`, expected one of",
+    );
+}
+
+#[test]
+fn bad_settings_are_one_line_errors_naming_the_key() {
+    let t = TinyVae::new("");
+    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    let vae = t.p("vae");
+    ok(&pipeline(&[
+        "train-vae",
+        "--config",
+        &t.p("vae.toml"),
+        "--out",
+        &vae,
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+    ]));
+    let train = |set: &str| {
+        pipeline(&[
+            "train-ldm",
+            "--config",
+            &t.p("ldm.toml"),
+            "--vae",
+            &vae,
+            "--out",
+            &t.p("r"),
+            "--device",
+            "cpu",
+            "--set",
+            set,
+        ])
+    };
+    for (set, needle) in [
+        (
+            "diffusion.parameterization",
+            "--set diffusion.parameterization: expected KEY=VALUE",
+        ),
+        (
+            "diffusion.paramterization=v",
+            "--set diffusion.paramterization=v: diffusion.paramterization: unknown field `paramterization`, expected one of `parameterization`",
+        ),
+        (
+            "diffusion.parameterization=score",
+            "--set diffusion.parameterization=score: diffusion.parameterization: unknown variant `score`, expected one of `epsilon`",
+        ),
+        (
+            "train.steps.max=3",
+            "--set train.steps.max=3: train.steps is an integer (4), not a table with keys",
+        ),
+        (
+            "train.lr=fast",
+            "--set train.lr=fast: train.lr: invalid type: string \"fast\", expected f64",
+        ),
+        (
+            "train.lr=[1, ",
+            "--set train.lr=[1, : \"[1,\" is not a TOML value",
+        ),
+        ("a..b=1", "--set a..b=1: \"a..b\" is not a dotted TOML key"),
+        // switching the backbone keeps the DiT's keys: a whole table is needed
+        (
+            "backbone.kind=unet",
+            "--set backbone.kind=unet: backbone: unknown field `depth`, expected one of `base_channels`",
+        ),
+        // checks after deserializing still name the key
+        (
+            "diffusion.ema_decay=2",
+            "diffusion.ema_decay = 2: expected a number in [0, 1)",
+        ),
+    ] {
+        assert_error(&train(set), needle);
+    }
+    assert!(
+        !t.path("r/config.toml").exists(),
+        "a refused run wrote its config"
+    );
+
+    std::fs::write(
+        t.path("ev.toml"),
+        format!(
+            "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 2\nbatch_size = 16\n",
+            t.path("data").display()
+        ),
+    )
+    .unwrap();
+    let o = pipeline(&[
+        "train-evaluator",
+        "--config",
+        &t.p("ev.toml"),
+        "--out",
+        &t.p("ev"),
+        "--device",
+        "cpu",
+        "--set",
+        "evaluator.feature_dims=8",
+    ]);
+    assert_error(
+        &o,
+        "--set evaluator.feature_dims=8: evaluator.feature_dims: unknown field",
+    );
+    let o = pipeline(&[
+        "train-evaluator",
+        "--config",
+        &t.p("ev.toml"),
+        "--out",
+        &t.p("ev"),
+        "--device",
+        "cpu",
+        "--set",
+        "evaluator.feature_dim=6",
+    ]);
+    ok(&o);
+    assert_eq!(
+        config_of(&t.path("ev"))["evaluator"]["feature_dim"].as_integer(),
+        Some(6)
+    );
+}
+
+#[test]
+fn run_takes_stage_settings_and_keeps_only_matching_stages() {
+    let t = TinyVae::new("");
+    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    std::fs::write(
+        t.path("recipe.toml"),
+        format!(
+            "out = \"{}\"\nvae = \"{}\"\nldm = \"{}\"\n\n[grid]\nper_class = 1\ncfg = 2.0\n",
+            t.p("run"),
+            t.p("vae.toml"),
+            t.p("ldm.toml")
+        ),
+    )
+    .unwrap();
+    let run = |sets: &[&str]| {
+        pipeline(&with_sets(
+            &["run", &t.p("recipe.toml"), "--device", "cpu"],
+            sets,
+        ))
+    };
+    assert_error(
+        &run(&["schedule.kind=cosine"]),
+        "--set schedule.kind=cosine: expected a key starting with vae. or ldm.",
+    );
+    ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
+    assert_eq!(
+        config_of(&t.path("run/ldm"))["schedule"]["kind"].as_str(),
+        Some("cosine")
+    );
+    assert_eq!(
+        config_of(&t.path("run/vae"))["train"]["lr"].as_float(),
+        Some(2e-3)
+    );
+    assert!(t.path("run/grid.png").exists());
+    // the same settings keep both stages; other ones are refused, naming the key
+    ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
+    let o = run(&["ldm.schedule.kind=scaled-linear"]);
+    assert_error(&o, "run/ldm is trained and kept: the settings differ from ");
+    assert_error(
+        &o,
+        "schedule.kind = \"scaled-linear\" (the run has \"cosine\")",
+    );
+}
