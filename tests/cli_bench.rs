@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::{assert_error, pipeline_in, stderr, stdout};
 
@@ -70,8 +70,8 @@ fn tiny(vae: &str, dit: &str, unet: &str) -> tempfile::TempDir {
     dir
 }
 
-/// Runs the tiny bench in `dir` and returns the JSON it wrote.
-fn bench_json(dir: &Path, iters: &str) -> serde_json::Value {
+/// Runs the tiny bench in `dir` with `iters` timed steps, writing `bench.json`.
+fn bench(dir: &Path, iters: &str) -> Output {
     let o = pipeline_in(
         dir,
         &[
@@ -95,6 +95,12 @@ fn bench_json(dir: &Path, iters: &str) -> serde_json::Value {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    o
+}
+
+/// Runs the tiny bench in `dir` and returns the JSON it wrote.
+fn bench_json(dir: &Path, iters: &str) -> serde_json::Value {
+    bench(dir, iters);
     serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap()
 }
 
@@ -117,29 +123,7 @@ const ROWS: [&str; 4] = [
 #[test]
 fn bench_prints_a_table_with_every_row() {
     let dir = tiny(VAE, DIT, UNET);
-    let o = pipeline_in(
-        dir.path(),
-        &[
-            "bench",
-            "--config",
-            "recipe.toml",
-            "--unet",
-            "unet.toml",
-            "--iters",
-            "2",
-            "--warmup",
-            "1",
-            "--sample-runs",
-            "1",
-            "--classes",
-            "3",
-            "--device",
-            "cpu",
-            "--json",
-            "bench.json",
-        ],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bench(dir.path(), "2");
     let table = stdout(&o);
     assert!(table.contains("ms/step") && table.contains("items/s") && table.contains("params"));
     for name in ROWS {

@@ -5,39 +5,18 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Output;
 
 use common::*;
 
-/// A tiny class-conditional DiT LDM config on the tiny VAE's 8x8x2 latents.
-const LDM: &str = r#"
-[schedule]
-kind = "linear"
-num_timesteps = 100
-
-[diffusion]
-conditioning = "class"
-ema_decay = 0.9
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 4
-batch_size = 8
-lr = 1e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 4
-checkpoint_every = 2
-"#;
+/// The tiny class-conditional DiT LDM config, sampling only at the end.
+fn ldm_config() -> String {
+    TinyLdmConfig {
+        sample_every: 4,
+        ..Default::default()
+    }
+    .toml()
+}
 
 /// Every tensor of a safetensors file (all F32 here), by name.
 fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
@@ -116,26 +95,14 @@ fn assert_same_metrics(a: &Path, b: &Path, rel: f64) {
     }
 }
 
-fn train_vae(t: &TinyVae, out: &str, device_flags: &[&str]) -> std::process::Output {
-    let (config, out) = (t.p("vae.toml"), t.p(out));
-    let mut args = vec!["train-vae", "--config", &config, "--out", &out];
-    args.extend_from_slice(device_flags);
-    pipeline(&args)
+/// `train-vae` of `vae.toml` into `out`; `flags` pick the devices.
+fn train_vae(t: &TinyVae, out: &str, flags: &[&str]) -> Output {
+    t.train_vae_on("vae.toml", out, flags)
 }
 
-fn train_ldm(t: &TinyVae, out: &str, flags: &[&str]) -> std::process::Output {
-    let (config, vae, out) = (t.p("ldm.toml"), t.p("vae"), t.p(out));
-    let mut args = vec![
-        "train-ldm",
-        "--config",
-        &config,
-        "--vae",
-        &vae,
-        "--out",
-        &out,
-    ];
-    args.extend_from_slice(flags);
-    pipeline(&args)
+/// `train-ldm` of `ldm.toml` on the VAE in `vae/` into `out`; `flags` pick the devices.
+fn train_ldm(t: &TinyVae, out: &str, flags: &[&str]) -> Output {
+    t.train_ldm_on("ldm.toml", "vae", out, flags)
 }
 
 // Tolerances. Two devices compute the same mean loss and gradient as one, but sum the batch in
@@ -153,9 +120,9 @@ const METRIC_TOLERANCE: f64 = 1e-4;
 fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
     let t = TinyVae::new("");
     let o = train_vae(&t, "vae", &["--device", "cpu"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let o = train_vae(&t, "vae2", &["--devices", "cpu,cpu"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     assert!(
         stderr(&o).contains("data parallel over 2 devices"),
         "{}",
@@ -169,11 +136,11 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
     assert!(diff <= WEIGHT_TOLERANCE, "VAE weights differ by {diff}");
     assert_same_metrics(&t.path("vae"), &t.path("vae2"), METRIC_TOLERANCE);
 
-    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    std::fs::write(t.path("ldm.toml"), ldm_config()).unwrap();
     let o = train_ldm(&t, "ldm", &["--device", "cpu"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let o = train_ldm(&t, "ldm2", &["--devices", "cpu,cpu"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     // model.safetensors holds the EMA weights, which follow the trained ones
     let diff = max_weight_difference(
         &t.path("ldm/model.safetensors"),
@@ -187,13 +154,14 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
 
     // Resuming a two-device run gives the uninterrupted run's weights exactly.
     let o = train_ldm(&t, "ldm3", &["--devices", "cpu,cpu", "--steps", "2"]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let o = train_ldm(&t, "ldm3", &["--devices", "cpu,cpu", "--resume"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let sha = |run: &str| {
-        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
-    };
-    assert_eq!(sha("ldm2"), sha("ldm3"), "the resumed run differs");
+    assert_ok(&o);
+    assert_eq!(
+        t.sha("ldm2/model.safetensors"),
+        t.sha("ldm3/model.safetensors"),
+        "the resumed run differs"
+    );
 }
 
 #[test]
@@ -224,27 +192,17 @@ fn bad_device_lists_are_refused() {
     assert!(!t.path("a/checkpoint").exists(), "nothing was trained");
 
     // Other training commands train on one device and say so.
-    let evaluator = format!(
-        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 2\nbatch_size = 8\ndevices = [\"cpu\", \"cpu\"]\n",
-        t.path("data").display()
-    );
+    let train = "steps = 2\nbatch_size = 8\ndevices = [\"cpu\", \"cpu\"]\n";
+    let evaluator = tiny_evaluator_config(&t.path("data"), 4, train);
     std::fs::write(t.path("ev.toml"), evaluator).unwrap();
-    let o = pipeline(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-    ]);
+    let o = t.train_evaluator("ev.toml", "ev", &[]);
     assert_error(
         &o,
         "train.devices (--devices) = cpu,cpu: this stage trains on one device",
     );
 
     // The U-Net's dropout masks do not come from --seed.
-    let unet = LDM.replace(
+    let unet = ldm_config().replace(
         "kind = \"dit\"\npatch_size = 2\nhidden_size = 32\ndepth = 1\nnum_heads = 2",
         "kind = \"unet\"\nbase_channels = 8\nchannel_mult = [1]\ngroups = 4\ndropout = 0.1",
     );

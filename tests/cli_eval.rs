@@ -23,13 +23,6 @@ fn colours(path: &Path) -> usize {
     seen.len()
 }
 
-fn evaluator_config(data: &Path, feature_dim: usize) -> String {
-    format!(
-        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = {feature_dim}\n\n[train]\nsteps = 6\nbatch_size = 16\nlr = 3e-3\nwarmup_steps = 1\nlog_every = 2\n",
-        data.display()
-    )
-}
-
 /// A tiny evaluator trained on `n` images in `dir/<out>`.
 fn train_evaluator(dir: &Path, n: usize, feature_dim: usize, out: &str) -> std::process::Output {
     if !dir.join("data").exists() {
@@ -37,7 +30,7 @@ fn train_evaluator(dir: &Path, n: usize, feature_dim: usize, out: &str) -> std::
     }
     std::fs::write(
         dir.join("ev.toml"),
-        evaluator_config(&dir.join("data"), feature_dim),
+        tiny_evaluator_config(&dir.join("data"), feature_dim, TINY_EVALUATOR_TRAIN),
     )
     .unwrap();
     pipeline(&[

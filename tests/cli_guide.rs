@@ -9,41 +9,6 @@ use std::process::Output;
 
 use common::*;
 
-/// A tiny LDM config (DiT with 2x2 patches on 8x8x2 latents) of `conditioning`.
-fn ldm_config(conditioning: &str, timesteps: usize) -> String {
-    format!(
-        r#"
-[schedule]
-kind = "linear"
-num_timesteps = {timesteps}
-
-[diffusion]
-conditioning = "{conditioning}"
-ema_decay = 0.9
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 4
-batch_size = 8
-lr = 1e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 4
-checkpoint_every = 2
-"#
-    )
-}
-
 const CLASSIFIER: &str = r#"
 [classifier]
 channels = [8, 16]
@@ -60,49 +25,23 @@ log_every = 1
 checkpoint_every = 2
 "#;
 
-fn run(args: &[&str]) -> Output {
-    pipeline(args)
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
-
-/// Trains the tiny VAE (`vae/`) and writes the LDM config `ldm.toml`.
-fn vae() -> TinyVae {
-    let t = TinyVae::new("");
-    ok(&run(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae"),
-        "--device",
-        "cpu",
-    ]));
-    t
-}
-
-/// Trains an LDM of `conditioning` with `timesteps` steps on `vae` into `out`.
+/// Trains an LDM of `conditioning` with `timesteps` steps on `vae` into `out` (its config in
+/// `<out>.toml`).
 fn train_ldm(t: &TinyVae, vae: &str, out: &str, conditioning: &str, timesteps: usize) {
-    let config = t.path(&format!("{out}.toml"));
-    std::fs::write(&config, ldm_config(conditioning, timesteps)).unwrap();
-    ok(&run(&[
-        "train-ldm",
-        "--config",
-        &config.display().to_string(),
-        "--vae",
-        &t.p(vae),
-        "--out",
-        &t.p(out),
-        "--device",
-        "cpu",
-    ]));
+    let config = TinyLdmConfig {
+        conditioning,
+        timesteps,
+        sample_every: 4,
+        ..Default::default()
+    };
+    let file = format!("{out}.toml");
+    std::fs::write(t.path(&file), config.toml()).unwrap();
+    assert_ok(&t.train_ldm_on(&file, vae, out, &["--device", "cpu"]));
 }
 
 /// A tiny VAE and a class-conditional LDM (`ldm/`) on it.
 fn setup() -> TinyVae {
-    let t = vae();
+    let t = TinyVae::trained();
     train_ldm(&t, "vae", "ldm", "class", 100);
     t
 }
@@ -136,7 +75,7 @@ fn generate(t: &TinyVae, out: &str, extra: &[&str]) -> Output {
         args.extend(["-n", "2"]);
     }
     args.extend_from_slice(extra);
-    run(&args)
+    pipeline(&args)
 }
 
 fn luma(path: &Path) -> Vec<f64> {
@@ -186,8 +125,8 @@ fn img2img_records_its_settings_and_follows_the_seed() {
         "--seed",
         "7",
     ];
-    ok(&generate(&t, "a", &flags));
-    ok(&generate(&t, "b", &flags));
+    assert_ok(&generate(&t, "a", &flags));
+    assert_ok(&generate(&t, "b", &flags));
     for f in [
         "000.png",
         "001.png",
@@ -216,7 +155,7 @@ fn img2img_records_its_settings_and_follows_the_seed() {
         text[0].1
     );
     // Another seed, other images; without --strength the default 0.6 is used and recorded.
-    ok(&generate(
+    assert_ok(&generate(
         &t,
         "c",
         &["--init-image", &init, "-n", "3", "--seed", "8"],
@@ -240,9 +179,9 @@ fn small_strength_stays_at_the_reconstruction() {
         "--strength",
         "0.015",
     ];
-    ok(&generate(&t, "near", &near));
+    assert_ok(&generate(&t, "near", &near));
     let far = ["--init-image", &init, "--steps", "100", "--strength", "1"];
-    ok(&generate(&t, "far", &far));
+    assert_ok(&generate(&t, "far", &far));
     let d_near = mad(&t.path("near/000.png"), &t.path("near/init.png"), 0..32);
     let d_far = mad(&t.path("far/000.png"), &t.path("far/init.png"), 0..32);
     eprintln!("mean |x - reconstruction|: strength 0.015 {d_near:.4}, strength 1 {d_far:.4}");
@@ -271,9 +210,9 @@ fn inpainting_keeps_the_black_region_and_repaints_the_white() {
             "--seed",
             seed,
         ];
-        ok(&generate(&t, &format!("p{seed}"), &masked));
+        assert_ok(&generate(&t, &format!("p{seed}"), &masked));
         let plain = ["--init-image", &init, "--strength", "1", "--seed", seed];
-        ok(&generate(&t, &format!("q{seed}"), &plain));
+        assert_ok(&generate(&t, &format!("q{seed}"), &plain));
     }
     let record = json(&t.path("p3/generate.json"));
     assert_eq!(record["img2img"]["mask_sha256"], sha(&t.path("mask.png")));
@@ -352,7 +291,7 @@ fn train_classifier(t: &TinyVae, model: &str, out: &str, extra: &[&str]) -> Outp
         "cpu",
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    pipeline(&args)
 }
 
 fn pixels(path: &Path) -> Vec<u8> {
@@ -363,7 +302,7 @@ fn pixels(path: &Path) -> Vec<u8> {
 fn classifier_trains_guides_generation_and_evaluation() {
     let t = setup();
     let o = train_classifier(&t, "ldm", "cls", &[]);
-    ok(&o);
+    assert_ok(&o);
     assert!(
         stdout(&o).contains("held-out accuracy on 16 latents: t=0 "),
         "{}",
@@ -399,8 +338,8 @@ fn classifier_trains_guides_generation_and_evaluation() {
             ],
         )
     };
-    ok(&guided("g1", "20"));
-    ok(&guided("g2", "20"));
+    assert_ok(&guided("g1", "20"));
+    assert_ok(&guided("g2", "20"));
     assert_eq!(sha(&t.path("g1/000.png")), sha(&t.path("g2/000.png")));
     let r = json(&t.path("g1/generate.json"));
     let g = &r["classifier_guidance"];
@@ -411,8 +350,8 @@ fn classifier_trains_guides_generation_and_evaluation() {
         sha(&t.path("cls/model.safetensors"))
     );
     // Scale 0 samples exactly as without a classifier; scale 20 moves the images.
-    ok(&guided("g0", "0"));
-    ok(&generate(&t, "plain", &["--seed", "4"]));
+    assert_ok(&guided("g0", "0"));
+    assert_ok(&generate(&t, "plain", &["--seed", "4"]));
     assert_eq!(
         pixels(&t.path("g0/000.png")),
         pixels(&t.path("plain/000.png"))
@@ -424,7 +363,7 @@ fn classifier_trains_guides_generation_and_evaluation() {
     // With cfg 1 classifier guidance works alone, also combined with img2img.
     write_init(&t.path("init.png"), 32);
     let init = t.p("init.png");
-    ok(&generate(
+    assert_ok(&generate(
         &t,
         "g3",
         &["--classifier", &cls, "--cfg", "1", "--init-image", &init],
@@ -433,7 +372,7 @@ fn classifier_trains_guides_generation_and_evaluation() {
     // An unconditional model with the same VAE and schedule follows a class through the
     // classifier alone.
     train_ldm(&t, "vae", "uncond", "none", 100);
-    let o = run(&[
+    let o = pipeline(&[
         "generate",
         "--model",
         &t.p("uncond"),
@@ -448,31 +387,18 @@ fn classifier_trains_guides_generation_and_evaluation() {
         "--device",
         "cpu",
     ]);
-    ok(&o);
+    assert_ok(&o);
     assert_eq!(
         json(&t.path("u/generate.json"))["classifier_guidance"]["class"],
         "bottom-right"
     );
 
     // `eval` records the classifier and its scale.
-    std::fs::write(
-        t.path("ev.toml"),
-        format!(
-            "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 4\nbatch_size = 16\nwarmup_steps = 1\n",
-            t.path("data").display()
-        ),
-    )
-    .unwrap();
-    ok(&run(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-    ]));
-    let o = run(&[
+    let train = "steps = 4\nbatch_size = 16\nwarmup_steps = 1\n";
+    let config = tiny_evaluator_config(&t.path("data"), 4, train);
+    std::fs::write(t.path("ev.toml"), config).unwrap();
+    assert_ok(&t.train_evaluator("ev.toml", "ev", &[]));
+    let o = pipeline(&[
         "eval",
         "--model",
         &t.p("ldm"),
@@ -491,7 +417,7 @@ fn classifier_trains_guides_generation_and_evaluation() {
         "--device",
         "cpu",
     ]);
-    ok(&o);
+    assert_ok(&o);
     let e = json(&t.path("e.json"));
     assert_eq!(e["classifier_scale"], 2.0);
     assert!(e["classifier"].as_str().unwrap().ends_with("cls"), "{e}");
@@ -501,7 +427,7 @@ fn classifier_trains_guides_generation_and_evaluation() {
 #[test]
 fn classifier_bad_inputs_and_other_models() {
     let t = setup();
-    ok(&train_classifier(&t, "ldm", "cls", &[]));
+    assert_ok(&train_classifier(&t, "ldm", "cls", &[]));
     let cls = t.p("cls");
     assert_error(
         &generate(&t, "g", &["--classifier-scale", "2"]),
@@ -516,7 +442,7 @@ fn classifier_bad_inputs_and_other_models() {
         "no such trained classifier folder",
     );
     // No class to guide toward.
-    let o = run(&[
+    let o = pipeline(&[
         "generate",
         "--model",
         &t.p("ldm"),
@@ -528,56 +454,36 @@ fn classifier_bad_inputs_and_other_models() {
         "cpu",
     ]);
     assert_error(&o, "--classifier needs a class to guide toward");
+    // The classifier on another model, toward class top-left.
+    let guide = |model: &str| {
+        pipeline(&[
+            "generate",
+            "--model",
+            &t.p(model),
+            "--class",
+            "top-left",
+            "--classifier",
+            &cls,
+            "--out",
+            &t.p("g"),
+            "--device",
+            "cpu",
+        ])
+    };
     // A model with another noise schedule on the same VAE.
     train_ldm(&t, "vae", "ldm50", "class", 50);
-    let o = run(&[
-        "generate",
-        "--model",
-        &t.p("ldm50"),
-        "--class",
-        "top-left",
-        "--classifier",
-        &cls,
-        "--out",
-        &t.p("g"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "was trained for another noise schedule");
+    assert_error(&guide("ldm50"), "was trained for another noise schedule");
     // A model on another VAE.
-    ok(&run(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae2"),
-        "--device",
-        "cpu",
-        "--seed",
-        "5",
-    ]));
+    assert_ok(&t.train_vae("vae.toml", "vae2", &["--seed", "5"]));
     train_ldm(&t, "vae2", "ldm2", "class", 100);
-    let o = run(&[
-        "generate",
-        "--model",
-        &t.p("ldm2"),
-        "--class",
-        "top-left",
-        "--classifier",
-        &cls,
-        "--out",
-        &t.p("g"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "was trained on the latents of another VAE");
+    assert_error(&guide("ldm2"), "was trained on the latents of another VAE");
     // Config errors name the key; --resume continues exactly.
     std::fs::write(
         t.path("bad.toml"),
         CLASSIFIER.replace("groups = 4", "groups = 3"),
     )
     .unwrap();
-    let o = run(&[
+    let o = pipeline(&[
         "train-classifier",
         "--model",
         &t.p("ldm"),
@@ -589,8 +495,8 @@ fn classifier_bad_inputs_and_other_models() {
         "cpu",
     ]);
     assert_error(&o, "classifier.groups = 3: must divide");
-    ok(&train_classifier(&t, "ldm", "half", &["--steps", "2"]));
-    ok(&train_classifier(&t, "ldm", "half", &["--resume"]));
+    assert_ok(&train_classifier(&t, "ldm", "half", &["--steps", "2"]));
+    assert_ok(&train_classifier(&t, "ldm", "half", &["--resume"]));
     assert_eq!(
         sha(&t.path("half/model.safetensors")),
         sha(&t.path("cls/model.safetensors")),

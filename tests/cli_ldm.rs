@@ -5,81 +5,27 @@ mod common;
 
 use common::*;
 
-/// A tiny class-conditional LDM config (DiT with 2x2 patches on 8x8x2 latents).
-fn ldm_config(extra: &str) -> String {
-    format!(
-        r#"
-[schedule]
-kind = "linear"
-num_timesteps = 100
-
-[diffusion]
-conditioning = "class"
-ema_decay = 0.9
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 4
-batch_size = 8
-lr = 1e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 2
-checkpoint_every = 2
-{extra}
-"#
-    )
-}
-
-/// A tiny VAE run in `vae/` and an LDM config in `ldm.toml`.
+/// A tiny VAE run in `vae/` and the tiny class-conditional LDM config in `ldm.toml`.
 fn setup() -> TinyVae {
-    let t = TinyVae::new("");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::write(t.path("ldm.toml"), ldm_config("")).unwrap();
+    let t = TinyVae::trained();
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
     t
 }
 
-fn train_ldm(t: &TinyVae, config: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "train-ldm",
-        "--config",
-        config,
-        "--vae",
-        "VAE",
-        "--out",
-        out,
-        "--device",
-        "cpu",
-    ];
-    let vae = t.p("vae");
-    args[4] = &vae;
-    args.extend_from_slice(extra);
-    pipeline(&args)
+/// Asserts that `ldm.toml` with `from` replaced by `to` fails to train, saying `needle`, for
+/// each case.
+fn assert_bad_configs(t: &TinyVae, cases: &[(&str, &str, &str)]) {
+    let base = TinyLdmConfig::default().toml();
+    for (from, to, needle) in cases {
+        std::fs::write(t.path("bad.toml"), base.replace(from, to)).unwrap();
+        assert_error(&t.train_ldm("bad.toml", "r", &[]), needle);
+    }
 }
 
 #[test]
 fn train_generate_evaluate() {
     let t = setup();
-    let o = train_ldm(&t, &t.p("ldm.toml"), &t.p("ldm"), &[]);
+    let o = t.train_ldm("ldm.toml", "ldm", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     for file in [
         "config.toml",
@@ -190,24 +136,16 @@ fn train_generate_evaluate() {
 #[test]
 fn resume_is_exact_and_the_cache_is_reused() {
     let t = setup();
+    assert!(t.train_ldm("ldm.toml", "a", &[]).status.success());
     assert!(
-        train_ldm(&t, &t.p("ldm.toml"), &t.p("a"), &[])
+        t.train_ldm("ldm.toml", "b", &["--steps", "2"])
             .status
             .success()
     );
-    assert!(
-        train_ldm(&t, &t.p("ldm.toml"), &t.p("b"), &["--steps", "2"])
-            .status
-            .success()
-    );
-    let o = train_ldm(&t, &t.p("ldm.toml"), &t.p("b"), &["--resume"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let sha = |run: &str| {
-        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
-    };
+    assert_ok(&t.train_ldm("ldm.toml", "b", &["--resume"]));
     assert_eq!(
-        sha("a"),
-        sha("b"),
+        t.sha("a/model.safetensors"),
+        t.sha("b/model.safetensors"),
         "resumed EMA weights differ from the uninterrupted run"
     );
 }
@@ -233,33 +171,31 @@ fn schedule_prints_csv() {
 #[test]
 fn unknown_names_list_the_valid_ones() {
     let t = setup();
-    let base = ldm_config("");
-    for (from, to, needle) in [
-        (
-            "kind = \"linear\"",
-            "kind = \"quadratic\"",
-            "unknown variant `quadratic`, expected one of `linear`, `cosine`, `scaled-linear`",
-        ),
-        (
-            "kind = \"ddim\"",
-            "kind = \"euler\"",
-            "unknown variant `euler`",
-        ),
-        (
-            "kind = \"dit\"",
-            "kind = \"vit\"",
-            "unknown variant `vit`, expected `unet` or `dit`",
-        ),
-        (
-            "conditioning = \"class\"",
-            "conditioning = \"class\"\nparameterization = \"score\"",
-            "unknown variant `score`, expected one of `epsilon`, `sample`, `x0`, `v`, `v_prediction`",
-        ),
-    ] {
-        std::fs::write(t.path("bad.toml"), base.replace(from, to)).unwrap();
-        let o = train_ldm(&t, &t.p("bad.toml"), &t.p("r"), &[]);
-        assert_error(&o, needle);
-    }
+    assert_bad_configs(
+        &t,
+        &[
+            (
+                "kind = \"linear\"",
+                "kind = \"quadratic\"",
+                "unknown variant `quadratic`, expected one of `linear`, `cosine`, `scaled-linear`",
+            ),
+            (
+                "kind = \"ddim\"",
+                "kind = \"euler\"",
+                "unknown variant `euler`",
+            ),
+            (
+                "kind = \"dit\"",
+                "kind = \"vit\"",
+                "unknown variant `vit`, expected `unet` or `dit`",
+            ),
+            (
+                "conditioning = \"class\"",
+                "conditioning = \"class\"\nparameterization = \"score\"",
+                "unknown variant `score`, expected one of `epsilon`, `sample`, `x0`, `v`, `v_prediction`",
+            ),
+        ],
+    );
     let o = pipeline(&["generate", "--model", &t.p("nothing"), "--sampler", "euler"]);
     assert!(!o.status.success());
 }
@@ -267,59 +203,27 @@ fn unknown_names_list_the_valid_ones() {
 #[test]
 fn bad_steps_shapes_and_vae_dirs() {
     let t = setup();
-    std::fs::write(
-        t.path("bad.toml"),
-        ldm_config("").replace("steps = 5", "steps = 0"),
-    )
-    .unwrap();
-    assert_error(
-        &train_ldm(&t, &t.p("bad.toml"), &t.p("r"), &[]),
-        "steps = 0: between 1 and the 100 training timesteps",
+    assert_bad_configs(
+        &t,
+        &[
+            (
+                "steps = 5",
+                "steps = 0",
+                "steps = 0: between 1 and the 100 training timesteps",
+            ),
+            (
+                "steps = 5",
+                "steps = 101",
+                "steps = 101: between 1 and the 100 training timesteps",
+            ),
+            ("patch_size = 2", "patch_size = 3", "dit.patch_size = 3"),
+        ],
     );
-    std::fs::write(
-        t.path("bad.toml"),
-        ldm_config("").replace("steps = 5", "steps = 101"),
-    )
-    .unwrap();
-    assert_error(
-        &train_ldm(&t, &t.p("bad.toml"), &t.p("r"), &[]),
-        "steps = 101: between 1 and the 100 training timesteps",
-    );
-    std::fs::write(
-        t.path("bad.toml"),
-        ldm_config("").replace("patch_size = 2", "patch_size = 3"),
-    )
-    .unwrap();
-    assert_error(
-        &train_ldm(&t, &t.p("bad.toml"), &t.p("r"), &[]),
-        "dit.patch_size = 3",
-    );
-    let o = pipeline(&[
-        "train-ldm",
-        "--config",
-        &t.p("ldm.toml"),
-        "--vae",
-        &t.p("missing"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "no such VAE run folder");
+    let on_vae = |vae: &str| t.train_ldm_on("ldm.toml", vae, "r", &["--device", "cpu"]);
+    assert_error(&on_vae("missing"), "no such VAE run folder");
     std::fs::create_dir_all(t.path("half")).unwrap();
     std::fs::copy(t.path("vae/config.toml"), t.path("half/config.toml")).unwrap();
-    let o = pipeline(&[
-        "train-ldm",
-        "--config",
-        &t.p("ldm.toml"),
-        "--vae",
-        &t.p("half"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "incomplete VAE run, vae.json is missing");
+    assert_error(&on_vae("half"), "incomplete VAE run, vae.json is missing");
 }
 
 #[test]
@@ -327,13 +231,14 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let t = setup();
     std::fs::write(
         t.path("nan.toml"),
-        ldm_config("")
+        TinyLdmConfig::default()
+            .toml()
             .replace("grad_clip", "x")
             .replace("lr = 1e-3", "lr = 1e30\ngrad_clip = 0")
             .replace("steps = 4", "steps = 50"),
     )
     .unwrap();
-    let o = train_ldm(&t, &t.p("nan.toml"), &t.p("r"), &[]);
+    let o = t.train_ldm("nan.toml", "r", &[]);
     assert_error(&o, "the loss became non-finite");
     assert!(stderr(&o).contains("try a lower --lr"));
 }
@@ -342,24 +247,13 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
 fn a_latent_cache_of_another_vae_is_refused() {
     let t = setup();
     assert!(
-        train_ldm(&t, &t.p("ldm.toml"), &t.p("r"), &["--steps", "1"])
+        t.train_ldm("ldm.toml", "r", &["--steps", "1"])
             .status
             .success()
     );
     // Retrain the VAE with another seed: other weights, other checksum.
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae"),
-        "--device",
-        "cpu",
-        "--seed",
-        "5",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = train_ldm(&t, &t.p("ldm.toml"), &t.p("r"), &["--steps", "1"]);
+    assert_ok(&t.train_vae("vae.toml", "vae", &["--seed", "5"]));
+    let o = t.train_ldm("ldm.toml", "r", &["--steps", "1"]);
     assert_error(&o, "this latent cache was encoded by another VAE");
     // And the trained model refuses the changed VAE.
     let o = pipeline(&[
@@ -379,11 +273,7 @@ fn a_latent_cache_of_another_vae_is_refused() {
 #[test]
 fn generate_bad_inputs() {
     let t = setup();
-    assert!(
-        train_ldm(&t, &t.p("ldm.toml"), &t.p("ldm"), &[])
-            .status
-            .success()
-    );
+    assert!(t.train_ldm("ldm.toml", "ldm", &[]).status.success());
     let run = |extra: &[&str]| {
         let mut args = vec!["generate", "--model", "M", "--out", "O", "--device", "cpu"];
         let (m, o) = (t.p("ldm"), t.p("g"));
@@ -413,14 +303,14 @@ fn generate_bad_inputs() {
     );
     std::fs::write(
         t.path("u.toml"),
-        ldm_config("").replace("conditioning = \"class\"", "conditioning = \"none\""),
+        TinyLdmConfig {
+            conditioning: "none",
+            ..Default::default()
+        }
+        .toml(),
     )
     .unwrap();
-    assert!(
-        train_ldm(&t, &t.p("u.toml"), &t.p("u"), &[])
-            .status
-            .success()
-    );
+    assert!(t.train_ldm("u.toml", "u", &[]).status.success());
     let o = pipeline(&[
         "generate",
         "--model",
@@ -456,32 +346,17 @@ fn generate_bad_inputs() {
     assert_error(&o2, "no --model given and no default model recorded");
 }
 
-fn evaluator_config(data: &std::path::Path, feature_dim: usize) -> String {
-    format!(
-        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = {feature_dim}\n\n[train]\nsteps = 6\nbatch_size = 16\nlr = 3e-3\nwarmup_steps = 1\nlog_every = 2\n",
-        data.display()
-    )
-}
-
 #[test]
 fn evaluator_scores_a_model_and_refuses_bad_requests() {
     let t = setup();
-    assert!(
-        train_ldm(&t, &t.p("ldm.toml"), &t.p("ldm"), &[])
-            .status
-            .success()
-    );
-    std::fs::write(t.path("ev.toml"), evaluator_config(&t.path("data"), 4)).unwrap();
-    let o = pipeline(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(t.train_ldm("ldm.toml", "ldm", &[]).status.success());
+    std::fs::write(
+        t.path("ev.toml"),
+        tiny_evaluator_config(&t.path("data"), 4, TINY_EVALUATOR_TRAIN),
+    )
+    .unwrap();
+    let o = t.train_evaluator("ev.toml", "ev", &[]);
+    assert_ok(&o);
     assert!(stdout(&o).contains("held-out accuracy"), "{}", stdout(&o));
     let eval = |extra: &[&str]| {
         let mut args = vec![
@@ -514,56 +389,29 @@ fn evaluator_scores_a_model_and_refuses_bad_requests() {
         &eval(&["-n", "1"]),
         "FID needs more samples than feature dimensions: got n = 4 for d = 4",
     );
-    assert_error(
-        &pipeline(&[
+    let eval_with = |evaluator: &str| {
+        pipeline(&[
             "eval",
             "--model",
             &t.p("ldm"),
             "--evaluator",
-            &t.p("none"),
+            &t.p(evaluator),
             "--device",
             "cpu",
-        ]),
-        "no such trained evaluator folder",
-    );
-    assert_error(
-        &pipeline(&[
-            "eval",
-            "--model",
-            &t.p("ldm"),
-            "--evaluator",
-            &t.p("none"),
-            "--device",
-            "cpu",
-        ]),
-        "pipeline train-evaluator",
-    );
+        ])
+    };
+    let o = eval_with("none");
+    assert_error(&o, "no such trained evaluator folder");
+    assert_error(&o, "pipeline train-evaluator");
     // An evaluator of another recipe (other classes).
     let other = t.path("other");
     write_tiny_idx(&other, 32);
     std::fs::write(other.join("classes.txt"), "n\ne\ns\nw\n").unwrap();
-    std::fs::write(t.path("ev2.toml"), evaluator_config(&other, 4)).unwrap();
-    assert!(
-        pipeline(&[
-            "train-evaluator",
-            "--config",
-            &t.p("ev2.toml"),
-            "--out",
-            &t.p("ev2"),
-            "--device",
-            "cpu"
-        ])
-        .status
-        .success()
-    );
-    let o = pipeline(&[
-        "eval",
-        "--model",
-        &t.p("ldm"),
-        "--evaluator",
-        &t.p("ev2"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "was trained on another recipe");
+    std::fs::write(
+        t.path("ev2.toml"),
+        tiny_evaluator_config(&other, 4, TINY_EVALUATOR_TRAIN),
+    )
+    .unwrap();
+    assert_ok(&t.train_evaluator("ev2.toml", "ev2", &[]));
+    assert_error(&eval_with("ev2"), "was trained on another recipe");
 }

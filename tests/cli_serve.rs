@@ -14,63 +14,18 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use common::*;
 use serde_json::{Value, json};
 
-/// A tiny class-conditional DiT on 8x8x2 latents, T = 1000 so that a slow job is easy to make.
-const LDM_CONFIG: &str = r#"
-[schedule]
-kind = "linear"
-num_timesteps = 1000
-
-[diffusion]
-conditioning = "class"
-ema_decay = 0.9
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 4
-batch_size = 8
-lr = 1e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 4
-checkpoint_every = 4
-"#;
-
-/// A tiny VAE and LDM trained a few steps in `vae/` and `ldm/`.
+/// A tiny VAE and a tiny class-conditional LDM trained a few steps in `vae/` and `ldm/`, with
+/// T = 1000 so that a slow job is easy to make.
 fn tiny_model() -> TinyVae {
-    let t = TinyVae::new("");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::write(t.path("ldm.toml"), LDM_CONFIG).unwrap();
-    let o = pipeline(&[
-        "train-ldm",
-        "--config",
-        &t.p("ldm.toml"),
-        "--vae",
-        &t.p("vae"),
-        "--out",
-        &t.p("ldm"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let t = TinyVae::trained();
+    let config = TinyLdmConfig {
+        timesteps: 1000,
+        sample_every: 4,
+        checkpoint_every: 4,
+        ..Default::default()
+    };
+    std::fs::write(t.path("ldm.toml"), config.toml()).unwrap();
+    assert_ok(&t.train_ldm("ldm.toml", "ldm", &[]));
     t
 }
 

@@ -7,37 +7,6 @@ mod common;
 use common::*;
 use toml::Table;
 
-/// A tiny class-conditional LDM config (DiT with 2x2 patches on 8x8x2 latents).
-const LDM: &str = r#"
-[schedule]
-kind = "linear"
-num_timesteps = 100
-
-[diffusion]
-conditioning = "class"
-ema_decay = 0.9
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 4
-batch_size = 8
-lr = 1e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 2
-checkpoint_every = 2
-"#;
-
 /// The ablation settings of `scripts/results.sh sweep-ablation`, on a tiny U-Net.
 const V: &str = "diffusion.parameterization=v";
 const COSINE: &str = "schedule.kind=cosine";
@@ -60,54 +29,27 @@ fn with_sets<'a>(args: &[&'a str], sets: &[&'a str]) -> Vec<&'a str> {
     all
 }
 
-fn ok(o: &std::process::Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
-
 #[test]
 fn settings_reach_the_run_and_resume_must_repeat_them() {
     let t = TinyVae::new("");
-    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
-    let (vae, cfg) = (t.p("vae"), t.p("ldm.toml"));
-    ok(&pipeline(&with_sets(
-        &[
-            "train-vae",
-            "--config",
-            &t.p("vae.toml"),
-            "--out",
-            &vae,
-            "--device",
-            "cpu",
-        ],
-        &["train.lr=2e-3", "vae.latent_channels=2"],
-    )));
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
+    assert_ok(&t.train_vae(
+        "vae.toml",
+        "vae",
+        &with_sets(&[], &["train.lr=2e-3", "vae.latent_channels=2"]),
+    ));
     assert_eq!(
         config_of(&t.path("vae"))["train"]["lr"].as_float(),
         Some(2e-3)
     );
 
-    let (out, half) = (t.p("ldm"), t.p("half"));
     let train = |out: &str, sets: &[&str], extra: &[&str]| {
-        let mut args = with_sets(
-            &[
-                "train-ldm",
-                "--config",
-                &cfg,
-                "--vae",
-                &vae,
-                "--out",
-                out,
-                "--device",
-                "cpu",
-            ],
-            sets,
-        );
-        args.extend_from_slice(extra);
-        pipeline(&args)
+        let mut flags = with_sets(&[], sets);
+        flags.extend_from_slice(extra);
+        t.train_ldm("ldm.toml", out, &flags)
     };
     let all = [V, COSINE, MIN_SNR, UNET];
-    let o = train(&out, &all, &[]);
-    ok(&o);
+    assert_ok(&train("ldm", &all, &[]));
     let c = config_of(&t.path("ldm"));
     assert_eq!(c["diffusion"]["parameterization"].as_str(), Some("v"));
     assert_eq!(c["schedule"]["kind"].as_str(), Some("cosine"));
@@ -121,27 +63,25 @@ fn settings_reach_the_run_and_resume_must_repeat_them() {
     assert_eq!(c["diffusion"]["ema_decay"].as_float(), Some(0.9));
     assert_eq!(c["train"]["lr"].as_float(), Some(1e-3));
     // the run loads and is scored with the resolved config
+    let out = t.p("ldm");
     let e = pipeline(&["eval-ldm", "--model", &out, "-n", "8", "--device", "cpu"]);
-    ok(&e);
+    assert_ok(&e);
     assert!(stdout(&e).contains("variational bound"), "{}", stdout(&e));
 
     // --resume continues only under the settings the run began with (more steps allowed)
-    ok(&train(&half, &all, &["--steps", "2"]));
+    assert_ok(&train("half", &all, &["--steps", "2"]));
     assert_error(
-        &train(&half, &[COSINE, MIN_SNR, UNET], &["--resume"]),
+        &train("half", &[COSINE, MIN_SNR, UNET], &["--resume"]),
         "the config the run was started with: diffusion.parameterization = \"epsilon\" (the run has \"v\")",
     );
     assert_error(
-        &train(&half, &all, &["--resume", "--set", "train.lr=0.5"]),
+        &train("half", &all, &["--resume", "--set", "train.lr=0.5"]),
         "train.lr = 0.5 (the run has 0.001)",
     );
-    ok(&train(&half, &all, &["--resume"]));
-    let sha = |run: &str| {
-        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
-    };
+    assert_ok(&train("half", &all, &["--resume"]));
     assert_eq!(
-        sha("ldm"),
-        sha("half"),
+        t.sha("ldm/model.safetensors"),
+        t.sha("half/model.safetensors"),
         "a resumed run with the same settings differs from the straight one"
     );
 
@@ -166,34 +106,9 @@ fn settings_reach_the_run_and_resume_must_repeat_them() {
 #[test]
 fn bad_settings_are_one_line_errors_naming_the_key() {
     let t = TinyVae::new("");
-    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
-    let vae = t.p("vae");
-    ok(&pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &vae,
-        "--device",
-        "cpu",
-        "--steps",
-        "1",
-    ]));
-    let train = |set: &str| {
-        pipeline(&[
-            "train-ldm",
-            "--config",
-            &t.p("ldm.toml"),
-            "--vae",
-            &vae,
-            "--out",
-            &t.p("r"),
-            "--device",
-            "cpu",
-            "--set",
-            set,
-        ])
-    };
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
+    assert_ok(&t.train_vae("vae.toml", "vae", &["--steps", "1"]));
+    let train = |set: &str| t.train_ldm("ldm.toml", "r", &["--set", set]);
     for (set, needle) in [
         (
             "diffusion.parameterization",
@@ -238,41 +153,14 @@ fn bad_settings_are_one_line_errors_naming_the_key() {
         "a refused run wrote its config"
     );
 
-    std::fs::write(
-        t.path("ev.toml"),
-        format!(
-            "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 2\nbatch_size = 16\n",
-            t.path("data").display()
-        ),
-    )
-    .unwrap();
-    let o = pipeline(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-        "--set",
-        "evaluator.feature_dims=8",
-    ]);
+    let config = tiny_evaluator_config(&t.path("data"), 4, "steps = 2\nbatch_size = 16\n");
+    std::fs::write(t.path("ev.toml"), config).unwrap();
+    let o = t.train_evaluator("ev.toml", "ev", &["--set", "evaluator.feature_dims=8"]);
     assert_error(
         &o,
         "--set evaluator.feature_dims=8: evaluator.feature_dims: unknown field",
     );
-    let o = pipeline(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-        "--set",
-        "evaluator.feature_dim=6",
-    ]);
-    ok(&o);
+    assert_ok(&t.train_evaluator("ev.toml", "ev", &["--set", "evaluator.feature_dim=6"]));
     assert_eq!(
         config_of(&t.path("ev"))["evaluator"]["feature_dim"].as_integer(),
         Some(6)
@@ -282,7 +170,7 @@ fn bad_settings_are_one_line_errors_naming_the_key() {
 #[test]
 fn run_takes_stage_settings_and_keeps_only_matching_stages() {
     let t = TinyVae::new("");
-    std::fs::write(t.path("ldm.toml"), LDM).unwrap();
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
     std::fs::write(
         t.path("recipe.toml"),
         format!(
@@ -303,7 +191,7 @@ fn run_takes_stage_settings_and_keeps_only_matching_stages() {
         &run(&["schedule.kind=cosine"]),
         "--set schedule.kind=cosine: expected a key starting with vae. or ldm.",
     );
-    ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
+    assert_ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
     assert_eq!(
         config_of(&t.path("run/ldm"))["schedule"]["kind"].as_str(),
         Some("cosine")
@@ -314,7 +202,7 @@ fn run_takes_stage_settings_and_keeps_only_matching_stages() {
     );
     assert!(t.path("run/grid.png").exists());
     // the same settings keep both stages; other ones are refused, naming the key
-    ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
+    assert_ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
     let o = run(&["ldm.schedule.kind=scaled-linear"]);
     assert_error(&o, "run/ldm is trained and kept: the settings differ from ");
     assert_error(

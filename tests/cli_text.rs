@@ -6,81 +6,27 @@ mod common;
 
 use common::*;
 
-/// A tiny LDM config (DiT with 2x2 patches), text-conditioned unless `conditioning` says
-/// otherwise.
+/// The tiny LDM config with a `[text]` section, trained 6 steps at lr 5e-3, of
+/// `conditioning`, with `extra` lines in `[train]`.
 fn ldm_config(conditioning: &str, extra: &str) -> String {
-    format!(
-        r#"
-[schedule]
-kind = "linear"
-num_timesteps = 100
-
-[diffusion]
-conditioning = "{conditioning}"
-ema_decay = 0.9
-
-[text]
-max_tokens = 6
-dim = 16
-depth = 1
-heads = 2
-
-[backbone]
-kind = "dit"
-patch_size = 2
-hidden_size = 32
-depth = 1
-num_heads = 2
-
-[sampler]
-kind = "ddim"
-steps = 5
-
-[train]
-steps = 6
-batch_size = 8
-lr = 5e-3
-warmup_steps = 1
-log_every = 1
-sample_every = 3
-checkpoint_every = 3
-{extra}
-"#
-    )
+    TinyLdmConfig {
+        conditioning,
+        text_encoder: true,
+        steps: 6,
+        lr: "5e-3",
+        sample_every: 3,
+        checkpoint_every: 3,
+        extra_train: extra,
+        ..Default::default()
+    }
+    .toml()
 }
 
 /// A tiny VAE run in `vae/` and a text LDM config in `text.toml`.
 fn setup() -> TinyVae {
-    let t = TinyVae::new("");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("vae"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let t = TinyVae::trained();
     std::fs::write(t.path("text.toml"), ldm_config("text", "")).unwrap();
     t
-}
-
-fn train(t: &TinyVae, config: &str, out: &str, extra: &[&str]) -> std::process::Output {
-    let (config, vae, out) = (t.p(config), t.p("vae"), t.p(out));
-    let mut args = vec![
-        "train-ldm",
-        "--config",
-        &config,
-        "--vae",
-        &vae,
-        "--out",
-        &out,
-        "--device",
-        "cpu",
-    ];
-    args.extend_from_slice(extra);
-    pipeline(&args)
 }
 
 /// `generate --model <t/model> --out <t/out> -n 3 --seed 7 --device cpu` plus `extra`.
@@ -105,7 +51,7 @@ fn record(t: &TinyVae, dir: &str) -> serde_json::Value {
 #[test]
 fn a_text_model_trains_and_follows_prompts() {
     let t = setup();
-    let o = train(&t, "text.toml", "ldm", &[]);
+    let o = t.train_ldm("text.toml", "ldm", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     for file in [
         "tokenizer.json",
@@ -227,7 +173,7 @@ fn a_text_model_trains_and_follows_prompts() {
 #[test]
 fn prompt_errors_are_one_line() {
     let t = setup();
-    assert!(train(&t, "text.toml", "ldm", &[]).status.success());
+    assert!(t.train_ldm("text.toml", "ldm", &[]).status.success());
     assert_error(
         &generate(
             &t,
@@ -258,7 +204,7 @@ fn prompt_errors_are_one_line() {
     // an unconditional model refuses a negative prompt
     std::fs::write(t.path("none.toml"), ldm_config("none", "")).unwrap();
     assert!(
-        train(&t, "none.toml", "u", &["--steps", "1"])
+        t.train_ldm("none.toml", "u", &["--steps", "1"])
             .status
             .success()
     );
@@ -270,7 +216,7 @@ fn prompt_errors_are_one_line() {
     // a class model takes a negative prompt naming a class, and nothing else
     std::fs::write(t.path("class.toml"), ldm_config("class", "")).unwrap();
     assert!(
-        train(&t, "class.toml", "c", &["--steps", "2"])
+        t.train_ldm("class.toml", "c", &["--steps", "2"])
             .status
             .success()
     );
@@ -312,7 +258,7 @@ fn prompt_errors_are_one_line() {
     )
     .unwrap();
     assert_error(
-        &train(&t, "bad.toml", "b", &[]),
+        &t.train_ldm("bad.toml", "b", &[]),
         "text.heads = 3: expected a divisor of text.dim = 16",
     );
     std::fs::write(
@@ -321,7 +267,7 @@ fn prompt_errors_are_one_line() {
     )
     .unwrap();
     assert_error(
-        &train(&t, "bad.toml", "b", &[]),
+        &t.train_ldm("bad.toml", "b", &[]),
         "unknown field `max_words`",
     );
     std::fs::write(
@@ -329,7 +275,7 @@ fn prompt_errors_are_one_line() {
         ldm_config("text", "").replace("max_tokens = 6", "max_tokens = 0"),
     )
     .unwrap();
-    assert_error(&train(&t, "bad.toml", "b", &[]), "text.max_tokens = 0");
+    assert_error(&t.train_ldm("bad.toml", "b", &[]), "text.max_tokens = 0");
 
     // a model folder whose tokenizer.json was replaced
     std::fs::write(t.path("ldm/tokenizer.json"), "{}").unwrap();
@@ -348,45 +294,32 @@ fn resume_is_exact_for_a_text_model() {
         ldm_config("text", "lr_decay = \"constant\""),
     )
     .unwrap();
-    assert!(train(&t, "const.toml", "a", &[]).status.success());
+    assert!(t.train_ldm("const.toml", "a", &[]).status.success());
     assert!(
-        train(&t, "const.toml", "b", &["--steps", "3"])
+        t.train_ldm("const.toml", "b", &["--steps", "3"])
             .status
             .success()
     );
-    let o = train(&t, "const.toml", "b", &["--resume"]);
+    let o = t.train_ldm("const.toml", "b", &["--resume"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let sha = |f: &str| ldm_common::checkpoint::sha256_file(&t.path(f)).unwrap();
     assert_eq!(
-        sha("a/model.safetensors"),
-        sha("b/model.safetensors"),
+        t.sha("a/model.safetensors"),
+        t.sha("b/model.safetensors"),
         "resumed EMA weights (backbone and text encoder) differ from the uninterrupted run"
     );
-    assert_eq!(sha("a/tokenizer.json"), sha("b/tokenizer.json"));
-}
-
-fn evaluator_config(data: &std::path::Path) -> String {
-    format!(
-        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = 4\n\n[train]\nsteps = 6\nbatch_size = 16\nlr = 3e-3\nwarmup_steps = 1\nlog_every = 2\n",
-        data.display()
-    )
+    assert_eq!(t.sha("a/tokenizer.json"), t.sha("b/tokenizer.json"));
 }
 
 #[test]
 fn eval_prompts_a_text_model_with_each_class_name() {
     let t = setup();
-    assert!(train(&t, "text.toml", "ldm", &[]).status.success());
-    std::fs::write(t.path("ev.toml"), evaluator_config(&t.path("data"))).unwrap();
-    let o = pipeline(&[
-        "train-evaluator",
-        "--config",
-        &t.p("ev.toml"),
-        "--out",
-        &t.p("ev"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(t.train_ldm("text.toml", "ldm", &[]).status.success());
+    std::fs::write(
+        t.path("ev.toml"),
+        tiny_evaluator_config(&t.path("data"), 4, TINY_EVALUATOR_TRAIN),
+    )
+    .unwrap();
+    assert_ok(&t.train_evaluator("ev.toml", "ev", &[]));
     let o = pipeline(&[
         "eval",
         "--model",

@@ -9,16 +9,8 @@ use common::*;
 fn trains_evaluates_and_writes_a_complete_run_folder() {
     let t = TinyVae::new("");
     let out = t.p("run");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &out,
-        "--device",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.train_vae("vae.toml", "run", &[]);
+    assert_ok(&o);
     assert!(stdout(&o).contains("latent scale factor"), "{}", stdout(&o));
     for file in [
         "config.toml",
@@ -51,7 +43,7 @@ fn trains_evaluates_and_writes_a_complete_run_folder() {
         "--json",
         &t.p("eval.json"),
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     assert!(stdout(&o).contains("held-out PSNR"), "{}", stdout(&o));
     let e: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(t.path("eval.json")).unwrap()).unwrap();
@@ -62,40 +54,9 @@ fn trains_evaluates_and_writes_a_complete_run_folder() {
 #[test]
 fn resume_continues_exactly_where_the_run_stopped() {
     let t = TinyVae::new("");
-    let cfg = t.p("vae.toml");
-    let straight = pipeline(&[
-        "train-vae",
-        "--config",
-        &cfg,
-        "--out",
-        &t.p("a"),
-        "--device",
-        "cpu",
-    ]);
-    assert!(straight.status.success(), "{}", stderr(&straight));
-    let first = pipeline(&[
-        "train-vae",
-        "--config",
-        &cfg,
-        "--out",
-        &t.p("b"),
-        "--device",
-        "cpu",
-        "--steps",
-        "2",
-    ]);
-    assert!(first.status.success(), "{}", stderr(&first));
-    let resumed = pipeline(&[
-        "train-vae",
-        "--config",
-        &cfg,
-        "--out",
-        &t.p("b"),
-        "--device",
-        "cpu",
-        "--resume",
-    ]);
-    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert_ok(&t.train_vae("vae.toml", "a", &[]));
+    assert_ok(&t.train_vae("vae.toml", "b", &["--steps", "2"]));
+    assert_ok(&t.train_vae("vae.toml", "b", &["--resume"]));
     let losses = |run: &str| -> Vec<String> {
         std::fs::read_to_string(t.path(run).join("metrics.csv"))
             .unwrap()
@@ -110,12 +71,9 @@ fn resume_continues_exactly_where_the_run_stopped() {
     );
     // With warm-up 1, steps 0-1 have the same learning rate under a 2-step and a 4-step
     // schedule, so the resumed run must end with exactly the weights of the straight one.
-    let sha = |run: &str| {
-        ldm_common::checkpoint::sha256_file(&t.path(run).join("model.safetensors")).unwrap()
-    };
     assert_eq!(
-        sha("a"),
-        sha("b"),
+        t.sha("a/model.safetensors"),
+        t.sha("b/model.safetensors"),
         "resumed weights differ from the uninterrupted run"
     );
 }
@@ -144,28 +102,14 @@ fn truncated_and_non_idx_files_are_named() {
     let images = t.path("data/train-images-idx3-ubyte.gz");
     let bytes = std::fs::read(&images).unwrap();
     std::fs::write(&images, &bytes[..bytes.len() / 2]).unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "train-images-idx3-ubyte.gz: not a valid gzip file");
-    std::fs::write(&images, b"this is not an IDX file at all").unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
+    let train = || t.train_vae("vae.toml", "r", &[]);
     assert_error(
-        &o,
+        &train(),
+        "train-images-idx3-ubyte.gz: not a valid gzip file",
+    );
+    std::fs::write(&images, b"this is not an IDX file at all").unwrap();
+    assert_error(
+        &train(),
         "train-images-idx3-ubyte.gz: not an IDX u8 file with 3 dimensions",
     );
 }
@@ -208,7 +152,7 @@ fn trains_on_an_image_folder_with_captions() {
         "--device",
         "cpu",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
     let info = std::fs::read_to_string(out.join("vae.json")).unwrap();
     assert!(
         info.contains("\"cat\"") && info.contains("\"dog\""),
@@ -245,71 +189,36 @@ fn empty_image_folder_and_unreadable_image() {
 #[test]
 fn config_errors_name_the_key() {
     let t = TinyVae::new("");
-    let cfg = t.path("bad.toml");
     let base = std::fs::read_to_string(t.path("vae.toml")).unwrap();
-    std::fs::write(&cfg, base.replace("[vae]", "[vae]\nlatent_chanels = 3")).unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "bad.toml: line");
-    assert_error(&o, "unknown field `latent_chanels`");
-    std::fs::write(
-        &cfg,
-        base.replace("batch_size = 8", "batch_size = \"eight\""),
-    )
-    .unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "invalid type: string \"eight\", expected usize");
-    std::fs::write(
-        &cfg,
-        base.replace("downsample_factor = 4", "downsample_factor = 3"),
-    )
-    .unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(&o, "vae.downsample_factor = 3: expected a power of two");
-    std::fs::write(&cfg, base.replace("resolution = 32", "resolution = 34")).unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
-    assert_error(
-        &o,
-        "vae.downsample_factor = 4: expected a divisor of the image resolution 34",
-    );
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("nope.toml"),
-        "--out",
-        &t.p("r"),
-    ]);
+    for (from, to, needles) in [
+        (
+            "[vae]",
+            "[vae]\nlatent_chanels = 3",
+            &["bad.toml: line", "unknown field `latent_chanels`"][..],
+        ),
+        (
+            "batch_size = 8",
+            "batch_size = \"eight\"",
+            &["invalid type: string \"eight\", expected usize"],
+        ),
+        (
+            "downsample_factor = 4",
+            "downsample_factor = 3",
+            &["vae.downsample_factor = 3: expected a power of two"],
+        ),
+        (
+            "resolution = 32",
+            "resolution = 34",
+            &["vae.downsample_factor = 4: expected a divisor of the image resolution 34"],
+        ),
+    ] {
+        std::fs::write(t.path("bad.toml"), base.replace(from, to)).unwrap();
+        let o = t.train_vae("bad.toml", "r", &[]);
+        for needle in needles {
+            assert_error(&o, needle);
+        }
+    }
+    let o = t.train_vae_on("nope.toml", "r", &[]);
     assert_error(&o, "nope.toml: no such file, and not a built-in config");
 }
 
@@ -322,15 +231,7 @@ fn zero_or_negative_steps_and_batch_size_are_refused() {
         ("--steps", "0"),
         ("--steps", "-1"),
     ] {
-        let o = pipeline(&[
-            "train-vae",
-            "--config",
-            &t.p("vae.toml"),
-            "--out",
-            &t.p("r"),
-            flag,
-            value,
-        ]);
+        let o = t.train_vae_on("vae.toml", "r", &[flag, value]);
         assert!(!o.status.success());
         let err = stderr(&o);
         assert!(
@@ -339,23 +240,14 @@ fn zero_or_negative_steps_and_batch_size_are_refused() {
             "{err}"
         );
     }
-    let cfg = t.path("zero.toml");
     std::fs::write(
-        &cfg,
+        t.path("zero.toml"),
         std::fs::read_to_string(t.path("vae.toml"))
             .unwrap()
             .replace("steps = 4", "steps = 0"),
     )
     .unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-    ]);
+    let o = t.train_vae("zero.toml", "r", &[]);
     assert_error(&o, "train.steps = 0 (--steps): expected at least 1");
 }
 
@@ -364,77 +256,31 @@ fn unwritable_output_folder_is_named() {
     let t = TinyVae::new("");
     std::fs::write(t.path("afile"), b"").unwrap();
     let out = t.p("afile/run");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &out,
-        "--device",
-        "cpu",
-    ]);
+    let o = t.train_vae("vae.toml", "afile/run", &[]);
     assert_error(&o, &out);
 }
 
 #[test]
 fn resume_from_another_architecture_is_refused() {
     let t = TinyVae::new("");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-        "--steps",
-        "2",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let cfg = t.path("wider.toml");
+    assert_ok(&t.train_vae("vae.toml", "r", &["--steps", "2"]));
     std::fs::write(
-        &cfg,
+        t.path("wider.toml"),
         std::fs::read_to_string(t.path("vae.toml"))
             .unwrap()
             .replace("base_channels = 8", "base_channels = 16"),
     )
     .unwrap();
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-        "--resume",
-    ]);
+    let o = t.train_vae("wider.toml", "r", &["--resume"]);
     assert_error(&o, "vae.base_channels = 16 (the run has 8)");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("fresh"),
-        "--device",
-        "cpu",
-        "--resume",
-    ]);
+    let o = t.train_vae("vae.toml", "fresh", &["--resume"]);
     assert_error(&o, "--resume: no checkpoint in");
 }
 
 #[test]
 fn cuda_without_the_tch_build_is_explained() {
     let t = TinyVae::new("");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cuda",
-    ]);
+    let o = t.train_vae_on("vae.toml", "r", &["--device", "cuda"]);
     if cfg!(feature = "tch") {
         return;
     }
@@ -508,18 +354,8 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
             .unwrap();
     let step = state["step"].as_u64().unwrap();
     assert!(step >= 3, "{state}");
-    let o = pipeline(&[
-        "train-vae",
-        "--config",
-        &t.p("vae.toml"),
-        "--out",
-        &t.p("r"),
-        "--device",
-        "cpu",
-        "--resume",
-        "--steps",
-        &(step + 2).to_string(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let steps = (step + 2).to_string();
+    let o = t.train_vae("vae.toml", "r", &["--resume", "--steps", &steps]);
+    assert_ok(&o);
     assert!(t.path("r/model.safetensors").exists());
 }

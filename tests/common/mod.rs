@@ -2,6 +2,12 @@
 
 #![allow(dead_code)]
 
+mod ldm;
+
+// (each test binary compiles this module; not all of them use every helper)
+#[allow(unused_imports)]
+pub use ldm::TinyLdmConfig;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,6 +33,12 @@ pub fn stderr(o: &Output) -> String {
 
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts a success, showing stderr otherwise.
+#[track_caller]
+pub fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "{}", stderr(o));
 }
 
 /// Asserts a failure whose last stderr line is one `error: ...` line containing `needle`,
@@ -129,6 +141,19 @@ checkpoint_every = 2
     )
 }
 
+/// The usual `[train]` lines of a tiny evaluator: 6 steps of batch 16 at lr 3e-3.
+pub const TINY_EVALUATOR_TRAIN: &str =
+    "steps = 6\nbatch_size = 16\nlr = 3e-3\nwarmup_steps = 1\nlog_every = 2\n";
+
+/// A tiny evaluator config (two conv layers of 8 channels, `feature_dim` features) on the IDX
+/// set in `data`, with the lines `train` as its `[train]` section.
+pub fn tiny_evaluator_config(data: &Path, feature_dim: usize, train: &str) -> String {
+    format!(
+        "[data]\nsource = \"idx\"\ndir = \"{}\"\n\n[evaluator]\nchannels = [8, 8]\npool_size = 2\nfeature_dim = {feature_dim}\n\n[train]\n{train}",
+        data.display()
+    )
+}
+
 /// A temporary folder with the tiny IDX set in `data/` and its config in `vae.toml`.
 pub struct TinyVae {
     pub dir: tempfile::TempDir,
@@ -144,6 +169,50 @@ impl TinyVae {
         )
         .unwrap();
         Self { dir }
+    }
+
+    /// A new folder whose VAE is trained (`train-vae` of `vae.toml` on the CPU) in `vae/`.
+    pub fn trained() -> Self {
+        let t = Self::new("");
+        assert_ok(&t.train_vae("vae.toml", "vae", &[]));
+        t
+    }
+
+    /// `pipeline train-vae --config <config> --out <out>` and `flags`, the two paths relative
+    /// to this folder (`flags` pick the device).
+    pub fn train_vae_on(&self, config: &str, out: &str, flags: &[&str]) -> Output {
+        let (config, out) = (self.p(config), self.p(out));
+        let mut args = vec!["train-vae", "--config", &config, "--out", &out];
+        args.extend_from_slice(flags);
+        pipeline(&args)
+    }
+
+    /// `train-vae` of `config` on the CPU into `out`, plus `extra`.
+    pub fn train_vae(&self, config: &str, out: &str, extra: &[&str]) -> Output {
+        let mut flags = vec!["--device", "cpu"];
+        flags.extend_from_slice(extra);
+        self.train_vae_on(config, out, &flags)
+    }
+
+    /// `train-evaluator` of `config` on the CPU into `out`, plus `extra`.
+    pub fn train_evaluator(&self, config: &str, out: &str, extra: &[&str]) -> Output {
+        let (config, out) = (self.p(config), self.p(out));
+        let mut args = vec![
+            "train-evaluator",
+            "--config",
+            &config,
+            "--out",
+            &out,
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    }
+
+    /// SHA-256 of the file `rel` in this folder.
+    pub fn sha(&self, rel: &str) -> String {
+        ldm_common::checkpoint::sha256_file(&self.path(rel)).unwrap()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {

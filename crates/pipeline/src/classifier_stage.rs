@@ -16,7 +16,7 @@ use burn::tensor::{Device, Shape, Tensor, TensorData};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
-use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
+use ldm_common::checkpoint::{ensure_writable_dir, sha256_file, write_json};
 use ldm_common::data::{self, BatchOrder, Splits};
 use ldm_common::rng::{randn, stream};
 use ldm_common::weights::{load_safetensors, save_safetensors};
@@ -134,14 +134,8 @@ impl ClassifierRun {
             "pipeline train-classifier --model LDM_DIR --out {}",
             dir.display()
         );
-        crate::run_dir::require(
-            dir,
-            "trained classifier",
-            &["config.toml", "classifier.json", "model.safetensors"],
-            &how,
-        )?;
-        let config: ClassifierRunConfig = crate::config::read(&dir.join("config.toml"))?;
-        let info: ClassifierInfo = read_json(&dir.join("classifier.json"))?;
+        let (config, info): (ClassifierRunConfig, ClassifierInfo) =
+            crate::run_dir::read(dir, "trained classifier", "classifier.json", &how)?;
         let [c, s, _] = info.latent_shape;
         let model = config
             .classifier

@@ -11,7 +11,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use ldm_common::checkpoint::{ensure_writable_dir, read_json, write_json};
+use ldm_common::checkpoint::{ensure_writable_dir, write_json};
 use ldm_common::data::{self, BatchOrder, DataConfig, ImageSet, Splits};
 use ldm_common::weights::{load_safetensors, save_safetensors};
 use ldm_diffusion::sampler::SamplerOptions;
@@ -60,14 +60,8 @@ impl EvaluatorRun {
             "pipeline train-evaluator --config evaluator-animals --out {}",
             dir.display()
         );
-        crate::run_dir::require(
-            dir,
-            "trained evaluator",
-            &["config.toml", "evaluator.json", "model.safetensors"],
-            &how,
-        )?;
-        let config: EvaluatorRunConfig = crate::config::read(&dir.join("config.toml"))?;
-        let info: EvaluatorInfo = read_json(&dir.join("evaluator.json"))?;
+        let (config, info): (EvaluatorRunConfig, EvaluatorInfo) =
+            crate::run_dir::read(dir, "trained evaluator", "evaluator.json", &how)?;
         let model = config
             .evaluator
             .init(info.image_shape[0], info.class_names.len(), device)?;

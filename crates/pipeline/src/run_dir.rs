@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// Writes `<dir>/config.toml`: the config as resolved after defaults and flags.
 pub fn write_config<T: Serialize>(dir: &Path, config: &T) -> Result<()> {
@@ -28,4 +29,23 @@ pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> 
         );
     }
     Ok(())
+}
+
+/// Reads a trained run folder: `require`s its `config.toml`, `info_file` and
+/// `model.safetensors`, then parses the config and the info JSON.
+pub fn read<C: DeserializeOwned, I: DeserializeOwned>(
+    dir: &Path,
+    what: &str,
+    info_file: &str,
+    how: &str,
+) -> Result<(C, I)> {
+    require(
+        dir,
+        what,
+        &["config.toml", info_file, "model.safetensors"],
+        how,
+    )?;
+    let config = crate::config::read(&dir.join("config.toml"))?;
+    let info = ldm_common::checkpoint::read_json(&dir.join(info_file))?;
+    Ok((config, info))
 }
