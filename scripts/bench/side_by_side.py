@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Side-by-side table of `pipeline bench --json` and `torch_twin.py --json` runs (standard
+library only): per row and tool the median ms/step over the runs (min-max beside it), items/s,
+and the ratio PyTorch time / burn time (above 1: burn is faster).
+
+    side_by_side.py --torch torch-1.json torch-2.json --burn flex flex-1.json flex-2.json \
+                    [--burn libtorch tch-1.json ...] [--markdown]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+
+
+def load(paths):
+    runs = []
+    for p in paths:
+        try:
+            with open(p) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {p}: expected a bench JSON file ({e})")
+    return runs
+
+
+def per_row(runs):
+    """name -> {ms: [..], items: [..], params, unit, batch, model}"""
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            d = rows.setdefault(r["name"], {"ms": [], "items": [], "params": r["params"],
+                                            "unit": r["unit"], "batch": r["batch"], "model": r["model"]})
+            d["ms"].append(r["ms_per_step"])
+            d["items"].append(r["items_per_s"])
+    return rows
+
+
+def cell(d):
+    med = statistics.median(d["ms"])
+    if len(d["ms"]) > 1:
+        return f"{med:.1f} ({min(d['ms']):.1f}-{max(d['ms']):.1f})"
+    return f"{med:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--torch", nargs="+", required=True, help="torch_twin.py --json files")
+    ap.add_argument("--burn", nargs="+", action="append", required=True, metavar="NAME FILE",
+                    help="a column name (flex, libtorch, cuda) and its pipeline bench --json files")
+    ap.add_argument("--markdown", action="store_true")
+    a = ap.parse_args()
+    torch_runs = load(a.torch)
+    torch_rows = per_row(torch_runs)
+    columns = []
+    for spec in a.burn:
+        if len(spec) < 2:
+            sys.exit("error: --burn NAME FILE...: expected a column name and at least one file")
+        runs = load(spec[1:])
+        columns.append((spec[0], runs, per_row(runs)))
+
+    names = list(columns[0][2].keys())
+    head = ["row", "batch", "params"]
+    for name, _, _ in columns:
+        head += [f"burn-{name} ms/step", f"burn-{name} items/s"]
+    head += ["PyTorch ms/step", "PyTorch items/s"]
+    head += [f"ratio PyTorch/burn-{name}" for name, _, _ in columns]
+    lines = []
+    for n in names:
+        b0 = columns[0][2][n]
+        t = torch_rows.get(n)
+        params = f"{b0['params']:,}"
+        if t and t["params"] != b0["params"]:
+            params += f" (PyTorch {t['params']:,}!)"
+        cells = [n, str(b0["batch"]), params]
+        for _, _, rows in columns:
+            d = rows.get(n)
+            cells += [cell(d), f"{statistics.median(d['items']):.1f}"] if d else ["-", "-"]
+        cells += [cell(t), f"{statistics.median(t['items']):.1f}"] if t else ["-", "-"]
+        for _, _, rows in columns:
+            d = rows.get(n)
+            if d and t:
+                cells.append(f"{statistics.median(t['ms']) / statistics.median(d['ms']):.2f}")
+            else:
+                cells.append("-")
+        lines.append(cells)
+
+    devices = [f"burn-{name}: {runs[0]['device']}" for name, runs, _ in columns]
+    devices.append(f"PyTorch: {torch_runs[0]['device']}")
+    print("; ".join(devices) + f"; runs per tool: {len(torch_runs)} (median, min-max)")
+    if a.markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for cells in lines:
+            print("| " + " | ".join(cells) + " |")
+    else:
+        widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+        print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+        for cells in lines:
+            print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    print("ratio > 1: burn is faster; ms/step of sample-ddim50 is one DDIM step (run incl. decode / 50)")
+
+
+if __name__ == "__main__":
+    main()
