@@ -18,8 +18,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
 use rand::RngExt;
 use serde::Serialize;
@@ -28,15 +27,13 @@ use ldm_common::device::SelectedDevice;
 use ldm_common::rng::{randn, stream};
 use ldm_common::tensor::scalar;
 use ldm_diffusion::backbone::BackboneConfig;
-use ldm_diffusion::denoiser::{Backbone, Conditioning};
+use ldm_diffusion::denoiser::Conditioning;
 use ldm_diffusion::ldm_model::LdmModel;
-use ldm_diffusion::loss::diffusion_loss;
-use ldm_diffusion::process::q_sample;
 use ldm_diffusion::sampler::{SamplerKind, SamplerOptions};
 use ldm_diffusion::schedule::Schedule;
 use ldm_vae::Vae;
 
-use crate::ldm_stage::{ConditioningKind, DiffusionSettings, LdmRunConfig};
+use crate::ldm_stage::{ConditioningKind, DiffusionSettings, LdmRunConfig, ldm_loss};
 use crate::recipe::Recipe;
 use crate::train::TrainConfig;
 use crate::vae_stage::{VaeInfo, VaeRun, VaeRunConfig};
@@ -267,17 +264,6 @@ fn ldm_setup(
     })
 }
 
-/// AdamW as the training loop builds it (`train::train`): the run's decoupled weight decay and
-/// per-parameter gradient-norm clipping; burn's defaults beta = (0.9, 0.999), eps = 1e-5.
-fn adamw(train: &TrainConfig) -> ModuleOptimizer {
-    let mut config = AdamWConfig::new().with_weight_decay(train.weight_decay as f32);
-    if train.grad_clip > 0.0 {
-        config =
-            config.with_grad_clipping(Some(GradientClippingConfig::Norm(train.grad_clip as f32)));
-    }
-    config.init()
-}
-
 /// Waits until the device has finished all queued work, then returns the loss as f64.
 ///
 /// Backends may run asynchronously (libtorch on CUDA queues kernels and returns at once), so a
@@ -305,7 +291,7 @@ fn time_training<M: Module + 'static>(
     mut loss_of: impl FnMut(&M, u64) -> Tensor<1>,
     mut after: impl FnMut(&M, u64),
 ) -> Result<(M, f64, f64)> {
-    let mut optim = adamw(train);
+    let mut optim = train.optimizer();
     let mut start = Instant::now();
     let mut last = None;
     for step in 0..(o.warmup + o.iters) as u64 {
@@ -344,34 +330,6 @@ fn host_batch(seed: u64, purpose: &str, n: usize, scale: f32) -> Vec<f32> {
 
 fn upload(values: &[f32], shape: [usize; 4], device: &Device) -> Tensor<4> {
     Tensor::from_data(TensorData::new(values.to_vec(), Shape::new(shape)), device)
-}
-
-/// The LDM training loss of one batch, as `train-ldm`'s step computes it:
-/// z_t = q_sample(z_0, t, eps), output = model(z_t, t, cond), loss = weighted MSE to the
-/// parameterization's target.
-fn ldm_loss(
-    model: &LdmModel,
-    schedule: &Schedule,
-    settings: &DiffusionSettings,
-    z0: Tensor<4>,
-    t: &[usize],
-    eps: Tensor<4>,
-    cond: &Conditioning,
-) -> Tensor<1> {
-    let device = z0.device();
-    let z_t = q_sample(schedule, z0.clone(), t, eps.clone());
-    let t_float = Tensor::<1>::from_data(
-        TensorData::new(
-            t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            Shape::new([t.len()]),
-        ),
-        &device,
-    );
-    let output = model.forward(z_t, t_float, cond);
-    let p = settings.parameterization;
-    let target = p.target(schedule, z0, eps, t);
-    let weights = settings.loss.weights(schedule, p, t, &device);
-    diffusion_loss(output, target, weights)
 }
 
 /// Class labels of a batch with a fraction `p_uncond` replaced by the null class, as in

@@ -505,25 +505,41 @@ impl ShardedTask for LdmTask {
             device,
         );
         let eps = take_rows(eps, &rows);
-        let z_t = q_sample(&self.schedule, z0.clone(), &t, eps.clone());
-        let t_float = Tensor::<1>::from_data(
-            TensorData::new(
-                t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                Shape::new([t.len()]),
-            ),
-            device,
-        );
         let cond = Conditioning {
             class: self.labels(indices, &rows, step, device),
             text: self.text(model, indices, &rows, step, device),
         };
-        let output = model.forward(z_t, t_float, &cond);
-        let p = self.settings.parameterization;
-        let target = p.target(&self.schedule, z0, eps, &t);
-        let weights = self.settings.loss.weights(&self.schedule, p, &t, device);
-        let loss = diffusion_loss(output, target, weights);
+        let loss = ldm_loss(model, &self.schedule, &self.settings, z0, &t, eps, &cond);
         (loss.clone(), vec![loss])
     }
+}
+
+/// The LDM training loss of one batch (`train-ldm`'s step, and `pipeline bench`'s):
+/// z_t = q_sample(z_0, t, eps), output = model(z_t, t, cond), loss = weighted MSE to the
+/// parameterization's target.
+pub(crate) fn ldm_loss(
+    model: &LdmModel,
+    schedule: &Schedule,
+    settings: &DiffusionSettings,
+    z0: Tensor<4>,
+    t: &[usize],
+    eps: Tensor<4>,
+    cond: &Conditioning,
+) -> Tensor<1> {
+    let device = z0.device();
+    let z_t = q_sample(schedule, z0.clone(), t, eps.clone());
+    let t_float = Tensor::<1>::from_data(
+        TensorData::new(
+            t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+            Shape::new([t.len()]),
+        ),
+        &device,
+    );
+    let output = model.forward(z_t, t_float, cond);
+    let p = settings.parameterization;
+    let target = p.target(schedule, z0, eps, t);
+    let weights = settings.loss.weights(schedule, p, t, &device);
+    diffusion_loss(output, target, weights)
 }
 
 struct LdmTask {

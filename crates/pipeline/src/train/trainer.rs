@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::grad_clipping::GradientClippingConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 
 use super::config::TrainConfig;
@@ -136,12 +135,7 @@ fn run<T: TrainTask>(
     resume: bool,
     mut forward_backward: impl FnMut(&mut T, &T::Model, u64) -> Result<StepOutput>,
 ) -> Result<Outcome<T::Model>> {
-    let mut optim_config = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
-    if config.grad_clip > 0.0 {
-        optim_config = optim_config
-            .with_grad_clipping(Some(GradientClippingConfig::Norm(config.grad_clip as f32)));
-    }
-    let optim = optim_config.init();
+    let optim = config.optimizer();
     let mut state = TrainState {
         step: 0,
         seed: config.seed,
