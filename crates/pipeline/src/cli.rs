@@ -378,6 +378,20 @@ pub struct TrainFlags {
     pub resume: bool,
 }
 
+impl TrainFlags {
+    /// The `[train]` overrides these flags give, with `--devices LIST` where the command has it.
+    pub fn overrides(&self, devices: Option<&str>) -> crate::train::TrainOverrides {
+        crate::train::TrainOverrides {
+            sets: self.set.clone(),
+            steps: self.steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            seed: self.seed,
+            devices: devices.map(crate::train::parallel::split_list),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainVaeArgs {
     /// A config file, or the name of a built-in one (vae-fmnist, vae-fmnist-full, vae-animals).

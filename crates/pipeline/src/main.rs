@@ -7,7 +7,6 @@ use clap::Parser;
 
 use ldm_common::device::select;
 use ldm_pipeline::cli::{Cli, Command};
-use ldm_pipeline::train::parallel::split_list;
 use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
 use ldm_pipeline::{classifier_stage, img2img};
 
@@ -40,13 +39,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let device = select(a.device.device)?;
             let config = builtin::resolve(&a.config)?;
             let overrides = vae_stage::Overrides {
-                devices: a.devices.as_deref().map(split_list),
-                sets: a.train.set,
                 data: a.data,
-                steps: a.train.steps,
-                batch_size: a.train.batch_size,
-                lr: a.train.lr,
-                seed: a.train.seed,
+                train: a.train.overrides(a.devices.as_deref()),
             };
             eprintln!(
                 "train-vae on {} -> {}",
@@ -93,14 +87,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::TrainLdm(a) => {
             let device = select(a.device.device)?;
             let config = builtin::resolve(&a.config)?;
-            let overrides = ldm_stage::Overrides {
-                devices: a.devices.as_deref().map(split_list),
-                sets: a.train.set,
-                steps: a.train.steps,
-                batch_size: a.train.batch_size,
-                lr: a.train.lr,
-                seed: a.train.seed,
-            };
+            let overrides = a.train.overrides(a.devices.as_deref());
             eprintln!(
                 "train-ldm on {} -> {}",
                 on_devices(a.devices.as_deref(), &device.description),
@@ -306,14 +293,7 @@ fn train_classifier(a: ldm_pipeline::cli::TrainClassifierArgs) -> Result<ExitCod
         None => generate::default_model()?,
     };
     let run = ldm_stage::LdmRun::load(&model, &device.device)?;
-    let overrides = classifier_stage::Overrides {
-        devices: None,
-        sets: a.train.set,
-        steps: a.train.steps,
-        batch_size: a.train.batch_size,
-        lr: a.train.lr,
-        seed: a.train.seed,
-    };
+    let overrides = a.train.overrides(None);
     eprintln!(
         "train-classifier on the latents of {} on {} -> {}",
         model.display(),

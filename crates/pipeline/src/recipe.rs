@@ -106,9 +106,12 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             vae_dir.display()
         );
         let overrides = vae_stage::Overrides {
-            sets: vae_sets,
-            steps: o.vae_steps,
-            ..Default::default()
+            data: None,
+            train: crate::train::TrainOverrides {
+                sets: vae_sets,
+                steps: o.vae_steps,
+                ..Default::default()
+            },
         };
         let resume = has_checkpoint(&vae_dir);
         if vae_stage::train_vae(

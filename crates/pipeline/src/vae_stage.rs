@@ -80,18 +80,12 @@ impl VaeRun {
     }
 }
 
-/// Flags of `train-vae` that override config keys.
+/// Flags of `train-vae` that override config keys: `--data`, and those of every training
+/// command.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
-    /// `--set KEY=VALUE` flags, applied to the config file before the flags below.
-    pub sets: Vec<String>,
     pub data: Option<PathBuf>,
-    pub steps: Option<u64>,
-    pub batch_size: Option<usize>,
-    pub lr: Option<f64>,
-    pub seed: Option<u64>,
-    /// `--devices LIST`, split at commas (`train.devices`).
-    pub devices: Option<Vec<String>>,
+    pub train: crate::train::TrainOverrides,
 }
 
 impl Overrides {
@@ -100,21 +94,7 @@ impl Overrides {
         if let Some(dir) = &self.data {
             data.dir = Some(dir.clone());
         }
-        if let Some(v) = self.steps {
-            train.steps = v;
-        }
-        if let Some(v) = self.batch_size {
-            train.batch_size = v;
-        }
-        if let Some(v) = self.lr {
-            train.lr = v;
-        }
-        if let Some(v) = self.seed {
-            train.seed = v;
-        }
-        if let Some(v) = &self.devices {
-            train.devices = v.clone();
-        }
+        self.train.apply(train);
     }
 }
 
@@ -231,7 +211,7 @@ pub fn train_vae(
     device: &Device,
     resume: bool,
 ) -> Result<Option<VaeSummary>> {
-    let mut config: VaeRunConfig = crate::overrides::read(config_path, &overrides.sets)?;
+    let mut config: VaeRunConfig = crate::overrides::read(config_path, &overrides.train.sets)?;
     overrides.apply(&mut config.data, &mut config.train);
     config.train.validate().map_err(anyhow::Error::msg)?;
     config.vae.validate(config.data.resolution)?;
