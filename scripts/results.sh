@@ -86,7 +86,8 @@ sweep_steps() {
 # The variants of sweep-ablation: each changes one thing of the base recipe (epsilon, linear,
 # L_simple, DiT-M/2), through `train-ldm --set`. The U-Net is the ldm-fmnist-unet backbone:
 # 2,799,556 parameters against the DiT-M/2's 2,837,776 on 4x8x8 latents with 10 classes.
-ABLATION_VARIANTS="base x0 v cosine scaled-linear min-snr unet"
+# The two combinations change the three things that each won alone.
+ABLATION_VARIANTS="base x0 v cosine scaled-linear min-snr unet v-scaled-linear-min-snr x0-scaled-linear-min-snr"
 ABLATION_UNET='backbone={kind="unet", base_channels=64, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=4, groups=32}'
 
 # Sets the array SETS to the --set flags of ablation variant $1.
@@ -99,6 +100,9 @@ ablation_sets() {
     scaled-linear) SETS=(--set schedule.kind=scaled-linear) ;;
     min-snr) SETS=(--set 'diffusion.loss={kind="min-snr", gamma=5.0}') ;;
     unet) SETS=(--set "$ABLATION_UNET") ;;
+    v-scaled-linear-min-snr | x0-scaled-linear-min-snr)
+      SETS=(--set "diffusion.parameterization=${1%%-*}" --set schedule.kind=scaled-linear
+        --set 'diffusion.loss={kind="min-snr", gamma=5.0}') ;;
     *) die "unknown ablation variant '$1'; expected some of: $ABLATION_VARIANTS" ;;
   esac
 }
@@ -264,8 +268,8 @@ for f in files:
 
 # sweep-ablation files (NAME-<variant>.json, NAME-<variant>-bound.json, each with the variant in
 # its .meta) get their own table instead of the eval and bound tables.
-ABLATION = ["base", "x0", "v", "cosine", "scaled-linear", "min-snr", "unet"]
-ABL_RE = re.compile(r"^(.+)-(" + "|".join(map(re.escape, ABLATION)) + r")(-bound)?$")
+ABLATION = ["base", "x0", "v", "cosine", "scaled-linear", "min-snr", "unet",
+            "v-scaled-linear-min-snr", "x0-scaled-linear-min-snr"]
 CHANGES = {
     "base": "nothing: the training command's config as it is",
     "x0": "predicts x0 (`diffusion.parameterization = \"sample\"`)",
@@ -274,13 +278,19 @@ CHANGES = {
     "scaled-linear": "scaled-linear schedule",
     "min-snr": "min-SNR-gamma loss weighting, gamma 5",
     "unet": "U-Net (64 channels, mult [1, 2], 1 block per level, attention at 4x4) for the DiT",
+    "v-scaled-linear-min-snr": "v, scaled-linear and min-SNR-5 together",
+    "x0-scaled-linear-min-snr": "x0, scaled-linear and min-SNR-5 together",
 }
 
 def ablation_of(f):
     """(NAME, variant, is_bound) of a sweep-ablation file, or None."""
-    m = ABL_RE.match(os.path.basename(f)[:-5])
-    if m and meta(f).get("variant") == m.group(2):
-        return m.group(1), m.group(2), bool(m.group(3))
+    stem = os.path.basename(f)[:-5]
+    bound = stem.endswith("-bound")
+    stem = stem[: -len("-bound")] if bound else stem
+    # the longest variant first: "...-v-scaled-linear-min-snr" is not variant "min-snr"
+    for v in sorted(ABLATION, key=len, reverse=True):
+        if stem.endswith("-" + v) and meta(f).get("variant") == v:
+            return stem[: -len(v) - 1], v, bound
     return None
 
 ablations = {}

@@ -270,6 +270,39 @@ fn a_latent_cache_of_another_vae_is_refused() {
     assert_error(&o, "has changed since this model was trained");
 }
 
+/// Cosine with T = 100 ends at alphas_cumprod = 2.4e-7: trailing spacing starts there, and an
+/// epsilon model's x0 estimate multiplies its error by 2000.
+#[test]
+fn an_ill_conditioned_start_is_warned_and_clip_x0_bounds_it() {
+    let t = setup();
+    let o = t.train_ldm("ldm.toml", "cos", &["--set", "schedule.kind=cosine"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = |out: &str, extra: &[&str]| {
+        let (m, o) = (t.p("cos"), t.p(out));
+        let mut args = vec![
+            "generate", "--model", &m, "--class", "top-left", "-n", "2", "--out", &o, "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        let output = pipeline(&args);
+        assert!(output.status.success(), "{extra:?}: {}", stderr(&output));
+        stderr(&output)
+    };
+    let warning = "warning: an epsilon model starting at t = 99";
+    let e = run("plain", &[]);
+    assert!(e.contains(warning) && e.contains("--clip-x0 3"), "{e}");
+    assert!(!run("leading", &["--spacing", "leading"]).contains("warning"));
+    assert!(!run("clipped", &["--clip-x0", "3"]).contains("warning"));
+    let sha = |f: &str| ldm_common::checkpoint::sha256_file(&t.path(f)).unwrap();
+    assert_ne!(
+        sha("plain/000.png"),
+        sha("clipped/000.png"),
+        "clipping changed nothing"
+    );
+    let record = std::fs::read_to_string(t.path("clipped/generate.json")).unwrap();
+    assert!(record.contains("\"clip_x0\": 3.0"), "{record}");
+}
+
 #[test]
 fn generate_bad_inputs() {
     let t = setup();
@@ -300,6 +333,14 @@ fn generate_bad_inputs() {
     assert_error(
         &run(&["--sampler", "euler", "--class", "top-left"]),
         "sampler = euler: one of ddpm, ddim, dpm-solver++, heun, langevin",
+    );
+    assert_error(
+        &run(&["--spacing", "middle"]),
+        "sampler.spacing = middle: one of leading, trailing, linspace",
+    );
+    assert_error(
+        &run(&["--clip-x0", "0"]),
+        "sampler.clip_x0 = 0: a positive number",
     );
     std::fs::write(
         t.path("u.toml"),

@@ -10,6 +10,7 @@ pub mod denoiser;
 pub mod error;
 
 // -- math (schedules, parameterizations, losses, samplers) --
+pub mod clip;
 pub mod guidance;
 pub mod loss;
 pub mod parameterization;

@@ -20,6 +20,34 @@ pub enum TimestepSpacing {
     Linspace,
 }
 
+impl TimestepSpacing {
+    pub const ALL: [Self; 3] = [Self::Leading, Self::Trailing, Self::Linspace];
+
+    /// The config / CLI name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Leading => "leading",
+            Self::Trailing => "trailing",
+            Self::Linspace => "linspace",
+        }
+    }
+}
+
+impl std::str::FromStr for TimestepSpacing {
+    type Err = DiffusionError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| DiffusionError::InvalidConfig {
+                key: "sampler.spacing".into(),
+                value: s.into(),
+                expected: format!("one of {}", Self::ALL.map(Self::name).join(", ")),
+            })
+    }
+}
+
 /// The timesteps of a `steps`-step sampler over a `num_train`-step schedule, descending, as
 /// diffusers computes them (numpy's round-half-to-even included).
 pub fn timesteps(num_train: usize, steps: usize, spacing: TimestepSpacing) -> Result<Vec<usize>> {

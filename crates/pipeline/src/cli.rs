@@ -222,12 +222,8 @@ pub struct EvalArgs {
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub cfg: f64,
-    /// Sampler (default: the model's).
-    #[arg(long)]
-    pub sampler: Option<String>,
-    /// Denoising steps (default: the model's).
-    #[arg(long)]
-    pub steps: Option<usize>,
+    #[command(flatten)]
+    pub sampler: SamplerFlags,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -287,6 +283,28 @@ pub struct ScheduleArgs {
     pub config: String,
 }
 
+/// The sampler flags of `generate` and `eval`; each overrides the model's `[sampler]` key.
+#[derive(Debug, Args, Default)]
+pub struct SamplerFlags {
+    /// Sampler: ddpm, ddim, dpm-solver++, heun or langevin (default: the model's).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Denoising steps (default: the model's `sampler.steps`).
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
+    pub steps: Option<i64>,
+    /// DDIM eta: 0 deterministic, 1 ancestral (default: the model's `sampler.eta`).
+    #[arg(long)]
+    pub eta: Option<f64>,
+    /// Which timesteps are visited: leading, trailing or linspace (default: the model's
+    /// `sampler.spacing`).
+    #[arg(long)]
+    pub spacing: Option<String>,
+    /// Clip every x0 estimate to [-C, C], as iDDPM does (default: the model's
+    /// `sampler.clip_x0`, normally none).
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    pub clip_x0: Option<f64>,
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateCliArgs {
     /// What to draw: any prompt for a text model; for a class-conditional model, a prompt
@@ -306,15 +324,8 @@ pub struct GenerateCliArgs {
     /// A run folder written by `train-ldm` (default: the model of the README's first command).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Sampler: ddpm, ddim, dpm-solver++, heun or langevin (default: the model's).
-    #[arg(long)]
-    pub sampler: Option<String>,
-    /// Denoising steps (default: the model's `sampler.steps`).
-    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
-    pub steps: Option<i64>,
-    /// DDIM eta: 0 deterministic, 1 ancestral.
-    #[arg(long)]
-    pub eta: Option<f64>,
+    #[command(flatten)]
+    pub sampler: SamplerFlags,
     /// Number of images.
     #[arg(short = 'n', long, default_value_t = 16, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
     pub n: i64,

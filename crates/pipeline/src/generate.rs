@@ -10,10 +10,12 @@ use serde::Serialize;
 
 use ldm_common::checkpoint::{atomic_write, ensure_writable_dir, write_json};
 use ldm_common::image_io::{encode_png, grid, interleaved, to_pixels};
+use ldm_diffusion::clip::ill_conditioned_start_warning;
 use ldm_diffusion::sampler::SamplerOptions;
 use ldm_diffusion::schedule::Schedule;
 
 use crate::classifier_stage::{ClassifierArgs, ClassifierRun};
+use crate::cli::SamplerFlags;
 use crate::img2img::Img2ImgArgs;
 use crate::ldm_stage::{Condition, LdmRun};
 use crate::sampling::{ClassifierGuide, SampleExtras};
@@ -137,13 +139,29 @@ fn resolve_prompts(run: &LdmRun, args: &GenerateArgs) -> Result<(String, Option<
     Ok((prompt, args.negative_prompt.clone()))
 }
 
-/// Warnings about a request, one line each: the words of `--prompt` and `--negative-prompt`
-/// that a text model's tokenizer never saw in training.
-pub fn prompt_warnings(run: &LdmRun, args: &GenerateArgs) -> Result<Vec<String>> {
-    let Some(tokenizer) = &run.tokenizer else {
-        return Ok(vec![]);
-    };
+/// The warning for an epsilon model whose sampler starts where its x0 estimate is
+/// ill-conditioned ([`ill_conditioned_start_warning`]), or `None`.
+pub fn sampler_warning(run: &LdmRun, options: &SamplerOptions) -> Option<String> {
+    let first = *options.timesteps(&run.schedule).ok()?.first()?;
+    ill_conditioned_start_warning(
+        run.config.diffusion.parameterization,
+        &run.schedule,
+        options,
+        first,
+    )
+}
+
+/// Warnings about a request, one line each: an ill-conditioned sampler start
+/// ([`sampler_warning`]; not for image-to-image, which starts lower), and the words of
+/// `--prompt` and `--negative-prompt` that a text model's tokenizer never saw in training.
+pub fn request_warnings(run: &LdmRun, args: &GenerateArgs) -> Result<Vec<String>> {
     let mut lines = vec![];
+    if args.img2img.is_none() {
+        lines.extend(sampler_warning(run, &args.sampler));
+    }
+    let Some(tokenizer) = &run.tokenizer else {
+        return Ok(lines);
+    };
     for (flag, text) in [
         ("--prompt", &args.prompt),
         ("--negative-prompt", &args.negative_prompt),
@@ -214,22 +232,26 @@ pub struct Generation {
 pub fn sampler_options(
     defaults: &SamplerOptions,
     schedule: &Schedule,
-    sampler: Option<&str>,
-    steps: Option<i64>,
-    eta: Option<f64>,
+    flags: &SamplerFlags,
 ) -> Result<SamplerOptions> {
     let mut options = defaults.clone();
-    if let Some(name) = sampler {
+    if let Some(name) = &flags.sampler {
         options.kind = name.parse()?;
     }
-    if let Some(steps) = steps {
+    if let Some(spacing) = &flags.spacing {
+        options.spacing = spacing.parse()?;
+    }
+    if let Some(c) = flags.clip_x0 {
+        options.clip_x0 = Some(c);
+    }
+    if let Some(steps) = flags.steps {
         let t = schedule.num_timesteps();
         if steps < 1 || steps as usize > t {
             bail!("--steps {steps}: expected 1 to {t} (the model's number of timesteps)");
         }
         options.steps = steps as usize;
     }
-    if let Some(eta) = eta {
+    if let Some(eta) = flags.eta {
         options.eta = eta;
     }
     options.validate(schedule)?;
@@ -412,7 +434,7 @@ pub fn generate(
     device: &Device,
 ) -> Result<GenerateRecord> {
     ensure_writable_dir(out)?;
-    for line in prompt_warnings(run, args)? {
+    for line in request_warnings(run, args)? {
         eprintln!("{line}");
     }
     let mut bar = None;

@@ -146,13 +146,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => generate::default_model()?,
             };
             let run = ldm_stage::LdmRun::load(&model, &device.device)?;
-            let sampler = generate::sampler_options(
-                &run.config.sampler,
-                &run.schedule,
-                a.sampler.as_deref(),
-                a.steps,
-                a.eta,
-            )?;
+            let sampler =
+                generate::sampler_options(&run.config.sampler, &run.schedule, &a.sampler)?;
             if a.n < 1 {
                 anyhow::bail!("-n {}: expected at least one image", a.n);
             }
@@ -336,14 +331,10 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
     };
     let evaluator = evaluator_stage::EvaluatorRun::load(&a.evaluator, &device.device)?;
     let run = ldm_stage::LdmRun::load(&model, &device.device)?;
-    let mut sampler = run.config.sampler.clone();
-    if let Some(name) = &a.sampler {
-        sampler.kind = name.parse()?;
+    let sampler = generate::sampler_options(&run.config.sampler, &run.schedule, &a.sampler)?;
+    if let Some(line) = generate::sampler_warning(&run, &sampler) {
+        eprintln!("{line}");
     }
-    if let Some(steps) = a.steps {
-        sampler.steps = steps;
-    }
-    sampler.validate(&run.schedule)?;
     let guide = classifier_stage::from_flags(a.guidance.classifier, a.guidance.classifier_scale)?
         .map(|c| {
             classifier_stage::ClassifierRun::load(&c.dir, &device.device).map(|r| (r, c.scale))

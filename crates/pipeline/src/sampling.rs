@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use ldm_common::rng::{randn, stream};
 use ldm_diffusion::backbone::BackboneModel;
+use ldm_diffusion::clip::ClipX0;
 use ldm_diffusion::denoiser::{Conditioning, Denoiser, TextConditioning};
 use ldm_diffusion::guidance::{ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser};
 use ldm_diffusion::noisy_classifier::NoisyClassifier;
@@ -188,6 +189,19 @@ pub fn sample_latents_with(
                 scale: g.scale,
             };
             &guided
+        }
+    };
+    // x0 clipping wraps everything, as diffusers clips after guidance.
+    let clipped;
+    let denoiser: &dyn Denoiser = match request.sampler.clip_x0 {
+        None => denoiser,
+        Some(range) => {
+            clipped = ClipX0 {
+                inner: denoiser,
+                schedule,
+                range,
+            };
+            &clipped
         }
     };
     if let Some(init) = extras.init {

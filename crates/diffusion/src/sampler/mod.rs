@@ -198,7 +198,7 @@ impl FromStr for SamplerKind {
 }
 
 /// Everything that picks and tunes a sampler. TOML (`[sampler]`): `kind`, `steps`, `eta`,
-/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`.
+/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`, `clip_x0`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplerOptions {
@@ -214,6 +214,10 @@ pub struct SamplerOptions {
     pub langevin_snr: f64,
     /// Langevin corrector steps M per timestep (0: predictor only).
     pub corrector_steps: usize,
+    /// Clip every x0 estimate to `[-clip_x0, clip_x0]` ([`crate::clip::ClipX0`]); unset: no
+    /// clipping.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_x0: Option<f64>,
 }
 
 impl Default for SamplerOptions {
@@ -226,6 +230,7 @@ impl Default for SamplerOptions {
             ddpm_variance: DdpmVariance::Posterior,
             langevin_snr: 0.16,
             corrector_steps: 1,
+            clip_x0: None,
         }
     }
 }
@@ -254,6 +259,15 @@ impl SamplerOptions {
                 "sampler.langevin_snr",
                 self.langevin_snr,
                 "a positive number (0.16 in Song et al. 2021)",
+            );
+        }
+        if let Some(c) = self.clip_x0
+            && !(c > 0.0 && c.is_finite())
+        {
+            return invalid(
+                "sampler.clip_x0",
+                c,
+                "a positive number (the range of the latents, such as 3)",
             );
         }
         Ok(())

@@ -24,7 +24,7 @@ use ldm_common::device::{DeviceChoice, select};
 use super::error::ApiError;
 use super::model::ModelInfo;
 use crate::classifier_stage::ClassifierRun;
-use crate::generate::{GenerateArgs, Generation, generate_images, prompt_warnings};
+use crate::generate::{GenerateArgs, Generation, generate_images, request_warnings};
 use crate::ldm_stage::LdmRun;
 
 /// Where a job is.
@@ -39,7 +39,8 @@ pub enum Status {
         step: usize,
         total: usize,
     },
-    /// Finished: the images, and warnings about the request (unknown prompt words).
+    /// Finished: the images, and warnings about the request (unknown prompt words, an
+    /// ill-conditioned sampler start).
     Done {
         generation: Arc<Generation>,
         warnings: Vec<String>,
@@ -242,7 +243,7 @@ fn work(run: &LdmRun, device: &burn::tensor::Device, jobs: Receiver<Job>, active
             !job.cancel.load(Ordering::SeqCst)
         };
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let warnings = prompt_warnings(run, &job.args)?;
+            let warnings = request_warnings(run, &job.args)?;
             generate_images(run, &job.args, device, &mut progress).map(|g| (g, warnings))
         }));
         let end = match outcome {

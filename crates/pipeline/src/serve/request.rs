@@ -15,6 +15,7 @@ use ldm_common::image_io::decode_image;
 use super::error::ApiError;
 use super::model::ModelInfo;
 use crate::classifier_stage;
+use crate::cli::SamplerFlags;
 use crate::generate::{GenerateArgs, sampler_options};
 use crate::img2img::{ImageInput, Img2ImgArgs};
 
@@ -27,6 +28,8 @@ pub const FIELDS: &[&str] = &[
     "sampler",
     "steps",
     "eta",
+    "spacing",
+    "clip_x0",
     "n",
     "seed",
     "init_image",
@@ -85,17 +88,15 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
             format!("expected a number >= 0, got {cfg}"),
         ));
     }
-    let sampler: Option<String> = get(&map, "sampler", "a sampler name (a string)")?;
-    let steps: Option<i64> = get(&map, "steps", "an integer")?;
-    let eta: Option<f64> = get(&map, "eta", "a number")?;
-    let sampler = sampler_options(
-        &model.default_sampler,
-        &model.schedule,
-        sampler.as_deref(),
-        steps,
-        eta,
-    )
-    .map_err(|e| ApiError::from_library(&e, FIELDS))?;
+    let flags = SamplerFlags {
+        sampler: get(&map, "sampler", "a sampler name (a string)")?,
+        steps: get(&map, "steps", "an integer")?,
+        eta: get(&map, "eta", "a number")?,
+        spacing: get(&map, "spacing", "leading, trailing or linspace (a string)")?,
+        clip_x0: get(&map, "clip_x0", "a number")?,
+    };
+    let sampler = sampler_options(&model.default_sampler, &model.schedule, &flags)
+        .map_err(|e| ApiError::from_library(&e, FIELDS))?;
     let n: Option<i64> = get(&map, "n", "an integer")?;
     let n = n.unwrap_or(1);
     let max = model.limits.max_images;

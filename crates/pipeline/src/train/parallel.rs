@@ -96,7 +96,7 @@ fn parse(devices: &[String]) -> std::result::Result<Vec<DeviceChoice>, String> {
 /// Checks `train.devices` against the batch size: each device takes B / N rows.
 pub fn check_devices(devices: &[String], batch_size: usize) -> std::result::Result<(), String> {
     let n = parse(devices)?.len();
-    if n > 1 && batch_size % n != 0 {
+    if n > 1 && !batch_size.is_multiple_of(n) {
         return Err(format!(
             "train.batch_size = {batch_size} (--batch-size) is not divisible by the {n} devices of --devices {}: expected a multiple of {n}, each device taking an equal share",
             shown(devices)
