@@ -84,14 +84,24 @@ sweep_steps() {
 }
 
 # The variants of sweep-ablation: each changes one thing of the base recipe (epsilon, linear,
-# L_simple, DiT-M/2), through `train-ldm --set`. The U-Net is the ldm-fmnist-unet backbone:
+# L_simple, DiT-M/2: ABLATION_BASE), through `train-ldm --set`. The U-Net is the ldm-fmnist-unet backbone:
 # 2,799,556 parameters against the DiT-M/2's 2,837,776 on 4x8x8 latents with 10 classes.
 # The two combinations change the three things that each won alone.
 ABLATION_VARIANTS="base x0 v cosine scaled-linear min-snr unet v-scaled-linear-min-snr x0-scaled-linear-min-snr"
 ABLATION_UNET='backbone={kind="unet", base_channels=64, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], num_heads=4, groups=32}'
 
-# Sets the array SETS to the --set flags of ablation variant $1.
+# The base every variant changes, pinned with --set so that it stays the same when the config's
+# own defaults move (ldm-animals has predicted v with scaled-linear and min-SNR since session 4).
+ABLATION_BASE=(--set diffusion.parameterization=epsilon --set schedule.kind=linear
+  --set 'diffusion.loss={kind="simple"}')
+
+# Sets the array SETS to the --set flags of ablation variant $1 (after the base's).
 ablation_sets() {
+  ablation_change "$1"
+  SETS=("${ABLATION_BASE[@]}" "${SETS[@]}")
+}
+
+ablation_change() {
   case $1 in
     base) SETS=() ;;
     x0) SETS=(--set diffusion.parameterization=x0) ;;
@@ -271,7 +281,7 @@ for f in files:
 ABLATION = ["base", "x0", "v", "cosine", "scaled-linear", "min-snr", "unet",
             "v-scaled-linear-min-snr", "x0-scaled-linear-min-snr"]
 CHANGES = {
-    "base": "nothing: the training command's config as it is",
+    "base": "nothing: epsilon, linear, L_simple, DiT-M/2",
     "x0": "predicts x0 (`diffusion.parameterization = \"sample\"`)",
     "v": "predicts v (`diffusion.parameterization = \"v\"`)",
     "cosine": "cosine schedule",

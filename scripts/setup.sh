@@ -11,7 +11,7 @@ cargo build --release -p ldm-pipeline
 
 BIN_DIR="${CARGO_HOME:-$HOME/.cargo}/bin"
 mkdir -p "$BIN_DIR"
-install -m 755 target/release/pipeline "$BIN_DIR/pipeline"
+install -m 755 "${CARGO_TARGET_DIR:-target}/release/pipeline" "$BIN_DIR/pipeline"
 echo "installed: $BIN_DIR/pipeline"
 case ":$PATH:" in
   *":$BIN_DIR:"*) ;;
