@@ -70,16 +70,26 @@ fn tiny(vae: &str, dit: &str, unet: &str) -> tempfile::TempDir {
     dir
 }
 
+/// `pipeline bench` in `dir` on the tiny recipe and U-Net, on the CPU, with `extra` flags.
+fn bench_in(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "bench",
+        "--config",
+        "recipe.toml",
+        "--unet",
+        "unet.toml",
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    pipeline_in(dir, &args)
+}
+
 /// Runs the tiny bench in `dir` with `iters` timed steps, writing `bench.json`.
 fn bench(dir: &Path, iters: &str) -> Output {
-    let o = pipeline_in(
+    let o = bench_in(
         dir,
         &[
-            "bench",
-            "--config",
-            "recipe.toml",
-            "--unet",
-            "unet.toml",
             "--iters",
             iters,
             "--warmup",
@@ -88,8 +98,6 @@ fn bench(dir: &Path, iters: &str) -> Output {
             "1",
             "--classes",
             "3",
-            "--device",
-            "cpu",
             "--json",
             "bench.json",
         ],
@@ -194,6 +202,38 @@ fn bench_prints_a_table_with_every_row() {
 }
 
 #[test]
+fn rows_picks_the_rows_to_time() {
+    let dir = tiny(VAE, DIT, UNET);
+    let o = bench_in(
+        dir.path(),
+        &[
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--sample-runs",
+            "1",
+            "--json",
+            "rows.json",
+            "--rows",
+            "ldm-train-unet,sample-ddim50",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("rows.json")).unwrap())
+            .unwrap();
+    let names: Vec<&str> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    // the DiT is sampled with its initial weights; its training row is left out
+    assert_eq!(names, ["ldm-train-unet", "sample-ddim50"]);
+}
+
+#[test]
 fn bad_input_is_one_error_line() {
     let dir = tiny(VAE, DIT, UNET);
     let run = |args: &[&str]| {
@@ -216,6 +256,10 @@ fn bad_input_is_one_error_line() {
     assert_error(
         &run(&["--config", "recipe.toml", "--sample-runs", "0"]),
         "--sample-runs 0: expected at least 1",
+    );
+    assert_error(
+        &run(&["--config", "recipe.toml", "--rows", "vae-train,dit"]),
+        "--rows vae-train,dit: unknown row 'dit'; expected some of vae-train, ldm-train-unet, ldm-train-dit, sample-ddim50",
     );
     assert_error(
         &run(&["--config", "vae.toml"]),

@@ -328,7 +328,11 @@ fn api_generates_and_names_every_bad_field() {
     bad(json!({"cfg": "abc"}), "cfg", "expected a number");
     bad(json!({"cfg": -1}), "cfg", "expected a number >= 0");
     bad(json!({"eta": 2}), "eta", "[0, 1]");
-    bad(json!({"spacing": "middle"}), "spacing", "one of leading, trailing, linspace");
+    bad(
+        json!({"spacing": "middle"}),
+        "spacing",
+        "one of leading, trailing, linspace",
+    );
     bad(json!({"clip_x0": -1}), "clip_x0", "a positive number");
     bad(json!({"seed": -1}), "seed", "expected an integer");
     bad(

@@ -201,12 +201,62 @@ fn run_takes_stage_settings_and_keeps_only_matching_stages() {
         Some(2e-3)
     );
     assert!(t.path("run/grid.png").exists());
+    let timing = |dir: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(t.path(dir).join("run.json")).unwrap())
+            .unwrap()
+    };
+    let first = timing("run");
+    assert!(first["ldm_seconds"].as_f64().unwrap() > 0.0, "{first}");
+    assert!(first["total_seconds"].as_f64() >= first["ldm_seconds"].as_f64());
     // the same settings keep both stages; other ones are refused, naming the key
     assert_ok(&run(&["ldm.schedule.kind=cosine", "vae.train.lr=2e-3"]));
+    let kept = timing("run");
+    assert!(
+        kept["vae_seconds"].is_null() && kept["ldm_seconds"].is_null(),
+        "{kept}"
+    );
     let o = run(&["ldm.schedule.kind=scaled-linear"]);
     assert_error(&o, "run/ldm is trained and kept: the settings differ from ");
     assert_error(
         &o,
         "schedule.kind = \"scaled-linear\" (the run has \"cosine\")",
     );
+}
+
+#[test]
+fn a_recipe_sets_config_keys_before_the_command_line() {
+    let t = TinyVae::new("");
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
+    let recipe = |set: &str| {
+        format!(
+            "out = \"{}\"\nvae = \"{}\"\nldm = \"{}\"\nset = [{set}]\n\n[grid]\nper_class = 1\n",
+            t.p("run"),
+            t.p("vae.toml"),
+            t.p("ldm.toml")
+        )
+    };
+    std::fs::write(t.path("bad.toml"), recipe("\"train.steps=3\"")).unwrap();
+    let o = pipeline(&["run", &t.p("bad.toml"), "--device", "cpu"]);
+    assert_error(
+        &o,
+        "bad.toml: set = train.steps=3: expected a key starting with vae. or ldm.",
+    );
+    std::fs::write(
+        t.path("r.toml"),
+        recipe("\"ldm.schedule.kind=cosine\", \"ldm.train.steps=3\""),
+    )
+    .unwrap();
+    // the command line's settings come after the recipe's
+    let o = pipeline(&[
+        "run",
+        &t.p("r.toml"),
+        "--device",
+        "cpu",
+        "--set",
+        "ldm.schedule.kind=scaled-linear",
+    ]);
+    assert_ok(&o);
+    let config = config_of(&t.path("run/ldm"));
+    assert_eq!(config["schedule"]["kind"].as_str(), Some("scaled-linear"));
+    assert_eq!(config["train"]["steps"].as_integer(), Some(3));
 }

@@ -113,13 +113,16 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    """Linear -> GELU (exact, or the tanh approximation: `activation = "gelu-tanh"`) -> Linear."""
+
+    def __init__(self, dim, hidden, approximate="none"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
+        self.approximate = approximate
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 # ---------------------------------------------------------------- VAE (crates/vae)
@@ -359,10 +362,10 @@ def plain_layer_norm(x):
 class DiTBlock(nn.Module):
     """adaLN-Zero: six vectors from c shift, scale and gate attention and MLP."""
 
-    def __init__(self, dim, heads, mlp_hidden):
+    def __init__(self, dim, heads, mlp_hidden, approximate="none"):
         super().__init__()
         self.attn = SelfAttention(dim, heads, zero_out=False)
-        self.mlp = Mlp(dim, mlp_hidden)
+        self.mlp = Mlp(dim, mlp_hidden, approximate)
         self.ada_ln = zero_linear(dim, 6 * dim)
 
     def forward(self, x, c):
@@ -384,7 +387,9 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(256, d)
         self.y_embedder = LabelEmbedder(num_classes, d) if num_classes else None
         hidden = int(round(d * cfg["mlp_ratio"]))
-        self.blocks = nn.ModuleList(DiTBlock(d, cfg["num_heads"], hidden) for _ in range(cfg["depth"]))
+        approximate = "tanh" if cfg.get("activation", "gelu") == "gelu-tanh" else "none"
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, cfg["num_heads"], hidden, approximate) for _ in range(cfg["depth"]))
         self.final_ada_ln = zero_linear(d, 2 * d)
         self.final_linear = zero_linear(d, p * p * latent_channels)
         self.p, self.ch = p, latent_channels

@@ -9,7 +9,7 @@
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Bool;
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
@@ -188,25 +188,47 @@ fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, n, h * dh])
 }
 
-/// The position-wise feed-forward of a transformer block: Linear -> GELU -> Linear.
+/// GELU, tanh approximation (Hendrycks & Gimpel 2016, section 2; PyTorch's
+/// `GELU(approximate="tanh")`, which DiT uses):
+/// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)).
+/// Within 5e-4 of the exact x Phi(x) everywhere, and built from multiplications and one
+/// sigmoid, so its autodiff backward needs no erf.
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    /// 2 sqrt(2 / pi)
+    const TWO_SQRT_2_OVER_PI: f64 =
+        2.0 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
+    let inner = (x.clone() * x.clone() * 0.044715 + 1.0) * x.clone() * TWO_SQRT_2_OVER_PI;
+    x * sigmoid(inner)
+}
+
+/// The position-wise feed-forward of a transformer block: Linear -> GELU -> Linear, the GELU
+/// exact or its tanh approximation ([`gelu_tanh`]).
 #[derive(Module, Debug)]
 pub struct Mlp {
     fc1: Linear,
     fc2: Linear,
+    gelu_tanh: bool,
 }
 
 impl Mlp {
-    pub fn new(dim: usize, hidden: usize, device: &Device) -> Self {
+    pub fn new(dim: usize, hidden: usize, gelu_tanh: bool, device: &Device) -> Self {
         Self {
             fc1: LinearConfig::new(dim, hidden).init(device),
             fc2: LinearConfig::new(hidden, dim).init(device),
+            gelu_tanh,
         }
     }
 
     /// # Shapes
     /// - `x`: `[batch, tokens, dim]` -> `[batch, tokens, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        let h = self.fc1.forward(x);
+        let h = if self.gelu_tanh {
+            gelu_tanh(h)
+        } else {
+            gelu(h)
+        };
+        self.fc2.forward(h)
     }
 }
 
@@ -218,6 +240,36 @@ mod tests {
     use burn::tensor::TensorData;
     use ldm_common::rng::{randn, stream};
     use ldm_common::tensor::to_vec_f32;
+
+    #[test]
+    fn gelu_tanh_matches_the_tanh_formula_and_stays_near_exact_gelu() {
+        let device = Device::flex();
+        let xs = [-6.0f32, -3.0, -1.5, -0.3, 0.0, 0.7, 1.8, 4.0];
+        let out = to_vec_f32(gelu_tanh(Tensor::<1>::from_floats(xs, &device)));
+        let exact = to_vec_f32(gelu(Tensor::<1>::from_floats(xs, &device)));
+        for ((&x, &y), &e) in xs.iter().zip(&out).zip(&exact) {
+            let x = f64::from(x);
+            let tanh_form = 0.5
+                * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+            assert!(
+                (f64::from(y) - tanh_form).abs() < 1e-6,
+                "x {x}: {y} vs {tanh_form}"
+            );
+            assert!((y - e).abs() < 5e-4, "x {x}: {y} vs exact {e}");
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_backward_matches_finite_differences() {
+        let device = Device::flex().autodiff();
+        let x = randn(&mut stream(41, "x", 0), [2, 3, 4], &device) * 2.0;
+        let w = randn(&mut stream(41, "w", 0), [2, 3, 4], &device);
+        check_gradient("d/dx", |x| weighted_sum(gelu_tanh(x), &w), x, 1e-2);
+        let mlp = Mlp::new(4, 8, true, &device);
+        let x = randn(&mut stream(42, "x", 0), [2, 3, 4], &device);
+        check_gradient("mlp d/dx", |x| weighted_sum(mlp.forward(x), &w), x, 1e-2);
+    }
 
     fn mask(rows: &[&[bool]], device: &Device) -> Tensor<2, Bool> {
         let l = rows[0].len();

@@ -209,7 +209,7 @@ mod tests {
     use super::test_util::perturb;
     use super::*;
     use crate::denoiser::TextConditioning;
-    use crate::dit::PosEmbed;
+    use crate::dit::{MlpActivation, PosEmbed};
     use crate::embedding::drop_labels;
     use crate::text_encoder::TextEncoderConfig;
     use burn::optim::{AdamConfig, GradientsParams};
@@ -238,6 +238,7 @@ mod tests {
             num_heads: 2,
             mlp_ratio: 2.0,
             pos_embed: pos,
+            activation: MlpActivation::Gelu,
         })
     }
 

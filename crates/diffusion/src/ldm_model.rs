@@ -69,7 +69,7 @@ impl Backbone for LdmModel {
 mod tests {
     use super::*;
     use crate::backbone::test_util::perturb;
-    use crate::dit::{DiTConfig, PosEmbed};
+    use crate::dit::{DiTConfig, MlpActivation, PosEmbed};
     use burn::optim::{AdamConfig, GradientsParams};
     use burn::tensor::TensorData;
     use ldm_common::rng::{randn, stream};
@@ -83,6 +83,7 @@ mod tests {
             num_heads: 2,
             mlp_ratio: 2.0,
             pos_embed: PosEmbed::Sincos,
+            activation: MlpActivation::Gelu,
         })
     }
 

@@ -120,7 +120,7 @@ impl TransformerBlock {
             norm1: LayerNormConfig::new(dim).init(device),
             attn: SelfAttention::new(dim, heads, false, device),
             norm2: LayerNormConfig::new(dim).init(device),
-            mlp: Mlp::new(dim, 4 * dim, device),
+            mlp: Mlp::new(dim, 4 * dim, false, device),
         }
     }
 

@@ -65,6 +65,8 @@ pub struct BenchOptions {
     /// Classes of a class-conditional LDM (the data set is not read).
     pub classes: usize,
     pub seed: u64,
+    /// The rows to time ([`ROWS`]); empty: all.
+    pub rows: Vec<String>,
 }
 
 /// One measured row.
@@ -424,8 +426,12 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     let vae_batch = o.batch_size.unwrap_or(vae_cfg.train.batch_size);
     let sample_n = o.batch_size.unwrap_or(sampled.batch);
 
-    // training steps of three rows, then the sampling runs (and one untimed run)
-    let total = 3 * (o.warmup + o.iters) + o.sample_runs + usize::from(o.warmup > 0);
+    let want = |row: &str| o.rows.is_empty() || o.rows.iter().any(|r| r == row);
+    let trained_rows = ROWS[..3].iter().filter(|r| want(r)).count();
+    let sampling = want("sample-ddim50");
+    // training steps of the training rows, then the sampling runs (and one untimed run)
+    let total = trained_rows * (o.warmup + o.iters)
+        + usize::from(sampling) * (o.sample_runs + usize::from(o.warmup > 0));
     let bar = progress::bar(total as u64, "iter");
     let plain = device.device.clone();
     let ad = plain.clone().autodiff();
@@ -436,47 +442,59 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     bar.set_message("vae-train");
     let vae = Vae::new(&vae_cfg.vae, channels, &ad);
     let vae_params = vae.num_params();
-    let images = host_batch(
-        o.seed,
-        "bench-images",
-        vae_batch * channels * resolution * resolution,
-        1.0,
-    );
-    let image_shape = [vae_batch, channels, resolution, resolution];
     let [lc, ls, _] = latent;
-    let (vae, seconds, loss) = time_training(
-        vae,
-        &ad,
-        &vae_cfg.train,
-        o,
-        &bar,
-        |model: &Vae, step| {
-            let x = upload(&images, image_shape, &ad);
-            let eps = randn(
-                &mut stream(o.seed, "bench-vae-eps", step),
-                [vae_batch, lc, ls, ls],
-                &ad,
-            );
-            model.loss(x, eps, &vae_cfg.vae).loss
-        },
-        |_, _| {},
-    )?;
-    rows.push(training_row(
-        "vae-train",
-        format!("VAE ({})", recipe.vae),
-        vae_batch,
-        vae_params,
-        o.iters,
-        seconds,
-        "images",
-        loss,
-    ));
+    let vae = if !want("vae-train") {
+        vae
+    } else {
+        let images = host_batch(
+            o.seed,
+            "bench-images",
+            vae_batch * channels * resolution * resolution,
+            1.0,
+        );
+        let image_shape = [vae_batch, channels, resolution, resolution];
+        let (vae, seconds, loss) = time_training(
+            vae,
+            &ad,
+            &vae_cfg.train,
+            o,
+            &bar,
+            |model: &Vae, step| {
+                let x = upload(&images, image_shape, &ad);
+                let eps = randn(
+                    &mut stream(o.seed, "bench-vae-eps", step),
+                    [vae_batch, lc, ls, ls],
+                    &ad,
+                );
+                model.loss(x, eps, &vae_cfg.vae).loss
+            },
+            |_, _| {},
+        )?;
+        rows.push(training_row(
+            "vae-train",
+            format!("VAE ({})", recipe.vae),
+            vae_batch,
+            vae_params,
+            o.iters,
+            seconds,
+            "images",
+            loss,
+        ));
+        vae
+    };
 
     // (b) the LDM training steps
     let mut trained = Vec::new();
     for setup in [&unet, &dit] {
         bar.set_message(setup.row);
         let model = LdmModel::init(&setup.config.backbone, lc, ls, setup.num_classes, None, &ad)?;
+        if !want(setup.row) {
+            // sampled untrained: the sampling speed does not depend on the weights
+            if sampling && setup.row == sampled_row {
+                trained.push((setup.row, model.valid()));
+            }
+            continue;
+        }
         let params = model.num_params();
         let b = setup.batch;
         let latents = host_batch(o.seed, "bench-latents", b * lc * ls * ls, 1.0);
@@ -524,84 +542,86 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     }
 
     // (c) sampling: DDIM 50 with classifier-free guidance, then the VAE decode
-    bar.set_message("sample-ddim50");
-    let ldm = trained
-        .into_iter()
-        .find(|(row, _)| *row == sampled_row)
-        .map(|(_, m)| m)
-        .expect("the sampled row was trained");
-    let vae_run = VaeRun {
-        dir: PathBuf::new(),
-        config: vae_cfg.clone(),
-        info: VaeInfo {
-            latent_scale: 1.0,
-            latent_shape: latent,
-            image_shape: [channels, resolution, resolution],
-            class_names: Vec::new(),
-            steps: 0,
-            weights_sha256: String::new(),
-        },
-        model: vae.valid(),
-    };
-    let sample_labels: Option<Vec<usize>> = sampled
-        .num_classes
-        .map(|n| (0..sample_n).map(|i| i % n).collect());
-    let cfg = if sample_labels.is_some() {
+    let cfg = if sampled.num_classes.is_some() {
         recipe.grid.cfg
     } else {
         1.0
     };
-    let sample_params = ldm.num_params() + vae_run.model.decoder.num_params();
-    let run_once = |run: u64| -> Result<f64> {
-        let request = sampling::Request {
-            sampler: &sampler,
-            labels: sample_labels.as_deref(),
-            num_classes: sampled.num_classes.unwrap_or(0),
-            negative_class: None,
-            text: None,
-            latent_shape: latent,
-            cfg,
-            n: sample_n,
-            seed: o.seed.wrapping_add(run),
+    if sampling {
+        bar.set_message("sample-ddim50");
+        let ldm = trained
+            .into_iter()
+            .find(|(row, _)| *row == sampled_row)
+            .map(|(_, m)| m)
+            .expect("the sampled row was trained");
+        let vae_run = VaeRun {
+            dir: PathBuf::new(),
+            config: vae_cfg.clone(),
+            info: VaeInfo {
+                latent_scale: 1.0,
+                latent_shape: latent,
+                image_shape: [channels, resolution, resolution],
+                class_names: Vec::new(),
+                steps: 0,
+                weights_sha256: String::new(),
+            },
+            model: vae.valid(),
         };
-        let z = sampling::sample_latents(
-            &ldm.backbone,
-            &sampled.schedule,
-            sampled.config.diffusion.parameterization,
-            &request,
-            &plain,
-            None,
-        )?;
-        let images = sampling::decode(&vae_run, z);
-        fence(images.sum(), &plain)
-    };
-    if o.warmup > 0 {
-        run_once(u64::MAX)?;
-        bar.inc(1);
+        let sample_labels: Option<Vec<usize>> = sampled
+            .num_classes
+            .map(|n| (0..sample_n).map(|i| i % n).collect());
+        let sample_params = ldm.num_params() + vae_run.model.decoder.num_params();
+        let run_once = |run: u64| -> Result<f64> {
+            let request = sampling::Request {
+                sampler: &sampler,
+                labels: sample_labels.as_deref(),
+                num_classes: sampled.num_classes.unwrap_or(0),
+                negative_class: None,
+                text: None,
+                latent_shape: latent,
+                cfg,
+                n: sample_n,
+                seed: o.seed.wrapping_add(run),
+            };
+            let z = sampling::sample_latents(
+                &ldm.backbone,
+                &sampled.schedule,
+                sampled.config.diffusion.parameterization,
+                &request,
+                &plain,
+                None,
+            )?;
+            let images = sampling::decode(&vae_run, z);
+            fence(images.sum(), &plain)
+        };
+        if o.warmup > 0 {
+            run_once(u64::MAX)?;
+            bar.inc(1);
+        }
+        let start = Instant::now();
+        for run in 0..o.sample_runs {
+            run_once(run as u64)?;
+            bar.inc(1);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let per_run = seconds / o.sample_runs as f64;
+        rows.push(BenchRow {
+            name: "sample-ddim50".into(),
+            model: format!(
+                "{} DDIM {SAMPLE_STEPS}, cfg {cfg}, + VAE decode",
+                if recipe_is_unet { "U-Net" } else { "DiT" }
+            ),
+            batch: sample_n,
+            params: sample_params,
+            iters: o.sample_runs,
+            seconds,
+            ms_per_step: 1000.0 * per_run / SAMPLE_STEPS as f64,
+            items_per_s: sample_n as f64 / per_run,
+            unit: "images".into(),
+            last_loss: None,
+        });
     }
-    let start = Instant::now();
-    for run in 0..o.sample_runs {
-        run_once(run as u64)?;
-        bar.inc(1);
-    }
-    let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let per_run = seconds / o.sample_runs as f64;
-    rows.push(BenchRow {
-        name: "sample-ddim50".into(),
-        model: format!(
-            "{} DDIM {SAMPLE_STEPS}, cfg {cfg}, + VAE decode",
-            if recipe_is_unet { "U-Net" } else { "DiT" }
-        ),
-        batch: sample_n,
-        params: sample_params,
-        iters: o.sample_runs,
-        seconds,
-        ms_per_step: 1000.0 * per_run / SAMPLE_STEPS as f64,
-        items_per_s: sample_n as f64 / per_run,
-        unit: "images".into(),
-        last_loss: None,
-    });
 
     let ldm_spec = |s: &LdmSetup| LdmSpec {
         row: s.row.into(),
@@ -651,6 +671,29 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     })
 }
 
+/// Every row, in the order they run.
+pub const ROWS: [&str; 4] = [
+    "vae-train",
+    "ldm-train-unet",
+    "ldm-train-dit",
+    "sample-ddim50",
+];
+
+/// `--rows a,b`: names from [`ROWS`], at least one; `None`: all.
+fn parse_rows(list: Option<&str>) -> Result<Vec<String>> {
+    let Some(list) = list else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<String> = list.split(',').map(|r| r.trim().to_string()).collect();
+    if let Some(bad) = rows.iter().find(|r| !ROWS.contains(&r.as_str())) {
+        bail!(
+            "--rows {list}: unknown row '{bad}'; expected some of {}",
+            ROWS.join(", ")
+        );
+    }
+    Ok(rows)
+}
+
 /// A count flag that must be at least `min`, as a one-line error naming the flag.
 fn count(flag: &str, value: i64, min: i64) -> Result<usize> {
     if value < min {
@@ -671,6 +714,7 @@ pub fn run_cli(a: crate::cli::BenchArgs) -> Result<std::process::ExitCode> {
         sample_runs: count("--sample-runs", a.sample_runs, 1)?,
         classes: count("--classes", a.classes, 1)?,
         seed: a.seed,
+        rows: parse_rows(a.rows.as_deref())?,
     };
     if let Some(path) = &a.json {
         ldm_common::checkpoint::ensure_writable_dir(

@@ -56,6 +56,10 @@ pub const CONFIGS: &[(&str, &str)] = &[
         include_str!("../../../pipelines/fashion-mnist.toml"),
     ),
     ("animals", include_str!("../../../pipelines/animals.toml")),
+    (
+        "animals-full",
+        include_str!("../../../pipelines/animals-full.toml"),
+    ),
 ];
 
 /// Resolves `--config`: an existing file, or a built-in name (written to a temporary file so

@@ -85,6 +85,11 @@ pub struct BenchArgs {
     /// Also write the rows and every resolved setting (the twin's input) as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Only these rows, comma-separated (vae-train, ldm-train-unet, ldm-train-dit,
+    /// sample-ddim50; default all): to profile one step at a time. A sampled LDM whose
+    /// training row is left out is sampled with its initial weights.
+    #[arg(long, value_name = "LIST")]
+    pub rows: Option<String>,
     #[command(flatten)]
     pub device: DeviceFlag,
 }

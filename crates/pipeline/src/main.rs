@@ -232,8 +232,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("run {} on {}", a.recipe, device.description);
             match recipe::run(&a.recipe, &overrides, &device.device)? {
                 Some(s) => {
+                    let minutes = |x: Option<f64>| {
+                        x.map_or("kept".to_string(), |x| format!("{:.1} min", x / 60.0))
+                    };
                     println!(
-                        "recipe done: VAE {}, LDM {}, grid {} (one row per class); `pipeline generate` now uses this model by default",
+                        "recipe done in {:.1} min (VAE {}, LDM {}, grid {:.0} s): VAE {}, LDM {}, grid {} (one row per class); `pipeline generate` now uses this model by default",
+                        s.timing.total_seconds / 60.0,
+                        minutes(s.timing.vae_seconds),
+                        minutes(s.timing.ldm_seconds),
+                        s.timing.grid_seconds,
                         s.vae.display(),
                         s.ldm.display(),
                         s.grid.display()

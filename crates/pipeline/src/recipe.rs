@@ -2,10 +2,11 @@
 //! already finished is kept; one that was interrupted is resumed from its checkpoint.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::tensor::Device;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{builtin, ldm_stage, overrides, resume_check, vae_stage};
 
@@ -19,6 +20,10 @@ pub struct Recipe {
     pub vae: String,
     /// LDM config: a file or a built-in name.
     pub ldm: String,
+    /// Settings of either stage's config, `STAGE.KEY=VALUE` as `--set` takes them (applied
+    /// before the command line's), so a recipe can vary a config without copying it.
+    #[serde(default)]
+    pub set: Vec<String>,
     #[serde(default)]
     pub grid: GridSettings,
 }
@@ -59,16 +64,34 @@ pub struct RunOverrides {
     pub out: Option<PathBuf>,
 }
 
-/// Where a finished recipe put things.
+/// Where a finished recipe put things, and how long each stage took.
 pub struct RunSummary {
     pub vae: PathBuf,
     pub ldm: PathBuf,
     pub grid: PathBuf,
+    pub timing: RunTiming,
 }
 
-/// Splits `--set STAGE.KEY=VALUE` flags into the VAE's and the LDM's `KEY=VALUE` settings.
-fn stage_sets(sets: &[String]) -> Result<(Vec<String>, Vec<String>)> {
-    let (mut vae, mut ldm) = (Vec::new(), Vec::new());
+/// `<out>/run.json`: wall seconds of each stage of the last `pipeline run` (`None`: the stage
+/// was trained before and kept; a resumed stage counts only the part after the checkpoint).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunTiming {
+    pub recipe: String,
+    pub vae_seconds: Option<f64>,
+    pub ldm_seconds: Option<f64>,
+    pub grid_seconds: f64,
+    pub total_seconds: f64,
+}
+
+/// Splits `STAGE.KEY=VALUE` settings (`what` names their source in errors: `--set`, or the
+/// recipe's `set =`) into the VAE's and the LDM's `KEY=VALUE` settings, appended to `vae` and
+/// `ldm`.
+fn stage_sets(
+    what: &str,
+    sets: &[String],
+    vae: &mut Vec<String>,
+    ldm: &mut Vec<String>,
+) -> Result<()> {
     for s in sets {
         let s = s.trim_start();
         if let Some(rest) = s.strip_prefix("vae.") {
@@ -77,11 +100,11 @@ fn stage_sets(sets: &[String]) -> Result<(Vec<String>, Vec<String>)> {
             ldm.push(rest.to_string());
         } else {
             bail!(
-                "--set {s}: expected a key starting with vae. or ldm. (the stage whose config it changes), e.g. --set ldm.schedule.kind=cosine"
+                "{what} {s}: expected a key starting with vae. or ldm. (the stage whose config it changes), e.g. ldm.schedule.kind=cosine"
             );
         }
     }
-    Ok((vae, ldm))
+    Ok(())
 }
 
 /// Whether a stage has a checkpoint to resume.
@@ -95,8 +118,16 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     if recipe.grid.per_class == 0 {
         bail!("grid.per_class = 0: expected at least 1");
     }
-    let (vae_sets, ldm_sets) = stage_sets(&o.sets)?;
+    let (mut vae_sets, mut ldm_sets) = (Vec::new(), Vec::new());
+    let in_file = format!("{recipe_arg}: set =");
+    stage_sets(&in_file, &recipe.set, &mut vae_sets, &mut ldm_sets)?;
+    stage_sets("--set", &o.sets, &mut vae_sets, &mut ldm_sets)?;
     let out = o.out.clone().unwrap_or(recipe.out.clone());
+    let start = Instant::now();
+    let mut timing = RunTiming {
+        recipe: recipe_arg.to_string(),
+        ..RunTiming::default()
+    };
     let (vae_dir, ldm_dir) = (out.join("vae"), out.join("ldm"));
 
     if !vae_dir.join("vae.json").exists() {
@@ -114,6 +145,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             },
         };
         let resume = has_checkpoint(&vae_dir);
+        let stage = Instant::now();
         if vae_stage::train_vae(
             &builtin::resolve(&recipe.vae)?,
             &overrides,
@@ -125,6 +157,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         {
             return Ok(None);
         }
+        timing.vae_seconds = Some(stage.elapsed().as_secs_f64());
     } else {
         // a kept stage must have been trained with the settings asked for
         if !vae_sets.is_empty() {
@@ -147,6 +180,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
             ..Default::default()
         };
         let resume = has_checkpoint(&ldm_dir);
+        let stage = Instant::now();
         if ldm_stage::train_ldm(
             &builtin::resolve(&recipe.ldm)?,
             &vae_dir,
@@ -159,6 +193,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         {
             return Ok(None);
         }
+        timing.ldm_seconds = Some(stage.elapsed().as_secs_f64());
     } else {
         if !ldm_sets.is_empty() {
             let config: ldm_stage::LdmRunConfig =
@@ -170,6 +205,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     }
 
     eprintln!("== stage 3/3: a grid with one row per class");
+    let stage = Instant::now();
     let run = ldm_stage::LdmRun::load(&ldm_dir, device)?;
     let classes = run.info.class_names.len().max(1);
     let labels: Vec<usize> = (0..classes)
@@ -191,9 +227,13 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     let grid = out.join("grid.png");
     ldm_common::image_io::write_grid(&grid, images, recipe.grid.per_class)?;
     crate::generate::set_default_model(&ldm_dir)?;
+    timing.grid_seconds = stage.elapsed().as_secs_f64();
+    timing.total_seconds = start.elapsed().as_secs_f64();
+    ldm_common::checkpoint::write_json(&out.join("run.json"), &timing)?;
     Ok(Some(RunSummary {
         vae: vae_dir,
         ldm: ldm_dir,
         grid,
+        timing,
     }))
 }
