@@ -40,14 +40,15 @@ impl<D: Denoiser + ?Sized> Denoiser for ClipX0<'_, D> {
 }
 
 /// A one-line warning when an epsilon model would start sampling where its x0 estimate is
-/// ill-conditioned (alphabar at the first step below [`ILL_CONDITIONED_ALPHA_BAR`]) without
-/// `sampler.clip_x0`; `None` otherwise. `first` is the first timestep the sampler visits.
+/// ill-conditioned (alphabar at the first timestep of `options` below
+/// [`ILL_CONDITIONED_ALPHA_BAR`]) without `sampler.clip_x0`; `None` otherwise (also when the
+/// options name no valid timesteps: their own check reports that).
 pub fn ill_conditioned_start_warning(
     parameterization: Parameterization,
     schedule: &Schedule,
     options: &SamplerOptions,
-    first: usize,
 ) -> Option<String> {
+    let first = *options.timesteps(schedule).ok()?.first()?;
     let ab = schedule.alpha_bar(first);
     if parameterization != Parameterization::Epsilon
         || options.clip_x0.is_some()
@@ -118,24 +119,16 @@ mod tests {
             ..SamplerOptions::default()
         };
         let cosine = schedule(BetaSchedule::Cosine);
-        let first = |o: &SamplerOptions| o.timesteps(&cosine).unwrap()[0];
         let trailing = options(TimestepSpacing::Trailing, None);
-        let line = ill_conditioned_start_warning(
-            Parameterization::Epsilon,
-            &cosine,
-            &trailing,
-            first(&trailing),
-        )
-        .expect("cosine + epsilon + trailing warns");
+        let line = ill_conditioned_start_warning(Parameterization::Epsilon, &cosine, &trailing)
+            .expect("cosine + epsilon + trailing warns");
         assert!(
             line.contains("t = 999") && line.contains("--spacing leading"),
             "{line}"
         );
         // leading starts at 980, where alphabar is about 1e-3: fine; so are clipping, v and x0 models.
         let leading = options(TimestepSpacing::Leading, None);
-        let none = |p, o: &SamplerOptions| {
-            ill_conditioned_start_warning(p, &cosine, o, first(o)).is_none()
-        };
+        let none = |p, o: &SamplerOptions| ill_conditioned_start_warning(p, &cosine, o).is_none();
         assert!(none(Parameterization::Epsilon, &leading));
         assert!(none(
             Parameterization::Epsilon,
@@ -146,8 +139,7 @@ mod tests {
         // the linear schedule's alphabar_999 = 4.0e-5 works in practice (the default recipes)
         let linear = schedule(BetaSchedule::Linear);
         assert!(
-            ill_conditioned_start_warning(Parameterization::Epsilon, &linear, &trailing, 999)
-                .is_none()
+            ill_conditioned_start_warning(Parameterization::Epsilon, &linear, &trailing).is_none()
         );
     }
 }

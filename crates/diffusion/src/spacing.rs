@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{DiffusionError, Result};
+use crate::error::{DiffusionError, Result, parse_name};
 
 /// How `steps` timesteps are picked from `0..T`. TOML: `"leading"`, `"trailing"`, `"linspace"`.
 /// The default is `trailing`: it always starts at T - 1, the only spacing that reaches the pure
@@ -37,14 +37,7 @@ impl std::str::FromStr for TimestepSpacing {
     type Err = DiffusionError;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| DiffusionError::InvalidConfig {
-                key: "sampler.spacing".into(),
-                value: s.into(),
-                expected: format!("one of {}", Self::ALL.map(Self::name).join(", ")),
-            })
+        parse_name("sampler.spacing", s, &Self::ALL, Self::name)
     }
 }
 

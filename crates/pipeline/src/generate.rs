@@ -142,12 +142,10 @@ fn resolve_prompts(run: &LdmRun, args: &GenerateArgs) -> Result<(String, Option<
 /// The warning for an epsilon model whose sampler starts where its x0 estimate is
 /// ill-conditioned ([`ill_conditioned_start_warning`]), or `None`.
 pub fn sampler_warning(run: &LdmRun, options: &SamplerOptions) -> Option<String> {
-    let first = *options.timesteps(&run.schedule).ok()?.first()?;
     ill_conditioned_start_warning(
         run.config.diffusion.parameterization,
         &run.schedule,
         options,
-        first,
     )
 }
 

@@ -30,7 +30,7 @@ pub use heun::sample_heun;
 pub use langevin::sample_langevin;
 
 use crate::denoiser::Denoiser;
-use crate::error::{DiffusionError, Result};
+use crate::error::{DiffusionError, Result, parse_name};
 use crate::schedule::Schedule;
 use crate::spacing::{TimestepSpacing, timesteps};
 
@@ -186,14 +186,7 @@ impl FromStr for SamplerKind {
     type Err = DiffusionError;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| DiffusionError::InvalidConfig {
-                key: "sampler".into(),
-                value: s.into(),
-                expected: format!("one of {}", Self::ALL.map(Self::name).join(", ")),
-            })
+        parse_name("sampler", s, &Self::ALL, Self::name)
     }
 }
 
