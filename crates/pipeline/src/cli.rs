@@ -447,7 +447,7 @@ pub struct EvalVaeArgs {
 #[derive(Debug, Args)]
 pub struct DeviceFlag {
     /// cpu (burn-flex), libtorch (CPU via libtorch), cuda, cuda:N, or auto (CUDA when this
-    /// build and machine have it).
+    /// build and machine have it, else libtorch's CPU in a `tch` build, else burn-flex).
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 }
