@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# What a GPU session measures, in one command per step (device time is scarce: build and test
+# on the CPU first). Run from the repository root on the GPU machine, with the `tch` binary
+# (`bash scripts/setup_libtorch.sh --build` -> gpu-bin/pipeline) and data/animal-mnist carried
+# over (both git-ignored; together about 37 MB):
+#
+#   bash scripts/gpu_session.sh env       # the machine, the binary, torch: a few seconds
+#   bash scripts/gpu_session.sh bench     # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
+#   bash scripts/gpu_session.sh train     # pipeline run animals, then its evaluator
+#   bash scripts/gpu_session.sh eval      # pipeline eval of the trained model at cfg 1.5 and 5
+#
+# Everything lands in $OUT (default runs/gpu-session); on the device tool, write it under $OUT
+# there so that it comes back. Environment: PIPELINE (default gpu-bin/pipeline), PYTHON (default
+# python3; needs torch), DEVICE (default cuda; `libtorch` rehearses every step on a CPU with
+# libtorch), QUICK=1 (a few steps per stage: a rehearsal, not a measurement).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step="${1:-}"
+case "$step" in
+  env|bench|train|eval) ;;
+  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+esac
+PIPELINE="${PIPELINE:-gpu-bin/pipeline}"
+PYTHON="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-runs/gpu-session}"
+mkdir -p "$OUT"
+
+[[ -x $PIPELINE ]] || {
+  echo "error: $PIPELINE: no such binary; build it with scripts/setup_libtorch.sh --build (or set PIPELINE)" >&2
+  exit 1
+}
+torch_lib="$("$PYTHON" -W ignore -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)" || {
+  echo "error: $PYTHON cannot import torch (the binary loads libtorch from it)" >&2
+  exit 1
+}
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+case "$DEVICE" in
+  cuda|cuda:*) compare=(--device "$DEVICE") ;;
+  libtorch) compare=(--device cpu --libtorch) ;;
+  *) echo "error: DEVICE=$DEVICE: expected cuda, cuda:N or libtorch" >&2; exit 2 ;;
+esac
+quick=()
+[[ ${QUICK:-0} == 1 ]] && quick=(--vae-steps 20 --ldm-steps 20)
+
+# `timed NAME CMD...`: runs CMD, its output in $OUT/NAME.log, its wall time in $OUT/NAME.wall.
+timed() {
+  local name=$1 start=$SECONDS
+  shift
+  echo "== $*" | tee "$OUT/$name.log" >&2
+  "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "$((SECONDS - start)) s" > "$OUT/$name.wall"
+  echo "== $name: $((SECONDS - start)) s" >&2
+}
+
+case "$step" in
+  env)
+    { date -u; nvidia-smi 2>&1 || echo "(no nvidia-smi)"; "$PIPELINE" --version
+      "$PYTHON" -W ignore -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+      nproc; free -g | head -2; } | tee "$OUT/env.txt"
+    ;;
+  bench)
+    runs=3 big=${BIG_BATCH:-1024} short=()
+    [[ ${QUICK:-0} == 1 ]] && runs=1 big=64 short=(--iters 2 --warmup 1 --sample-runs 1)
+    timed bench-recipe env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-recipe" \
+      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals "${short[@]}"
+    timed bench-big env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-big" \
+      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
+      --batch-size "$big" "${short[@]}"
+    ;;
+  train)
+    [[ -d data/animal-mnist ]] || {
+      echo "error: data/animal-mnist is missing: carry it (bash scripts/install_data.sh makes it on a CPU machine)" >&2
+      exit 1
+    }
+    timed run-animals "$PIPELINE" run animals --out "$OUT/animals" --device "$DEVICE" "${quick[@]}"
+    evaluator=()
+    [[ ${QUICK:-0} == 1 ]] && evaluator=(--set train.steps=20)
+    timed evaluator "$PIPELINE" train-evaluator --config evaluator-animals \
+      --out "$OUT/evaluator-animals" --device "$DEVICE" "${evaluator[@]}"
+    ;;
+  eval)
+    n=50
+    [[ ${QUICK:-0} == 1 ]] && n=13
+    for cfg in 1.5 5; do
+      timed "eval-cfg$cfg" "$PIPELINE" eval --model "$OUT/animals/ldm" \
+        --evaluator "$OUT/evaluator-animals" -n "$n" --cfg "$cfg" --seed 0 --device "$DEVICE" \
+        --json "$OUT/eval-cfg$cfg.json"
+    done
+    ;;
+esac
