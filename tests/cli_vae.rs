@@ -359,3 +359,53 @@ fn ctrl_c_saves_a_checkpoint_that_resumes() {
     assert_ok(&o);
     assert!(t.path("r/model.safetensors").exists());
 }
+
+/// `train.precision = "bf16"`: the run trains (forward and backward in bf16), records the key,
+/// publishes f32 weights (the master copy), and ends near the f32 run's loss; stages without
+/// mixed precision refuse the key, and an unknown precision is named.
+#[test]
+fn mixed_precision_trains_f32_weights_and_is_refused_where_unsupported() {
+    let t = TinyVae::new("");
+    assert_ok(&t.train_vae("vae.toml", "f32", &[]));
+    assert_ok(&t.train_vae("vae.toml", "bf16", &["--set", "train.precision=bf16"]));
+    let config = std::fs::read_to_string(t.path("bf16/config.toml")).unwrap();
+    assert!(config.contains("precision = \"bf16\""), "{config}");
+
+    // every tensor of the published weights is f32 (safetensors: u64 header length, JSON)
+    let bytes = std::fs::read(t.path("bf16/model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let dtypes: Vec<&str> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap())
+        .collect();
+    assert!(
+        !dtypes.is_empty() && dtypes.iter().all(|&d| d == "F32"),
+        "{dtypes:?}"
+    );
+
+    let last_loss = |run: &str| -> f64 {
+        let csv = std::fs::read_to_string(t.path(&format!("{run}/metrics.csv"))).unwrap();
+        let row = csv.lines().last().unwrap().to_string();
+        row.split(',').nth(3).unwrap().parse().unwrap()
+    };
+    let (full, mixed) = (last_loss("f32"), last_loss("bf16"));
+    assert!(full != mixed, "identical losses: nothing ran in bf16");
+    assert!(
+        (full - mixed).abs() <= 0.05 * full,
+        "f32 loss {full}, bf16 loss {mixed}"
+    );
+
+    let evaluator = tiny_evaluator_config(&t.path("data"), 4, "steps = 2\nbatch_size = 8\n");
+    std::fs::write(t.path("ev.toml"), evaluator).unwrap();
+    let o = t.train_evaluator("ev.toml", "ev", &["--set", "train.precision=bf16"]);
+    assert_error(
+        &o,
+        "train.precision = \"bf16\": train-evaluator trains in f32 only",
+    );
+    let o = t.train_vae("vae.toml", "f16", &["--set", "train.precision=f16"]);
+    assert_error(&o, "unknown variant `f16`, expected `f32` or `bf16`");
+}

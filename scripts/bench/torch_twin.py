@@ -19,6 +19,7 @@ clipping and the EMA use the foreach kernels.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -480,6 +481,14 @@ def row(name, model, batch, params, iters, seconds, unit, loss=None, per_step=No
     }
 
 
+def autocast(train, device):
+    """`train.precision = "bf16"`: PyTorch's automatic mixed precision (f32 weights, bf16
+    compute where autocast allows it), the counterpart of the Rust side's bf16 weight casts."""
+    if train.get("precision", "f32") == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def bench(spec, device, gen):
     iters, warmup = spec["iters"], spec["warmup"]
     rows = []
@@ -495,7 +504,9 @@ def bench(spec, device, gen):
     def vae_step(_):
         x = host_images.to(device, non_blocking=True)
         eps = torch.randn(bv, lc, ls, ls, device=device)
-        loss = vae.loss(x, eps, v["config"])
+        with autocast(v["train"], device):
+            loss = vae.loss(x, eps, v["config"])
+        loss = loss.float()
         trainer.step(loss)
         return loss.detach()
 
@@ -536,7 +547,9 @@ def bench(spec, device, gen):
             if ncls:
                 drop = torch.rand(b, device=device) < dif["p_uncond"]
                 y = torch.where(drop, torch.full_like(labels, ncls), labels)
-            out = model(z_t, t.float(), y)
+            with autocast(s["train"], device):
+                out = model(z_t, t.float(), y)
+            out = out.float()
             p = dif["parameterization"]
             if p == "epsilon":
                 target = eps

@@ -7,6 +7,7 @@ pub mod device;
 pub mod error;
 pub mod image_io;
 pub mod nn;
+pub mod precision;
 pub mod rng;
 pub mod tensor;
 pub mod weights;

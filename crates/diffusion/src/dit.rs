@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::silu;
 use burn::tensor::module::layer_norm;
+use ldm_common::precision::to_dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Mlp, SelfAttention, TextCrossAttention, zero_linear};
@@ -296,7 +297,7 @@ pub fn modulate(x: Tensor<3>, shift: Tensor<2>, scale: Tensor<2>) -> Tensor<3> {
 /// - `x`: `[batch, tokens, dim]` -> same
 fn plain_layer_norm(x: Tensor<3>) -> Tensor<3> {
     let [_, _, d] = x.dims();
-    let ones = Tensor::ones([d], &x.device());
+    let ones = to_dtype(Tensor::ones([d], &x.device()), x.dtype());
     layer_norm(x, ones, None, NORM_EPS)
 }
 

@@ -6,6 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, TensorData};
+use ldm_common::precision::to_dtype;
 
 /// Period of the slowest sinusoid of the timestep embedding (ADM, DiT).
 pub const MAX_PERIOD: f64 = 10_000.0;
@@ -55,7 +56,11 @@ impl TimestepEmbedder {
     /// # Shapes
     /// - `t`: `[batch]` -> `[batch, dim]`
     pub fn forward(&self, t: Tensor<1>) -> Tensor<2> {
-        let emb = timestep_embedding(t, self.frequency_dim, MAX_PERIOD);
+        // the sinusoids in f32 (t reaches 999), then in the weights' dtype (bf16 under mixed precision)
+        let emb = to_dtype(
+            timestep_embedding(t, self.frequency_dim, MAX_PERIOD),
+            self.linear1.weight.val().dtype(),
+        );
         self.linear2.forward(silu(self.linear1.forward(emb)))
     }
 }

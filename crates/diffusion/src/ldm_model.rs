@@ -5,6 +5,7 @@
 
 use burn::prelude::*;
 use burn::tensor::{Bool, Int};
+use ldm_common::precision::{param_dtype, to_dtype, to_f32};
 
 use crate::backbone::{BackboneConfig, BackboneModel, ConditioningSpec};
 use crate::denoiser::{Backbone, Conditioning, TextConditioning};
@@ -60,8 +61,11 @@ impl LdmModel {
 }
 
 impl Backbone for LdmModel {
+    /// In the weights' dtype (bf16 under mixed precision: `ldm_common::precision`), out in f32;
+    /// t stays f32 for the sinusoidal embedding.
     fn forward(&self, z_t: Tensor<4>, t: Tensor<1>, cond: &Conditioning) -> Tensor<4> {
-        self.backbone.forward(z_t, t, cond)
+        let z_t = to_dtype(z_t, param_dtype(self));
+        to_f32(self.backbone.forward(z_t, t, cond))
     }
 }
 
@@ -135,6 +139,69 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.starts_with("text_encoder.heads = 3"), "{err}");
+    }
+
+    /// Mixed precision: a bf16 compute copy of a class DiT, a U-Net and a text DiT takes f32
+    /// inputs, hands back f32 close to the f32 model's output (bf16 keeps 8 bits of mantissa),
+    /// and its backward puts f32 gradients on every weight of the f32 model.
+    #[test]
+    fn bf16_compute_copies_match_f32_and_train_the_f32_weights() {
+        use crate::unet::UNetConfig;
+        use burn::tensor::DType;
+        use ldm_common::precision::{Precision, param_dtype};
+        let device = Device::flex().autodiff();
+        device.seed(63);
+        let unet = BackboneConfig::UNet(UNetConfig {
+            base_channels: 8,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_levels: vec![1],
+            num_heads: 2,
+            groups: 4,
+            dropout: 0.0,
+        });
+        let cases: [(&str, BackboneConfig, bool); 3] = [
+            ("dit", dit(), false),
+            ("unet", unet, false),
+            ("text dit", dit(), true),
+        ];
+        for (name, backbone, with_text) in cases {
+            let classes = (!with_text).then_some(3);
+            let text_cfg = with_text.then(text);
+            let master =
+                LdmModel::init(&backbone, 4, 8, classes, text_cfg.as_ref(), &device).unwrap();
+            let master = perturb(master, 0.05, 63);
+            let z = randn(&mut stream(63, "z", 0), [2, 4, 8, 8], &device);
+            let (t, m) = ids(&[[2, 5, 6, 0], [2, 7, 0, 0]], &device);
+            let labels = Tensor::<1, Int>::from_ints([0, 2], &device);
+            let run = |precision: Precision| {
+                let model = precision.compute_copy(&master);
+                let cond = Conditioning {
+                    class: classes.map(|_| labels.clone()),
+                    text: model.encode_text(t.clone(), m.clone()),
+                };
+                let steps = Tensor::<1>::from_floats([10.0, 500.0], &device);
+                let out = model.forward(z.clone(), steps, &cond);
+                assert_eq!(out.dtype(), DType::F32, "{name}: the output is f32");
+                let grads =
+                    GradientsParams::from_grads(out.clone().square().mean().backward(), &master);
+                (to_vec_f32(out), grads)
+            };
+            let (full, full_grads) = run(Precision::F32);
+            let (mixed, grads) = run(Precision::Bf16);
+            let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let diff: Vec<f32> = full.iter().zip(&mixed).map(|(a, b)| a - b).collect();
+            let rel = norm(&diff) / norm(&full);
+            assert!(rel < 0.03, "{name}: bf16 output off by {rel} (relative)");
+            assert!(rel > 0.0, "{name}: identical outputs: nothing ran in bf16");
+            assert!(!grads.is_empty());
+            assert_eq!(
+                grads.len(),
+                full_grads.len(),
+                "{name}: a gradient per weight"
+            );
+            assert_eq!(param_dtype(&master), DType::F32);
+        }
     }
 
     /// One optimizer step on the denoising loss changes what the text encoder outputs: the

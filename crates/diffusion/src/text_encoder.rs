@@ -6,6 +6,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig};
 use burn::prelude::*;
 use burn::tensor::{Bool, Int};
+use ldm_common::precision::to_dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{Mlp, SelfAttention};
@@ -177,7 +178,7 @@ impl TextEncoder {
         let x = self.final_norm.forward(x);
 
         // [b, l] -> [b, l, 1]: 1 for real tokens, 0 for padding
-        let keep = padding_mask.clone().bool_not().float().reshape([b, l, 1]);
+        let keep = to_dtype(padding_mask.clone().bool_not().float(), x.dtype()).reshape([b, l, 1]);
         let count = keep.clone().sum_dim(1).clamp_min(1.0);
         // [b, 1, d] -> [b, d]
         let pooled = ((x.clone() * keep).sum_dim(1) / count).reshape([b, d]);

@@ -38,6 +38,7 @@ use crate::recipe::Recipe;
 use crate::train::TrainConfig;
 use crate::vae_stage::{VaeInfo, VaeRun, VaeRunConfig};
 use crate::{builtin, ema, progress, sampling};
+use ldm_common::precision::Precision;
 
 /// Denoising steps of the sampling row (DDIM, eta 0).
 pub const SAMPLE_STEPS: usize = 50;
@@ -67,6 +68,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// The rows to time ([`ROWS`]); empty: all.
     pub rows: Vec<String>,
+    /// `train.precision` of every training row (default: each config's own).
+    pub precision: Option<Precision>,
 }
 
 /// One measured row.
@@ -232,8 +235,11 @@ fn ldm_setup(
     latent: [usize; 3],
     o: &BenchOptions,
 ) -> Result<LdmSetup> {
-    let config: LdmRunConfig = read_config(flag, arg, "an LDM config")?;
+    let mut config: LdmRunConfig = read_config(flag, arg, "an LDM config")?;
     config.validate().with_context(|| format!("{flag} {arg}"))?;
+    if let Some(precision) = o.precision {
+        config.train.precision = precision;
+    }
     let kind = if want_unet { "unet" } else { "dit" };
     if is_unet(&config.backbone) != want_unet {
         bail!("{flag} {arg}: its [backbone] is not kind = \"{kind}\"");
@@ -303,7 +309,7 @@ fn time_training<M: Module + 'static>(
             }
             start = Instant::now();
         }
-        let loss = loss_of(&model, step);
+        let loss = loss_of(&train.precision.compute_copy(&model), step);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(train.lr, model, grads);
         after(&model, step);
@@ -382,8 +388,11 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         beside(recipe_path, &recipe.vae),
         beside(recipe_path, &recipe.ldm),
     );
-    let vae_cfg: VaeRunConfig =
+    let mut vae_cfg: VaeRunConfig =
         read_config(&format!("{}: vae =", o.config), &vae_arg, "a VAE config")?;
+    if let Some(precision) = o.precision {
+        vae_cfg.train.precision = precision;
+    }
     let resolution = vae_cfg.data.resolution;
     vae_cfg
         .vae
@@ -715,6 +724,7 @@ pub fn run_cli(a: crate::cli::BenchArgs) -> Result<std::process::ExitCode> {
         classes: count("--classes", a.classes, 1)?,
         seed: a.seed,
         rows: parse_rows(a.rows.as_deref())?,
+        precision: a.precision,
     };
     if let Some(path) = &a.json {
         ldm_common::checkpoint::ensure_writable_dir(

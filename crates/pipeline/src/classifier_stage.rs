@@ -289,6 +289,10 @@ pub fn train_classifier(
     let mut config: ClassifierRunConfig = crate::overrides::read(config_path, &overrides.sets)?;
     overrides.apply(&mut config.train);
     config.train.validate().map_err(anyhow::Error::msg)?;
+    config
+        .train
+        .require_f32("train-classifier")
+        .map_err(anyhow::Error::msg)?;
     let report_t = config.report.timesteps(run.schedule.num_timesteps())?;
     let [c, s, _] = run.info.latent_shape;
     let classes = run.info.class_names.len();

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ldm_common::device::DeviceChoice;
+use ldm_common::precision::Precision;
 
 /// Latent diffusion in Rust: train a VAE, train a diffusion model on its latents, generate.
 #[derive(Debug, Parser)]
@@ -90,8 +91,20 @@ pub struct BenchArgs {
     /// training row is left out is sampled with its initial weights.
     #[arg(long, value_name = "LIST")]
     pub rows: Option<String>,
+    /// f32 or bf16 (mixed precision: f32 weights, bf16 forward and backward) for every training
+    /// row (default: each config's `train.precision`, normally f32).
+    #[arg(long, value_parser = parse_precision)]
+    pub precision: Option<Precision>,
     #[command(flatten)]
     pub device: DeviceFlag,
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    match s {
+        "f32" => Ok(Precision::F32),
+        "bf16" => Ok(Precision::Bf16),
+        _ => Err("expected f32 or bf16".into()),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -155,6 +155,10 @@ pub fn train_evaluator(
         config.data.dir = Some(dir.to_path_buf());
     }
     config.train.validate().map_err(anyhow::Error::msg)?;
+    config
+        .train
+        .require_f32("train-evaluator")
+        .map_err(anyhow::Error::msg)?;
     let Splits { train, held_out } = data::load(&config.data)?;
     let num_classes = train.class_names.len();
     config

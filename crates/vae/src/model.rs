@@ -5,6 +5,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+use ldm_common::precision::{param_dtype, to_dtype, to_f32};
 
 use crate::blocks::{ResBlock, conv3x3, upsample_nearest2x};
 use crate::config::VaeConfig;
@@ -157,11 +158,19 @@ impl Vae {
     ///
     /// # Shapes
     /// - `x`: `[batch, channels, h, w]`; `eps`: like the latent
+    ///
+    /// The networks run in the weights' dtype (bf16 under mixed precision:
+    /// `ldm_common::precision`); the reconstruction and the losses are f32.
     pub fn loss(&self, x: Tensor<4>, eps: Tensor<4>, config: &VaeConfig) -> VaeLoss {
-        let posterior = self.encode(x.clone());
-        let z = posterior.sample(eps);
-        let reconstruction = self.decode(z);
+        let dtype = param_dtype(self);
+        let posterior = self.encode(to_dtype(x.clone(), dtype));
+        let z = posterior.sample(to_dtype(eps, dtype));
+        let reconstruction = to_f32(self.decode(z));
         let recon = reconstruction_loss(reconstruction.clone(), x, config.reconstruction);
+        let posterior = Posterior {
+            mean: to_f32(posterior.mean),
+            logvar: to_f32(posterior.logvar),
+        };
         let kl = kl_to_standard_normal(&posterior).mean();
         let loss = recon.clone() + kl.clone() * config.kl_weight;
         VaeLoss {

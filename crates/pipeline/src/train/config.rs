@@ -1,5 +1,6 @@
 //! The `[train]` section shared by every training command.
 
+use ldm_common::precision::Precision;
 use serde::{Deserialize, Serialize};
 
 /// How the learning rate moves after warm-up.
@@ -52,6 +53,11 @@ pub struct TrainConfig {
     /// `--device`. See [`super::parallel`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// `"f32"`, or `"bf16"`: mixed precision, f32 weights and optimizer state with forward and
+    /// backward in bf16 (`ldm_common::precision`). For the GPU; on a CPU bf16 is emulated and
+    /// slower (docs/PERFORMANCE.md).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 fn d_steps() -> u64 {
@@ -131,6 +137,17 @@ impl TrainConfig {
             return Err("train.weight_decay and train.grad_clip must be >= 0".into());
         }
         super::parallel::check_devices(&self.devices, self.batch_size)
+    }
+
+    /// Refuses mixed precision for a stage that trains in f32 only.
+    pub fn require_f32(&self, command: &str) -> Result<(), String> {
+        if self.precision.is_f32() {
+            Ok(())
+        } else {
+            Err(format!(
+                "train.precision = \"bf16\": {command} trains in f32 only (mixed precision is for train-vae and train-ldm); remove the key"
+            ))
+        }
     }
 
     /// Learning rate at `step` (0-based): linear warm-up, then constant or cosine decay.

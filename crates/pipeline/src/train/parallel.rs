@@ -25,6 +25,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use ldm_common::device::{DeviceChoice, SelectedDevice, select};
+use ldm_common::precision::Precision;
 
 use super::config::TrainConfig;
 use super::trainer::TrainTask;
@@ -167,6 +168,7 @@ impl DataParallel {
         task: &mut T,
         model: &T::Model,
         step: u64,
+        precision: Precision,
     ) -> Result<StepOutput> {
         let indices = task.batch_indices(step);
         let task: &T = task;
@@ -182,8 +184,13 @@ impl DataParallel {
                     scope.spawn(move || {
                         let ad = device.clone().autodiff();
                         let replica = replica.fork(&ad);
-                        let (loss, scalars) =
-                            task.forward_rows(&replica, step, indices, rows.clone(), &ad);
+                        let (loss, scalars) = task.forward_rows(
+                            &precision.compute_copy(&replica),
+                            step,
+                            indices,
+                            rows.clone(),
+                            &ad,
+                        );
                         let weight = rows.len() as f64 / total;
                         let loss = loss * weight;
                         let grads = GradientsParams::from_grads(loss.backward(), &replica);
@@ -334,7 +341,7 @@ mod tests {
             description: "cpu".into(),
         };
         let (dp_loss, dp_scalars, dp_grads) = DataParallel::new(&[cpu(), cpu()], 8)
-            .step(&mut task, &model, 5)
+            .step(&mut task, &model, 5, Precision::F32)
             .unwrap();
         let seen = task.seen.lock().unwrap().clone();
         assert_eq!(seen[0], 0..8);

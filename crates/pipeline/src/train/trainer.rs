@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
+use ldm_common::precision::Precision;
 
 use super::config::TrainConfig;
 use super::metrics::MetricsLog;
@@ -78,7 +79,7 @@ pub fn train<T: TrainTask>(
         architecture,
         run_dir,
         resume,
-        one_device,
+        |task, model, step| one_device(task, model, step, config.precision),
     )
 }
 
@@ -101,7 +102,7 @@ pub fn train_sharded<T: ShardedTask>(
             architecture,
             run_dir,
             resume,
-            one_device,
+            |task, model, step| one_device(task, model, step, config.precision),
         );
     }
     eprintln!("{}", parallel::describe(&devices, config.batch_size));
@@ -113,13 +114,19 @@ pub fn train_sharded<T: ShardedTask>(
         architecture,
         run_dir,
         resume,
-        |task, model, step| replicas.step(task, model, step),
+        |task, model, step| replicas.step(task, model, step, config.precision),
     )
 }
 
-/// The step on one device: forward, then backward.
-fn one_device<T: TrainTask>(task: &mut T, model: &T::Model, step: u64) -> Result<StepOutput> {
-    let (loss, scalars) = task.forward(model, step);
+/// The step on one device: forward, then backward (in bf16 with `precision`, the gradients
+/// landing on the f32 `model`).
+fn one_device<T: TrainTask>(
+    task: &mut T,
+    model: &T::Model,
+    step: u64,
+    precision: Precision,
+) -> Result<StepOutput> {
+    let (loss, scalars) = task.forward(&precision.compute_copy(model), step);
     let grads = GradientsParams::from_grads(loss.backward(), model);
     Ok((loss, scalars, grads))
 }
