@@ -4,10 +4,11 @@
 # (`bash scripts/setup_libtorch.sh --build` -> gpu-bin/pipeline) and data/animal-mnist carried
 # over (both git-ignored; together about 37 MB):
 #
-#   bash scripts/gpu_session.sh env       # the machine, the binary, torch: a few seconds
-#   bash scripts/gpu_session.sh bench     # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
-#   bash scripts/gpu_session.sh train     # pipeline run animals, then its evaluator
-#   bash scripts/gpu_session.sh eval      # pipeline eval of the trained model at cfg 1.5 and 5
+#   bash scripts/gpu_session.sh env         # the machine, the binary, torch: a few seconds
+#   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
+#   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
+#   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
+#   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #
 # Everything lands in $OUT (default runs/gpu-session); on the device tool, write it under $OUT
 # there so that it comes back. Environment: PIPELINE (default gpu-bin/pipeline), PYTHON (default
@@ -18,8 +19,8 @@ cd "$(dirname "$0")/.."
 
 step="${1:-}"
 case "$step" in
-  env|bench|train|eval) ;;
-  *) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  env|bench|bench-bf16|train|eval) ;;
+  *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
 PIPELINE="${PIPELINE:-gpu-bin/pipeline}"
 PYTHON="${PYTHON:-python3}"
@@ -68,6 +69,13 @@ case "$step" in
     timed bench-big env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-big" \
       bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
       --batch-size "$big" "${short[@]}"
+    ;;
+  bench-bf16)
+    runs=3 big=${BIG_BATCH:-1024} short=()
+    [[ ${QUICK:-0} == 1 ]] && runs=1 big=64 short=(--iters 2 --warmup 1 --sample-runs 1)
+    timed bench-big-bf16 env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-big-bf16" \
+      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
+      --batch-size "$big" --precision bf16 "${short[@]}"
     ;;
   train)
     [[ -d data/animal-mnist ]] || {
