@@ -42,8 +42,18 @@ case "$DEVICE" in
   libtorch) compare=(--device cpu --libtorch) ;;
   *) echo "error: DEVICE=$DEVICE: expected cuda, cuda:N or libtorch" >&2; exit 2 ;;
 esac
-quick=()
-[[ ${QUICK:-0} == 1 ]] && quick=(--vae-steps 20 --ldm-steps 20)
+# QUICK=1: a few steps of every stage and benchmark row
+quick=() runs=3 big=${BIG_BATCH:-1024} short=()
+[[ ${QUICK:-0} == 1 ]] && quick=(--vae-steps 20 --ldm-steps 20) runs=1 big=64 \
+  short=(--iters 2 --warmup 1 --sample-runs 1)
+
+# `bench NAME FLAGS...`: compare.sh into $OUT/NAME, FLAGS after `--config animals`.
+bench() {
+  local name=$1
+  shift
+  timed "$name" env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/$name" \
+    bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals "$@" "${short[@]}"
+}
 
 # `timed NAME CMD...`: runs CMD, its output in $OUT/NAME.log, its wall time in $OUT/NAME.wall.
 timed() {
@@ -62,20 +72,11 @@ case "$step" in
       nproc; free -g | head -2; } | tee "$OUT/env.txt"
     ;;
   bench)
-    runs=3 big=${BIG_BATCH:-1024} short=()
-    [[ ${QUICK:-0} == 1 ]] && runs=1 big=64 short=(--iters 2 --warmup 1 --sample-runs 1)
-    timed bench-recipe env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-recipe" \
-      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals "${short[@]}"
-    timed bench-big env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-big" \
-      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
-      --batch-size "$big" "${short[@]}"
+    bench bench-recipe
+    bench bench-big --batch-size "$big"
     ;;
   bench-bf16)
-    runs=3 big=${BIG_BATCH:-1024} short=()
-    [[ ${QUICK:-0} == 1 ]] && runs=1 big=64 short=(--iters 2 --warmup 1 --sample-runs 1)
-    timed bench-big-bf16 env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/bench-big-bf16" \
-      bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
-      --batch-size "$big" --precision bf16 "${short[@]}"
+    bench bench-big-bf16 --batch-size "$big" --precision bf16
     ;;
   train)
     [[ -d data/animal-mnist ]] || {

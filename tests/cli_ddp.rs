@@ -61,25 +61,6 @@ fn max_weight_difference(a: &Path, b: &Path) -> f32 {
     max
 }
 
-/// `metrics.csv` as (column, values by row), without the wall-clock column.
-fn metrics(run: &Path) -> BTreeMap<String, Vec<f64>> {
-    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    let mut lines = text.lines();
-    let names: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for line in lines {
-        for (name, cell) in names.iter().zip(line.split(',')) {
-            if *name != "images_per_s" {
-                columns
-                    .entry(name.to_string())
-                    .or_default()
-                    .push(cell.parse().unwrap());
-            }
-        }
-    }
-    columns
-}
-
 /// Asserts both runs logged the same rows, each value within `rel` relative difference.
 fn assert_same_metrics(a: &Path, b: &Path, rel: f64) {
     let (a, b) = (metrics(a), metrics(b));

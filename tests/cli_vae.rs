@@ -387,11 +387,7 @@ fn mixed_precision_trains_f32_weights_and_is_refused_where_unsupported() {
         "{dtypes:?}"
     );
 
-    let last_loss = |run: &str| -> f64 {
-        let csv = std::fs::read_to_string(t.path(&format!("{run}/metrics.csv"))).unwrap();
-        let row = csv.lines().last().unwrap().to_string();
-        row.split(',').nth(3).unwrap().parse().unwrap()
-    };
+    let last_loss = |run: &str| *metrics(&t.path(run))["loss"].last().unwrap();
     let (full, mixed) = (last_loss("f32"), last_loss("bf16"));
     assert!(full != mixed, "identical losses: nothing ran in bf16");
     assert!(

@@ -8,6 +8,7 @@ mod ldm;
 #[allow(unused_imports)]
 pub use ldm::TinyLdmConfig;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -222,4 +223,23 @@ impl TinyVae {
     pub fn p(&self, rel: &str) -> String {
         self.path(rel).display().to_string()
     }
+}
+
+/// `metrics.csv` as (column, values by row), without the wall-clock column.
+pub fn metrics(run: &Path) -> BTreeMap<String, Vec<f64>> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let mut lines = text.lines();
+    let names: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for line in lines {
+        for (name, cell) in names.iter().zip(line.split(',')) {
+            if *name != "images_per_s" {
+                columns
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(cell.parse().unwrap());
+            }
+        }
+    }
+    columns
 }

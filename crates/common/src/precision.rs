@@ -10,6 +10,8 @@
 //! on entry ([`to_dtype`]), build any constant in the dtype of the tensor it meets, and hand
 //! back f32, so losses and their reductions stay in f32.
 
+use std::borrow::Cow;
+
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{DType, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -30,13 +32,27 @@ impl Precision {
         *self == Self::F32
     }
 
-    /// The model a step computes with: `model` itself for f32; for bf16 a copy whose weights
-    /// are bf16 casts of `model`'s, so that `GradientsParams::from_grads(loss.backward(),
-    /// model)` finds the gradients on the f32 weights.
-    pub fn compute_copy<M: Module>(self, model: &M) -> M {
+    /// The model a step computes with: `model` itself for f32 (borrowed, no copy); for bf16 a
+    /// copy whose weights are bf16 casts of `model`'s, so that
+    /// `GradientsParams::from_grads(loss.backward(), model)` finds the gradients on the f32
+    /// weights.
+    pub fn compute_copy<M: Module>(self, model: &M) -> Cow<'_, M> {
         match self {
-            Self::F32 => model.clone(),
-            Self::Bf16 => model.clone().map(&mut CastWeights(FloatDType::BF16)),
+            Self::F32 => Cow::Borrowed(model),
+            Self::Bf16 => Cow::Owned(model.clone().map(&mut CastWeights(FloatDType::BF16))),
+        }
+    }
+}
+
+/// The names of `train.precision`, for flags such as `pipeline bench --precision`.
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err("expected f32 or bf16".into()),
         }
     }
 }
@@ -93,14 +109,14 @@ mod tests {
         let grads_of = |precision: Precision| {
             let model = precision.compute_copy(&master);
             assert_eq!(
-                param_dtype(&model),
+                param_dtype(&*model),
                 if precision.is_f32() {
                     DType::F32
                 } else {
                     DType::BF16
                 }
             );
-            let y = to_f32(model.forward(to_dtype(x.clone(), param_dtype(&model))));
+            let y = to_f32(model.forward(to_dtype(x.clone(), param_dtype(&*model))));
             let grads = GradientsParams::from_grads(y.sum().backward(), &master);
             let g = grads
                 .get::<2>(master.weight.id)

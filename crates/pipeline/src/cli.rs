@@ -93,18 +93,10 @@ pub struct BenchArgs {
     pub rows: Option<String>,
     /// f32 or bf16 (mixed precision: f32 weights, bf16 forward and backward) for every training
     /// row (default: each config's `train.precision`, normally f32).
-    #[arg(long, value_parser = parse_precision)]
+    #[arg(long)]
     pub precision: Option<Precision>,
     #[command(flatten)]
     pub device: DeviceFlag,
-}
-
-fn parse_precision(s: &str) -> Result<Precision, String> {
-    match s {
-        "f32" => Ok(Precision::F32),
-        "bf16" => Ok(Precision::Bf16),
-        _ => Err("expected f32 or bf16".into()),
-    }
 }
 
 #[derive(Debug, Args)]
