@@ -2,8 +2,8 @@
 //!
 //! `cpu` is burn-flex (pure Rust, always built). `libtorch` (libtorch on the CPU) and
 //! `cuda[:N]` need a build with the `tch` cargo feature (see README, "GPU"). `auto` takes CUDA
-//! when the build and the machine have it; otherwise libtorch on the CPU in a `tch` build (1.6
-//! to 3.3x faster than burn-flex in training on 2 cores, docs/PERFORMANCE.md) and burn-flex in
+//! when the build and the machine have it; otherwise libtorch on the CPU in a `tch` build (1.0
+//! to 1.4x faster than burn-flex in training on 2 cores, docs/PERFORMANCE.md) and burn-flex in
 //! the default build.
 
 use std::fmt;

@@ -1,10 +1,15 @@
 //! Shared pieces of the three stages: data sets, images, checkpoints, devices and seeded noise.
 
+pub mod activation;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fast_math;
+pub mod flex;
+pub mod gemm_conv;
+pub mod group_norm;
 pub mod image_io;
 pub mod nn;
 pub mod precision;

@@ -9,7 +9,7 @@
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Bool;
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
@@ -188,18 +188,7 @@ fn merge_heads(x: Tensor<4>) -> Tensor<3> {
     x.swap_dims(1, 2).reshape([b, n, h * dh])
 }
 
-/// GELU, tanh approximation (Hendrycks & Gimpel 2016, section 2; PyTorch's
-/// `GELU(approximate="tanh")`, which DiT uses):
-/// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)).
-/// Within 5e-4 of the exact x Phi(x) everywhere, and built from multiplications and one
-/// sigmoid, so its autodiff backward needs no erf.
-pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    /// 2 sqrt(2 / pi)
-    const TWO_SQRT_2_OVER_PI: f64 =
-        2.0 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2;
-    let inner = (x.clone() * x.clone() * 0.044715 + 1.0) * x.clone() * TWO_SQRT_2_OVER_PI;
-    x * sigmoid(inner)
-}
+pub use ldm_common::activation::gelu_tanh;
 
 /// The position-wise feed-forward of a transformer block: Linear -> GELU -> Linear, the GELU
 /// exact or its tanh approximation ([`gelu_tanh`]).

@@ -10,8 +10,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use burn::tensor::activation::silu;
 use burn::tensor::module::layer_norm;
+use ldm_common::activation::silu;
 use ldm_common::precision::to_dtype;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,7 @@ use crate::backbone::ConditioningSpec;
 use crate::denoiser::{Backbone, Conditioning, TextConditioning};
 use crate::embedding::{LabelEmbedder, TimestepEmbedder};
 use crate::error::{DiffusionError, Result};
+use ldm_common::gemm_conv::conv2d;
 
 /// Sinusoids fed to the timestep MLP (DiT's `frequency_embedding_size`).
 const FREQUENCY_DIM: usize = 256;
@@ -437,7 +438,7 @@ impl Backbone for DiT {
         let [b, _, h, w] = z_t.dims();
         let p = self.patch_size;
         let (gh, gw) = (h / p, w / p);
-        let x = self.x_embedder.forward(z_t);
+        let x = conv2d(&self.x_embedder, z_t);
         let [_, d, _, _] = x.dims();
         // [b, d, gh, gw] -> [b, d, gh*gw] -> [b, tokens, d]
         let x = x.reshape([b, d, gh * gw]).swap_dims(1, 2);

@@ -4,8 +4,8 @@
 
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Int, TensorData};
+use ldm_common::activation::silu;
 use ldm_common::precision::to_dtype;
 
 /// Period of the slowest sinusoid of the timestep embedding (ADM, DiT).

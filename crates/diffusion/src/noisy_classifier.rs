@@ -10,13 +10,16 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, TensorData};
+use ldm_common::activation::silu;
 use serde::{Deserialize, Serialize};
 
 use crate::embedding::TimestepEmbedder;
 use crate::error::{DiffusionError, Result};
 use crate::unet::{ResBlock, conv3x3};
+use ldm_common::gemm_conv::conv2d;
+use ldm_common::group_norm::group_norm_silu;
 
 /// The `[classifier]` section: the shape of the noisy-latent classifier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,16 +197,16 @@ impl NoisyClassifier {
     /// - output: `[batch, num_classes]`
     pub fn forward(&self, z_t: Tensor<4>, t: Tensor<1>) -> Tensor<2> {
         let emb = silu(self.time_embed.forward(t));
-        let mut h = self.conv_in.forward(z_t);
+        let mut h = conv2d(&self.conv_in, z_t);
         for level in &self.levels {
             for block in &level.blocks {
                 h = block.forward(h, emb.clone());
             }
             if let Some(down) = &level.downsample {
-                h = down.forward(h);
+                h = conv2d(down, h);
             }
         }
-        let h = silu(self.norm_out.forward(h));
+        let h = group_norm_silu(&self.norm_out, h);
         let [b, c, _, _] = h.dims();
         // [b, c, h, w] -> [b, c, 1, 1] -> [b, c]
         let pooled = h.mean_dim(3).mean_dim(2).reshape([b, c]);

@@ -15,7 +15,7 @@ use burn::nn::{
     PaddingConfig2d,
 };
 use burn::prelude::*;
-use burn::tensor::activation::silu;
+use ldm_common::activation::silu;
 pub use ldm_common::nn::{conv3x3, upsample_nearest2x};
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,8 @@ use crate::backbone::ConditioningSpec;
 use crate::denoiser::{Backbone, Conditioning, TextConditioning};
 use crate::embedding::{LabelEmbedder, TimestepEmbedder};
 use crate::error::{DiffusionError, Result};
+use ldm_common::gemm_conv::conv2d;
+use ldm_common::group_norm::{group_norm, group_norm_silu};
 
 /// The `[backbone]` section with `kind = "unet"`. The defaults suit 8x8x4 latents on a CPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -278,15 +280,16 @@ impl ResBlock {
     /// - `x`: `[batch, c_in, h, w]` -> `[batch, c_out, h, w]`
     /// - `emb`: `[batch, emb_dim]`, already through SiLU
     pub fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = conv2d(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
         let [b, c, _, _] = h.dims();
         // [b, c] -> [b, c, 1, 1], broadcast over the pixels
         let h = h + self.emb_proj.forward(emb).reshape([b, c, 1, 1]);
-        let h = self
-            .conv2
-            .forward(self.dropout.forward(silu(self.norm2.forward(h))));
+        let h = conv2d(
+            &self.conv2,
+            self.dropout.forward(group_norm_silu(&self.norm2, h)),
+        );
         let skip = match &self.skip {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d(conv, x),
             None => x,
         };
         skip + h
@@ -323,9 +326,7 @@ impl SpatialAttention {
     pub fn forward(&self, x: Tensor<4>, text: Option<&TextConditioning>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         // [b, c, h, w] -> [b, c, hw] -> [b, hw, c]
-        let tokens = self
-            .norm
-            .forward(x.clone())
+        let tokens = group_norm(&self.norm, x.clone(), false)
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let mut a = self.attn.forward(tokens.clone(), None);
@@ -428,7 +429,7 @@ impl Backbone for UNet {
         let emb = silu(self.embed(t, cond));
         let text = cond.text.as_ref();
 
-        let mut h = self.conv_in.forward(z_t);
+        let mut h = conv2d(&self.conv_in, z_t);
         let mut skips = vec![h.clone()];
         for level in &self.down {
             for block in &level.blocks {
@@ -436,7 +437,7 @@ impl Backbone for UNet {
                 skips.push(h.clone());
             }
             if let Some(down) = &level.downsample {
-                h = down.forward(h);
+                h = conv2d(down, h);
                 skips.push(h.clone());
             }
         }
@@ -452,10 +453,10 @@ impl Backbone for UNet {
                 h = block.forward(Tensor::cat(vec![h, skip], 1), emb.clone(), text);
             }
             if let Some(up) = &level.upsample {
-                h = up.forward(upsample_nearest2x(h));
+                h = conv2d(up, upsample_nearest2x(h));
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        conv2d(&self.conv_out, group_norm_silu(&self.norm_out, h))
     }
 }
 

@@ -11,6 +11,7 @@ use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
+use ldm_common::gemm_conv::conv2d;
 
 /// The `[evaluator]` section: architecture of the evaluation CNN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,7 +150,7 @@ impl Evaluator {
     pub fn features(&self, images: Tensor<4>) -> Tensor<2> {
         let mut x = images;
         for (conv, norm) in self.convs.iter().zip(&self.norms) {
-            x = relu(norm.forward(conv.forward(x)));
+            x = relu(norm.forward(conv2d(conv, x)));
         }
         // [batch, channels, h', w'] -> [batch, channels, pool, pool]
         let pooled = self.pool.forward(x);

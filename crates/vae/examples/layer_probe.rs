@@ -8,9 +8,13 @@
 //!
 //! Rows, for each shape (batch, channels, side) that the recipes' networks run at:
 //! - `conv3x3`: burn's `Conv2d` (3x3, padding 1, bias), loss sum(y * g);
+//! - `conv3x3-gemm`: the same layer through `ldm_common::gemm_conv::conv2d`, which the models
+//!   use (im2col + gemm in NCHW on burn-flex; burn's own convolution elsewhere);
 //! - `conv3x3-slices`: the same convolution written as im2col from 9 shifted slices of the
 //!   padded input and one batched matmul (an alternative that was tried; it is slower);
-//! - `groupnorm-silu`: silu(GroupNorm(x)), as in every residual block.
+//! - `groupnorm-silu`: burn-nn's silu(GroupNorm(x)), as in every residual block;
+//! - `groupnorm-silu-fused`: the same through `ldm_common::group_norm::group_norm_silu`, which
+//!   the models use (one operation with its own backward on burn-flex).
 //!
 //! Each figure is the median of `iters` runs after one warm-up run; a run ends by reading the
 //! output (forward) or the input's gradient (backward) back to the host.
@@ -24,6 +28,8 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
 use ldm_common::device::{DeviceChoice, select};
+use ldm_common::gemm_conv::conv2d;
+use ldm_common::group_norm::group_norm_silu;
 
 /// The (batch, channels, side) of the layers measured: the VAE's three levels at batch 32, the
 /// U-Net's two levels at batch 64.
@@ -115,13 +121,18 @@ fn main() {
             Tensor::<2>::random([c, 9 * c], Distribution::Normal(0.0, 0.1), &device).require_grad();
         let b = Tensor::<1>::zeros([c], &device).require_grad();
         let norm = GroupNormConfig::new(if c <= 32 { 8 } else { 32 }, c).init(&device);
-        let rows: [(&str, (f64, f64)); 3] = [
+        let rows: [(&str, (f64, f64)); 5] = [
             ("conv3x3", time(iters, &x, |x| conv.forward(x))),
+            ("conv3x3-gemm", time(iters, &x, |x| conv2d(&conv, x))),
             (
                 "conv3x3-slices",
                 time(iters, &x, |x| conv3x3_slices(x, w.clone(), b.clone())),
             ),
             ("groupnorm-silu", time(iters, &x, |x| silu(norm.forward(x)))),
+            (
+                "groupnorm-silu-fused",
+                time(iters, &x, |x| group_norm_silu(&norm, x)),
+            ),
         ];
         for (name, (fwd, both)) in rows {
             println!("{name} {n} {c} {side} {fwd:.2} {both:.2}");

@@ -5,7 +5,8 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
+use ldm_common::gemm_conv::conv2d;
+use ldm_common::group_norm::group_norm_silu;
 pub use ldm_common::nn::{conv3x3, upsample_nearest2x};
 
 /// x + F(x) with F = conv(silu(norm(conv(silu(norm(x)))))); a 1x1 conv on the skip when the
@@ -33,10 +34,10 @@ impl ResBlock {
     /// # Shapes
     /// - `x`: `[batch, c_in, h, w]` -> `[batch, c_out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = conv2d(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
+        let h = conv2d(&self.conv2, group_norm_silu(&self.norm2, h));
         let skip = match &self.skip {
-            Some(conv) => conv.forward(x),
+            Some(conv) => conv2d(conv, x),
             None => x,
         };
         skip + h

@@ -4,12 +4,13 @@
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use ldm_common::precision::{param_dtype, to_dtype, to_f32};
 
 use crate::blocks::{ResBlock, conv3x3, upsample_nearest2x};
 use crate::config::VaeConfig;
 use crate::loss::{VaeLoss, kl_to_standard_normal, reconstruction_loss};
+use ldm_common::gemm_conv::conv2d;
+use ldm_common::group_norm::group_norm_silu;
 
 /// One resolution level: residual blocks, then an optional resampling conv.
 #[derive(Module, Debug)]
@@ -116,17 +117,17 @@ impl Vae {
     /// - mean, logvar: `[batch, latent_channels, h/f, w/f]`
     pub fn encode(&self, x: Tensor<4>) -> Posterior {
         let e = &self.encoder;
-        let mut h = e.conv_in.forward(x);
+        let mut h = conv2d(&e.conv_in, x);
         for level in &e.levels {
             for block in &level.blocks {
                 h = block.forward(h);
             }
             if let Some(down) = &level.resample {
-                h = down.forward(h);
+                h = conv2d(down, h);
             }
         }
         let h = e.mid.forward(h);
-        let h = e.conv_out.forward(silu(e.norm_out.forward(h)));
+        let h = conv2d(&e.conv_out, group_norm_silu(&e.norm_out, h));
         let [b, c2, hh, ww] = h.dims();
         let c = c2 / 2;
         // [b, 2c, h, w] -> mean [b, c, h, w], logvar [b, c, h, w]
@@ -141,16 +142,16 @@ impl Vae {
     /// - `z`: `[batch, latent_channels, h/f, w/f]` -> `[batch, channels, h, w]`
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         let d = &self.decoder;
-        let mut h = d.mid.forward(d.conv_in.forward(z));
+        let mut h = d.mid.forward(conv2d(&d.conv_in, z));
         for level in &d.levels {
             for block in &level.blocks {
                 h = block.forward(h);
             }
             if let Some(up) = &level.resample {
-                h = up.forward(upsample_nearest2x(h));
+                h = conv2d(up, upsample_nearest2x(h));
             }
         }
-        d.conv_out.forward(silu(d.norm_out.forward(h)))
+        conv2d(&d.conv_out, group_norm_silu(&d.norm_out, h))
     }
 
     /// The training objective on a batch: recon(x, decode(z)) + beta * KL(q(z|x) || N(0, I)),

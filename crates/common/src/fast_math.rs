@@ -1,0 +1,43 @@
+//! exp and sigmoid in a form the compiler vectorises (libm's `expf` is a scalar call per
+//! element, which made SiLU, GELU and sigmoid a fifth of burn-flex's time in the DiT step).
+
+/// exp(x) for x in [-87, 88] to about 2 ulp, written so that the compiler vectorises loops over
+/// it (libm's `expf` is a scalar call): exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2
+/// in two parts, and e^r by its degree-6 Taylor polynomial (|r| <= ln 2 / 2). Rounding adds and
+/// subtracts 1.5 * 2^23 (exact for |x / ln 2| < 2^22) instead of calling libm's `roundf`.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+}
+
+/// sigmoid(u) = 1 / (1 + exp(-u)).
+#[inline(always)]
+pub fn sigmoid(u: f32) -> f32 {
+    1.0 / (1.0 + exp(-u))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_over_its_range() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (ours, exact) = (exp(x) as f64, (x as f64).exp());
+            assert!(
+                ((ours - exact) / exact).abs() < 5e-7,
+                "exp({x}): {ours} vs {exact}"
+            );
+        }
+        assert!(sigmoid(-200.0) < 1e-37 && sigmoid(200.0) == 1.0);
+    }
+}

@@ -1,0 +1,34 @@
+//! Helpers shared by this crate's burn-flex backend extensions (`gemm_conv`, `group_norm`):
+//! reading a burn-flex tensor's values and making one from a `Vec`.
+
+use burn::backend::DispatchDevice;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{Tensor, TensorData};
+
+/// The tensor in row-major order with no offset (copied only if it is not already).
+pub fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.as_slice::<f32>().is_some() {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+/// The values of a tensor made by [`contiguous`]; the extensions route only f32 tensors here.
+pub fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("an f32 tensor made contiguous (the callers check the dtype)")
+}
+
+/// A burn-flex tensor of these values and shape.
+pub fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// Whether `x` lives on burn-flex (with or without autodiff).
+pub fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+    matches!(
+        x.device().as_dispatch().clone().inner(),
+        DispatchDevice::Flex(_)
+    )
+}
