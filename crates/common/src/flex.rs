@@ -3,7 +3,7 @@
 
 use burn::backend::DispatchDevice;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 
 /// The tensor in row-major order with no offset (copied only if it is not already).
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {
@@ -31,4 +31,9 @@ pub fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
         x.device().as_dispatch().clone().inner(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// Whether `x` is an f32 tensor on burn-flex: where this crate's own operations run.
+pub fn on_flex_f32<const D: usize>(x: &Tensor<D>) -> bool {
+    on_flex(x) && x.dtype() == DType::F32
 }

@@ -16,10 +16,10 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::tensor::Tensor;
 use burn::tensor::activation::sigmoid;
-use burn::tensor::{DType, Tensor};
 
-use crate::flex::{contiguous, flex_tensor, on_flex, values};
+use crate::flex::{contiguous, flex_tensor, on_flex_f32, values};
 use kernels::Kind;
 
 /// SiLU or the tanh GELU as a backend operation.
@@ -81,21 +81,20 @@ impl<C: CheckpointStrategy> FusedActivation for Autodiff<Flex, C> {
     }
 }
 
-fn fused<const D: usize>(x: Tensor<D>, gelu_tanh: bool) -> Option<Tensor<D>> {
-    (on_flex(&x) && x.dtype() == DType::F32).then(|| {
-        Tensor::from_dispatch(<Dispatch as FusedActivation>::fused_activation(
-            x.into_dispatch(),
-            gelu_tanh,
-        ))
-    })
+fn fused<const D: usize>(x: Tensor<D>, gelu_tanh: bool) -> Tensor<D> {
+    let x = x.into_dispatch();
+    Tensor::from_dispatch(<Dispatch as FusedActivation>::fused_activation(
+        x, gelu_tanh,
+    ))
 }
 
 /// SiLU: x sigmoid(x).
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if on_flex(&x) && x.dtype() == DType::F32 {
-        return fused(x, false).expect("checked");
+    if on_flex_f32(&x) {
+        fused(x, false)
+    } else {
+        burn::tensor::activation::silu(x)
     }
-    burn::tensor::activation::silu(x)
 }
 
 /// GELU, tanh approximation (Hendrycks & Gimpel 2016, section 2; PyTorch's
@@ -104,10 +103,11 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Within 5e-4 of the exact x Phi(x) everywhere, and built from multiplications and one
 /// sigmoid, so its backward needs no erf.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    if on_flex(&x) && x.dtype() == DType::F32 {
-        return fused(x, true).expect("checked");
+    if on_flex_f32(&x) {
+        fused(x, true)
+    } else {
+        composed_gelu_tanh(x)
     }
-    composed_gelu_tanh(x)
 }
 
 /// burn's composition of the tanh GELU (the path off burn-flex, and the tests' reference).

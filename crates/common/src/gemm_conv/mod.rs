@@ -26,7 +26,7 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::{DType, Tensor};
 
-use crate::flex::{contiguous, flex_tensor, on_flex, values};
+use crate::flex::{contiguous, flex_tensor, on_flex_f32, values};
 use kernels::{ConvGeometry, Wanted};
 
 /// The convolution as a backend operation: burn-flex computes it with [`kernels`], autodiff
@@ -160,8 +160,7 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let weight = conv.weight.val();
     let padding = symmetric_padding(&conv.padding);
-    let applies = on_flex(&x)
-        && x.dtype() == DType::F32
+    let applies = on_flex_f32(&x)
         && weight.dtype() == DType::F32
         && conv.groups == 1
         && conv.dilation == [1, 1]

@@ -23,7 +23,7 @@ use burn::nn::GroupNorm;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor};
 
-use crate::flex::{contiguous, flex_tensor, on_flex, values};
+use crate::flex::{contiguous, flex_tensor, on_flex_f32, values};
 use kernels::NormGeometry;
 
 /// GroupNorm with an optional SiLU as a backend operation.
@@ -166,22 +166,21 @@ impl<C: CheckpointStrategy> FusedGroupNorm for Autodiff<Flex, C> {
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]` -> the same
 pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
-    let params = norm.gamma.as_ref().zip(norm.beta.as_ref());
-    let applies = on_flex(&x) && x.dtype() == DType::F32 && norm.affine;
-    match params.filter(|_| applies) {
-        Some((gamma, beta)) if gamma.val().dtype() == DType::F32 => {
-            Tensor::from_dispatch(<Dispatch as FusedGroupNorm>::fused_group_norm(
+    if let (true, Some(gamma), Some(beta)) = (norm.affine, &norm.gamma, &norm.beta) {
+        let (gamma, beta) = (gamma.val(), beta.val());
+        if on_flex_f32(&x) && gamma.dtype() == DType::F32 {
+            return Tensor::from_dispatch(<Dispatch as FusedGroupNorm>::fused_group_norm(
                 x.into_dispatch(),
-                gamma.val().into_dispatch(),
-                beta.val().into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
                 norm.num_groups,
                 norm.epsilon,
                 with_silu,
-            ))
+            ));
         }
-        _ if with_silu => silu(norm.forward(x)),
-        _ => norm.forward(x),
     }
+    let y = norm.forward(x);
+    if with_silu { silu(y) } else { y }
 }
 
 /// silu(norm(x)): the pre-activation of every residual block.
