@@ -86,6 +86,10 @@ pub fn select(choice: DeviceChoice) -> Result<SelectedDevice> {
                     tch::Cuda::device_count()
                 )));
             }
+            // cuDNN autotuning, as PyTorch users turn it on (`cudnn.benchmark`, and the twin
+            // does): the first call of each convolution shape times cuDNN's algorithms and
+            // keeps the fastest; training and sampling repeat the same shapes every step.
+            tch::Cuda::cudnn_set_benchmark(true);
             Ok(SelectedDevice {
                 device: Device::libtorch_cuda(i),
                 description: format!("cuda:{i} (libtorch)"),

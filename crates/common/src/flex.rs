@@ -3,7 +3,7 @@
 
 use burn::backend::DispatchDevice;
 use burn::backend::flex::FlexTensor;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 
 /// The tensor in row-major order with no offset (copied only if it is not already).
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {
@@ -25,12 +25,17 @@ pub fn flex_tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(data, shape))
 }
 
-/// Whether `x` lives on burn-flex (with or without autodiff).
-pub fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+/// Whether `device` is burn-flex (with or without autodiff).
+pub fn is_flex(device: &Device) -> bool {
     matches!(
-        x.device().as_dispatch().clone().inner(),
+        device.as_dispatch().clone().inner(),
         DispatchDevice::Flex(_)
     )
+}
+
+/// Whether `x` lives on burn-flex (with or without autodiff).
+pub fn on_flex<const D: usize>(x: &Tensor<D>) -> bool {
+    is_flex(&x.device())
 }
 
 /// Whether `x` is an f32 tensor on burn-flex: where this crate's own operations run.

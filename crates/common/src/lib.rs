@@ -11,10 +11,13 @@ pub mod flex;
 pub mod gemm_conv;
 pub mod group_norm;
 pub mod image_io;
+pub mod layers;
 pub mod nn;
 pub mod precision;
 pub mod rng;
 pub mod tensor;
+#[cfg(feature = "tch")]
+pub mod torch_ops;
 pub mod weights;
 
 pub use error::{CommonError, Result};

@@ -2,16 +2,16 @@
 //! self-attention over image or text tokens, and cross-attention from image tokens to text
 //! tokens (Rombach et al. 2022), plus the position-wise MLP of a transformer block.
 //!
-//! The product itself is burn's fused `attention` op: a single kernel on burn-flex at inference;
-//! under autodiff burn decomposes it into matmul + masked softmax, whose backward the tests
-//! check against finite differences.
+//! The product itself is [`ldm_common::layers::attention`]: burn's fused `attention` op (a single
+//! kernel on burn-flex at inference; under autodiff burn decomposes it into matmul + masked
+//! softmax, whose backward the tests check against finite differences), or on burn-tch
+//! libtorch's `scaled_dot_product_attention` with torch's own backward.
 
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Bool;
 use burn::tensor::activation::gelu;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
+use ldm_common::layers::attention;
 
 use crate::denoiser::TextConditioning;
 
@@ -64,7 +64,7 @@ impl SelfAttention {
         let k = qkv.clone().narrow(1, h, h);
         let v = qkv.narrow(1, 2 * h, h);
         self.out
-            .forward(merge_heads(scaled_dot_product(q, k, v, padding_mask)))
+            .forward(merge_heads(attention(q, k, v, padding_mask)))
     }
 }
 
@@ -127,7 +127,7 @@ impl CrossAttention {
         let k = kv.clone().narrow(1, 0, h);
         let v = kv.narrow(1, h, h);
         self.out
-            .forward(merge_heads(scaled_dot_product(q, k, v, padding_mask)))
+            .forward(merge_heads(attention(q, k, v, padding_mask)))
     }
 }
 
@@ -157,25 +157,6 @@ impl TextCrossAttention {
             text.padding_mask.clone(),
         )
     }
-}
-
-/// softmax(Q K^T / sqrt(d_head)) V, with keys masked out where `padding_mask` is true.
-///
-/// # Shapes
-/// - `q`: `[batch, heads, queries, d_head]`; `k`, `v`: `[batch, heads, keys, d_head]`
-/// - `padding_mask`: `[batch, keys]`
-/// - output: `[batch, heads, queries, d_head]`
-fn scaled_dot_product(
-    q: Tensor<4>,
-    k: Tensor<4>,
-    v: Tensor<4>,
-    padding_mask: Option<Tensor<2, Bool>>,
-) -> Tensor<4> {
-    let [b, h, n, _] = q.dims();
-    let [_, _, l, _] = k.dims();
-    // [b, l] -> [b, 1, 1, l] -> [b, h, n, l] (a broadcast view)
-    let mask = padding_mask.map(|m| m.reshape([b, 1, 1, l]).expand([b, h, n, l]));
-    attention(q, k, v, mask, None, AttentionModuleOptions::default())
 }
 
 /// Heads back into the feature axis.

@@ -10,8 +10,8 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use burn::tensor::module::layer_norm;
 use ldm_common::activation::silu;
+use ldm_common::layers::layer_norm;
 use ldm_common::precision::to_dtype;
 use serde::{Deserialize, Serialize};
 

@@ -90,6 +90,10 @@ fn fused<const D: usize>(x: Tensor<D>, gelu_tanh: bool) -> Tensor<D> {
 
 /// SiLU: x sigmoid(x).
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if crate::torch_ops::on_libtorch(&x) {
+        return torch_activation(x, false);
+    }
     if on_flex_f32(&x) {
         fused(x, false)
     } else {
@@ -103,6 +107,10 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// Within 5e-4 of the exact x Phi(x) everywhere, and built from multiplications and one
 /// sigmoid, so its backward needs no erf.
 pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if crate::torch_ops::on_libtorch(&x) {
+        return torch_activation(x, true);
+    }
     if on_flex_f32(&x) {
         fused(x, true)
     } else {
@@ -114,6 +122,16 @@ pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 fn composed_gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let inner = (x.clone() * x.clone() * 0.044715 + 1.0) * x.clone() * kernels::GELU_C as f64;
     x * sigmoid(inner)
+}
+
+/// [`silu`] or [`gelu_tanh`] on burn-tch: one libtorch call with torch's backward.
+#[cfg(feature = "tch")]
+fn torch_activation<const D: usize>(x: Tensor<D>, gelu_tanh: bool) -> Tensor<D> {
+    use crate::torch_ops::TorchOps;
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_activation(
+        x.into_dispatch(),
+        gelu_tanh,
+    ))
 }
 
 #[cfg(test)]

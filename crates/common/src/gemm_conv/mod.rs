@@ -7,7 +7,8 @@
 //! slower than PyTorch's (docs/PERFORMANCE.md). [`kernels`] does the same work as im2col + gemm
 //! in NCHW, and [`conv2d`] routes a [`Conv2d`] through it where it applies: a burn-flex tensor
 //! (with or without autodiff) in f32, groups 1, dilation 1, symmetric padding. Everything else
-//! (libtorch, bf16, ...) takes burn's own `Conv2d::forward`.
+//! (bf16, ...) takes burn's own `Conv2d::forward`; on burn-tch, libtorch's own convolution
+//! ([`crate::torch_ops`]).
 //!
 //! The extension mechanism is burn 0.22's own (`#[backend_extension]`): the operation has a
 //! burn-flex implementation and an autodiff one that records a backward step calling
@@ -160,6 +161,10 @@ fn symmetric_padding(padding: &PaddingConfig2d) -> Option<[usize; 2]> {
 pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     let weight = conv.weight.val();
     let padding = symmetric_padding(&conv.padding);
+    #[cfg(feature = "tch")]
+    if let (true, Some(padding)) = (crate::torch_ops::on_libtorch(&x), padding) {
+        return torch_conv2d(conv, x, weight, padding);
+    }
     let applies = on_flex_f32(&x)
         && weight.dtype() == DType::F32
         && conv.groups == 1
@@ -182,6 +187,43 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
+/// [`conv2d`] on burn-tch: libtorch's convolution and its backward ([`crate::torch_ops`]).
+#[cfg(feature = "tch")]
+fn torch_conv2d(conv: &Conv2d, x: Tensor<4>, weight: Tensor<4>, padding: [usize; 2]) -> Tensor<4> {
+    use crate::torch_ops::TorchOps;
+    let bias = match &conv.bias {
+        Some(bias) => bias.val(),
+        None => crate::precision::to_dtype(
+            Tensor::zeros([weight.dims()[0]], &x.device()),
+            weight.dtype(),
+        ),
+    };
+    Tensor::from_dispatch(<Dispatch as TorchOps>::torch_conv2d(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        conv.stride,
+        padding,
+        conv.dilation,
+        conv.groups,
+    ))
+}
+
+/// The convolution kinds the models use, on small shapes: 3x3 stride 1 and 2, 1x1 without bias
+/// (what the tests of every backend's convolution run).
+#[cfg(test)]
+pub(crate) fn layer_kinds() -> [burn::nn::conv::Conv2dConfig; 3] {
+    use burn::nn::conv::Conv2dConfig;
+    let same = PaddingConfig2d::Explicit(1, 1, 1, 1);
+    [
+        Conv2dConfig::new([3, 5], [3, 3]).with_padding(same.clone()),
+        Conv2dConfig::new([4, 2], [3, 3])
+            .with_stride([2, 2])
+            .with_padding(same),
+        Conv2dConfig::new([4, 6], [1, 1]).with_bias(false),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,14 +239,7 @@ mod tests {
     #[test]
     fn matches_burns_conv2d_forward_and_backward() {
         let device = Device::flex().autodiff();
-        let configs = [
-            Conv2dConfig::new([3, 5], [3, 3]).with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)),
-            Conv2dConfig::new([4, 2], [3, 3])
-                .with_stride([2, 2])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1)),
-            Conv2dConfig::new([4, 6], [1, 1]).with_bias(false),
-        ];
-        for config in configs {
+        for config in layer_kinds() {
             let conv: Conv2d = config.init(&device);
             let x = Tensor::<4>::random(
                 [3, config.channels[0], 7, 6],

@@ -160,14 +160,27 @@ impl<C: CheckpointStrategy> FusedGroupNorm for Autodiff<Flex, C> {
     }
 }
 
-/// silu?(norm(x)), through [`FusedGroupNorm`] where it applies (module docs), else burn-nn's
-/// `GroupNorm::forward` and `silu`.
+/// silu?(norm(x)), through [`FusedGroupNorm`] where it applies (module docs), on burn-tch
+/// through libtorch's own group norm ([`crate::torch_ops`]), else burn-nn's `GroupNorm::forward`
+/// and `silu`.
 ///
 /// # Shapes
 /// - `x`: `[batch, channels, h, w]` -> the same
 pub fn group_norm(norm: &GroupNorm, x: Tensor<4>, with_silu: bool) -> Tensor<4> {
     if let (true, Some(gamma), Some(beta)) = (norm.affine, &norm.gamma, &norm.beta) {
         let (gamma, beta) = (gamma.val(), beta.val());
+        #[cfg(feature = "tch")]
+        if crate::torch_ops::on_libtorch(&x) {
+            use crate::torch_ops::TorchOps;
+            return Tensor::from_dispatch(<Dispatch as TorchOps>::torch_group_norm(
+                x.into_dispatch(),
+                gamma.into_dispatch(),
+                beta.into_dispatch(),
+                norm.num_groups,
+                norm.epsilon,
+                with_silu,
+            ));
+        }
         if on_flex_f32(&x) && gamma.dtype() == DType::F32 {
             return Tensor::from_dispatch(<Dispatch as FusedGroupNorm>::fused_group_norm(
                 x.into_dispatch(),

@@ -54,8 +54,9 @@ pub struct TrainConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
     /// `"f32"`, or `"bf16"`: mixed precision, f32 weights and optimizer state with forward and
-    /// backward in bf16 (`ldm_common::precision`). For the GPU; on a CPU bf16 is emulated and
-    /// slower (docs/PERFORMANCE.md).
+    /// backward in bf16 (`ldm_common::precision`). For the GPU, and for libtorch on a CPU with
+    /// bf16 arithmetic (AVX512_BF16); elsewhere, and always on burn-flex, it is slower than f32
+    /// (docs/PERFORMANCE.md).
     #[serde(default, skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
 }

@@ -13,6 +13,7 @@ use anyhow::{Result, bail};
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
+use ldm_common::flex::is_flex;
 use ldm_common::precision::Precision;
 
 use super::config::TrainConfig;
@@ -142,6 +143,11 @@ fn run<T: TrainTask>(
     resume: bool,
     mut forward_backward: impl FnMut(&mut T, &T::Model, u64) -> Result<StepOutput>,
 ) -> Result<Outcome<T::Model>> {
+    if !config.precision.is_f32() && model.devices().first().is_some_and(is_flex) {
+        eprintln!(
+            "warning: train.precision = \"bf16\" on burn-flex runs burn's generic bf16 operations, several times slower than f32 there (the project's fast burn-flex operations are f32; docs/PERFORMANCE.md): use f32 on burn-flex, bf16 with --device libtorch or cuda"
+        );
+    }
     let optim = config.optimizer();
     let mut state = TrainState {
         step: 0,

@@ -1,0 +1,254 @@
+//! Each operation against burn's own on burn-tch's CPU, forward and every gradient: burn's
+//! generic formulas are the reference for torch's backward as [`super::vjp`] calls it.
+
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
+use burn::tensor::activation::silu as burn_silu;
+use burn::tensor::module::{attention as burn_attention, layer_norm as burn_layer_norm};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Distribution, Tensor, TensorData};
+
+use super::on_libtorch;
+use crate::activation::{gelu_tanh, silu};
+use crate::gemm_conv::{conv2d, layer_kinds};
+use crate::group_norm::group_norm;
+use crate::layers::{attention, layer_norm};
+
+fn device() -> Device {
+    Device::libtorch().autodiff()
+}
+
+fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.0, 1.0), device)
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    (a - b).abs().max().into_scalar::<f32>()
+}
+
+type Grads = burn::tensor::Gradients;
+
+/// Asserts `ours` and `reference` agree, and returns the gradients of both (in that order) for
+/// the same random output gradient.
+fn forward_agrees<const D: usize>(what: &str, ours: Tensor<D>, reference: Tensor<D>) -> [Grads; 2] {
+    assert_eq!(ours.dims(), reference.dims(), "{what}: shape");
+    let forward = max_diff(ours.clone(), reference.clone());
+    assert!(forward < 1e-5, "{what}: forward differs by {forward}");
+    let dy = random(ours.dims(), &ours.device());
+    [
+        (ours * dy.clone()).sum().backward(),
+        (reference * dy).sum().backward(),
+    ]
+}
+
+/// Asserts `x` has the same gradient in both.
+fn gradient_agrees<const D: usize>(what: &str, x: &Tensor<D>, [ours, reference]: &[Grads; 2]) {
+    let diff = max_diff(x.grad(ours).unwrap(), x.grad(reference).unwrap());
+    assert!(diff < 1e-4, "{what}: gradient differs by {diff}");
+}
+
+/// [`forward_agrees`], then [`gradient_agrees`] for each of `inputs`.
+fn assert_same<const D: usize, const I: usize>(
+    what: &str,
+    ours: Tensor<D>,
+    reference: Tensor<D>,
+    inputs: &[Tensor<I>],
+) {
+    let grads = forward_agrees(what, ours, reference);
+    for x in inputs {
+        gradient_agrees(what, x, &grads);
+    }
+}
+
+#[test]
+fn runs_on_libtorch_only() {
+    assert!(on_libtorch(&Tensor::<1>::zeros([2], &device())));
+    assert!(on_libtorch(&Tensor::<1>::zeros([2], &Device::libtorch())));
+    assert!(!on_libtorch(&Tensor::<1>::zeros([2], &Device::flex())));
+}
+
+/// 3x3 stride 1 and 2, 1x1 without bias: output, dx, dW and db against burn's Conv2d.
+#[test]
+fn conv2d_matches_burn() {
+    let device = device();
+    for config in layer_kinds() {
+        let conv: Conv2d = config.init(&device);
+        let x = random([3, config.channels[0], 7, 6], &device).require_grad();
+        let ours = conv2d(&conv, x.clone());
+        let reference = conv.forward(x.clone());
+        let what = format!("{config:?}");
+        let grads = forward_agrees(&what, ours, reference);
+        gradient_agrees(&what, &x, &grads);
+        gradient_agrees(&what, &conv.weight.val(), &grads);
+        if let Some(bias) = &conv.bias {
+            gradient_agrees(&what, &bias.val(), &grads);
+        }
+    }
+}
+
+/// An input that needs no gradient (the image into the first layer) gets none asked for.
+#[test]
+fn conv2d_with_a_constant_input() {
+    let device = device();
+    let conv: Conv2d = Conv2dConfig::new([2, 3], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    let x = random([2, 2, 5, 5], &device);
+    let ours = conv2d(&conv, x.clone());
+    let reference = conv.forward(x);
+    assert_same("constant x", ours, reference, &[conv.weight.val()]);
+}
+
+/// With and without SiLU, with trained-looking gamma and beta, against burn-nn's GroupNorm.
+#[test]
+fn group_norm_matches_burn() {
+    let device = device();
+    for (groups, channels, with_silu) in [(2, 4, true), (3, 6, false)] {
+        let mut norm: GroupNorm = GroupNormConfig::new(groups, channels).init(&device);
+        norm.gamma = Some(Param::from_tensor(
+            random([channels], &device).add_scalar(1.0),
+        ));
+        norm.beta = Some(Param::from_tensor(random([channels], &device)));
+        let x = random([3, channels, 5, 4], &device)
+            .mul_scalar(2.0)
+            .require_grad();
+        let ours = group_norm(&norm, x.clone(), with_silu);
+        let reference = norm.forward(x.clone());
+        let reference = if with_silu {
+            burn_silu(reference)
+        } else {
+            reference
+        };
+        let (gamma, beta) = (norm.gamma.as_ref().unwrap(), norm.beta.as_ref().unwrap());
+        let what = format!("groups {groups} silu {with_silu}");
+        let grads = forward_agrees(&what, ours, reference);
+        gradient_agrees(&what, &x, &grads);
+        gradient_agrees(&what, &gamma.val(), &grads);
+        gradient_agrees(&what, &beta.val(), &grads);
+    }
+}
+
+#[test]
+fn layer_norm_matches_burn() {
+    let device = device();
+    let x = random([2, 5, 8], &device).add_scalar(0.5).require_grad();
+    let gamma = random([8], &device).add_scalar(1.0).require_grad();
+    let beta = random([8], &device).require_grad();
+    let ours = layer_norm(x.clone(), gamma.clone(), Some(beta.clone()), 1e-6);
+    let reference = burn_layer_norm(x.clone(), gamma.clone(), Some(beta.clone()), 1e-6);
+    let grads = forward_agrees("layer norm", ours, reference);
+    gradient_agrees("layer norm", &x, &grads);
+    gradient_agrees("layer norm", &gamma, &grads);
+    gradient_agrees("layer norm", &beta, &grads);
+    // without beta (the DiT's plain LayerNorm)
+    let ours = layer_norm(x.clone(), gamma.clone(), None, 1e-6);
+    let reference = burn_layer_norm(x.clone(), gamma, None, 1e-6);
+    assert_same("layer norm without beta", ours, reference, &[x]);
+}
+
+/// Self-attention without a mask and cross-attention with padded keys, against burn's
+/// decomposition (whose mask means true = masked out, as ours does).
+#[test]
+fn attention_matches_burn() {
+    let device = device();
+    let q = random([2, 3, 5, 4], &device).require_grad();
+    let k = random([2, 3, 6, 4], &device).require_grad();
+    let v = random([2, 3, 6, 4], &device).require_grad();
+    let options = AttentionModuleOptions::default();
+    let ours = attention(q.clone(), k.clone(), v.clone(), None);
+    let reference = burn_attention(q.clone(), k.clone(), v.clone(), None, None, options);
+    assert_same(
+        "unmasked",
+        ours,
+        reference,
+        &[q.clone(), k.clone(), v.clone()],
+    );
+
+    // the second sequence has its last two keys padded
+    let padding = Tensor::<2, Bool>::from_data(
+        TensorData::new(
+            vec![
+                false, false, false, false, false, false, false, false, false, false, true, true,
+            ],
+            [2, 6],
+        ),
+        &device,
+    );
+    let ours = attention(q.clone(), k.clone(), v.clone(), Some(padding.clone()));
+    let mask = padding.reshape([2, 1, 1, 6]).expand([2, 3, 5, 6]);
+    let reference = burn_attention(q.clone(), k.clone(), v.clone(), Some(mask), None, options);
+    assert_same("padding mask", ours, reference, &[q, k, v]);
+}
+
+/// The same numbers without autodiff (sampling), the padding mask included: burn-tch's own
+/// inference `attention` hands burn's mask (true = masked out) to torch, which reads true as
+/// "attend", so this path must not go through it.
+#[test]
+fn inference_matches_too() {
+    let device = Device::libtorch();
+    let q = random([1, 2, 3, 4], &device);
+    let kv = random([1, 2, 4, 4], &device);
+    let padding = Tensor::<2, Bool>::from_data(
+        TensorData::new(vec![false, false, true, true], [1, 4]),
+        &device,
+    );
+    let ours = attention(q.clone(), kv.clone(), kv.clone(), Some(padding));
+    // only the first two keys take part
+    let kept = kv.clone().slice([0..1, 0..2, 0..2, 0..4]);
+    let reference = burn_attention(q, kept.clone(), kept, None, None, Default::default());
+    assert!(max_diff(ours, reference) < 1e-5);
+
+    let x = random([2, 3, 4, 4], &device);
+    assert!(max_diff(silu(x.clone()), burn_silu(x.clone())) < 1e-6);
+    let conv: Conv2d = Conv2dConfig::new([3, 2], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    assert!(max_diff(conv2d(&conv, x.clone()), conv.forward(x)) < 1e-5);
+}
+
+#[test]
+fn activations_match_burn() {
+    let device = device();
+    let x = random([3, 7], &device).mul_scalar(3.0).require_grad();
+    assert_same("silu", silu(x.clone()), burn_silu(x.clone()), &[x.clone()]);
+    let cubic = (x.clone() * x.clone() * 0.044715 + 1.0)
+        * x.clone()
+        * crate::activation::kernels::GELU_C as f64;
+    let reference = x.clone() * burn::tensor::activation::sigmoid(cubic);
+    assert_same("gelu tanh", gelu_tanh(x.clone()), reference, &[x]);
+}
+
+/// Residual connections and an attention output updated afterwards: burn-tch adds in place
+/// into a tensor it holds the only handle on, and torch saved the input of the GroupNorm and
+/// the output of the attention for their backward. Unless [`super::vjp`] holds them, torch's
+/// backward fails on a version mismatch.
+#[test]
+fn residual_updates_keep_torchs_saved_tensors() {
+    let device = device();
+    let norm: GroupNorm = GroupNormConfig::new(2, 4).init(&device);
+    let x = random([2, 4, 3, 3], &device).require_grad();
+    let chain = |x: Tensor<4>, ours: bool| {
+        let h = if ours {
+            group_norm(&norm, x.clone(), true)
+        } else {
+            burn_silu(norm.forward(x.clone()))
+        };
+        // x + h: x is the only handle left on the GroupNorm's input
+        let x = x + h;
+        let q = x.clone().reshape([2, 1, 4, 9]);
+        let a = if ours {
+            attention(q.clone(), q.clone(), q.clone(), None)
+        } else {
+            burn_attention(q.clone(), q.clone(), q, None, None, Default::default())
+        };
+        // a + 1: a is the only handle on the attention's output
+        (a + 1.0).reshape([2, 4, 3, 3]) + x
+    };
+    assert_same(
+        "residual",
+        chain(x.clone(), true),
+        chain(x.clone(), false),
+        &[x],
+    );
+}
