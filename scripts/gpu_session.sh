@@ -11,7 +11,8 @@
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #
 # Everything lands in $OUT (default runs/gpu-session); on the device tool, write it under $OUT
-# there so that it comes back. Environment: PIPELINE (default gpu-bin/pipeline), PYTHON (default
+# there so that it comes back. Each step also samples nvidia-smi's GPU utilisation (NAME.gpu.csv);
+# `pipeline bench` reports the DiT step's achieved TFLOP/s. Environment: PIPELINE (default gpu-bin/pipeline), PYTHON (default
 # python3; needs torch), DEVICE (default cuda; `libtorch` rehearses every step on a CPU with
 # libtorch), QUICK=1 (a few steps per stage: a rehearsal, not a measurement).
 set -euo pipefail
@@ -55,12 +56,19 @@ bench() {
     bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals "$@" "${short[@]}"
 }
 
-# `timed NAME CMD...`: runs CMD, its output in $OUT/NAME.log, its wall time in $OUT/NAME.wall.
+# `timed NAME CMD...`: runs CMD, its output in $OUT/NAME.log, its wall time in $OUT/NAME.wall,
+# and where nvidia-smi exists the GPU's utilisation and memory every 200 ms in $OUT/NAME.gpu.csv.
 timed() {
-  local name=$1 start=$SECONDS
+  local name=$1 start=$SECONDS sampler=
   shift
   echo "== $*" | tee "$OUT/$name.log" >&2
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw \
+      --format=csv -lms 200 > "$OUT/$name.gpu.csv" 2>&1 &
+    sampler=$!
+  fi
   "$@" 2>&1 | tee -a "$OUT/$name.log"
+  [[ -n $sampler ]] && kill "$sampler" 2>/dev/null
   echo "$((SECONDS - start)) s" > "$OUT/$name.wall"
   echo "== $name: $((SECONDS - start)) s" >&2
 }

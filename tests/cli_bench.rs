@@ -150,6 +150,11 @@ fn bench_prints_a_table_with_every_row() {
         "{table}"
     );
     assert!(table.contains("DiT DDIM 50, cfg 3"), "{table}");
+    // achieved TFLOP/s of the DiT step: 3 forward passes of the batch over the step's time
+    assert!(
+        table.contains("ldm-train-dit: ") && table.contains("TFLOP/s achieved"),
+        "{table}"
+    );
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json")).unwrap())
@@ -160,6 +165,16 @@ fn bench_prints_a_table_with_every_row() {
         assert!(r["items_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["params"].as_u64().unwrap() > 0, "{r}");
     }
+    let dit = row(&report, "ldm-train-dit");
+    let (forward, tflops, ms, b) = (
+        dit["forward_flops"].as_f64().unwrap(),
+        dit["tflops"].as_f64().unwrap(),
+        dit["ms_per_step"].as_f64().unwrap(),
+        dit["batch"].as_f64().unwrap(),
+    );
+    let expected = 3.0 * forward * b / (ms / 1000.0) / 1e12;
+    assert!((tflops - expected).abs() <= 1e-9 * expected, "{dit}");
+    assert!(row(&report, "ldm-train-unet").get("tflops").is_none());
     for name in &ROWS[..3] {
         let r = row(&report, name);
         assert_eq!(r["iters"], 2);
@@ -311,7 +326,9 @@ fn python_with_torch() -> Result<PathBuf, String> {
 
 /// The twin's networks have the Rust networks' parameter counts, row by row, for two
 /// architectures each (class-conditional and unconditional, sin-cos and learned positions,
-/// attention at one or two U-Net levels, two or three resolution levels).
+/// attention at one or two U-Net levels, two or three resolution levels), and torch's FLOP
+/// counter finds in the twin's DiT forward pass the matrix-product FLOPs that
+/// `DiTConfig::forward_flops` counts from the config (the numerator of the TFLOP/s column).
 ///
 /// Needs python3 with torch (`python3 -m venv .venv && .venv/bin/pip install torch==2.11.0`):
 /// CI has no torch, so there the test prints why it is skipped and passes.
@@ -344,14 +361,18 @@ fn the_torch_twin_has_the_same_parameter_counts() {
     ];
     for dir in &variants {
         let report = bench_json(dir.path(), "1");
-        let o = Command::new(&python)
-            .arg(&twin)
-            .args(["--spec", "bench.json", "--params-only"])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        let counts: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        // the twin's JSON answer to `--spec bench.json FLAG`
+        let twin_json = |flag: &str| -> serde_json::Value {
+            let o = Command::new(&python)
+                .arg(&twin)
+                .args(["--spec", "bench.json", flag])
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", stderr(&o));
+            serde_json::from_str(stdout(&o).trim()).unwrap()
+        };
+        let counts = twin_json("--params-only");
         for name in ROWS {
             assert_eq!(
                 counts[name],
@@ -361,5 +382,12 @@ fn the_torch_twin_has_the_same_parameter_counts() {
                 row(&report, name)["params"]
             );
         }
+        let flops = twin_json("--flops-only");
+        let ours = &row(&report, "ldm-train-dit")["forward_flops"];
+        assert!(ours.as_u64().is_some_and(|f| f > 0), "{ours}");
+        assert_eq!(
+            &flops["ldm-train-dit"], ours,
+            "DiT forward FLOPs: PyTorch against burn"
+        );
     }
 }

@@ -33,7 +33,14 @@ def per_row(runs):
                                             "unit": r["unit"], "batch": r["batch"], "model": r["model"]})
             d["ms"].append(r["ms_per_step"])
             d["items"].append(r["items_per_s"])
+            if r.get("forward_flops"):
+                d["forward_flops"] = r["forward_flops"]
     return rows
+
+
+def tflops(forward_flops, batch, ms):
+    """Achieved TFLOP/s of a training step counted as 3 forward passes of the batch."""
+    return 3 * forward_flops * batch / (ms / 1000) / 1e12
 
 
 def cell(d):
@@ -99,6 +106,19 @@ def main():
         for cells in lines:
             print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
     print("ratio > 1: burn is faster; ms/step of sample-ddim50 is one DDIM step (run incl. decode / 50)")
+    # The same FLOP count for every tool (the networks are the same): burn's, from the config.
+    for n in names:
+        flops = next((rows[n]["forward_flops"] for _, _, rows in columns
+                      if n in rows and "forward_flops" in rows[n]), None)
+        if flops is None:
+            continue
+        batch = columns[0][2][n]["batch"]
+        parts = [f"burn-{name} {tflops(flops, batch, statistics.median(rows[n]['ms'])):.3f}"
+                 for name, _, rows in columns if n in rows]
+        if n in torch_rows:
+            parts.append(f"PyTorch {tflops(flops, batch, statistics.median(torch_rows[n]['ms'])):.3f}")
+        print(f"{n}: achieved TFLOP/s (matrix products, 3 x {flops / 1e9:.4f} GFLOP per latent): "
+              + ", ".join(parts))
 
 
 if __name__ == "__main__":

@@ -650,6 +650,24 @@ def params_only(spec):
     return out
 
 
+def flops_only(spec):
+    """Matrix-product FLOPs of one latent's forward pass through every DiT row's network, as
+    torch.utils.flop_counter counts them (attention on the math kernel, which it can count)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    out = {}
+    for s in spec["ldm"]:
+        if s["backbone"]["kind"] != "dit":
+            continue
+        model = build_backbone(s)
+        c, h, w = s["latent_shape"]
+        y = torch.zeros(1, dtype=torch.long) if s["num_classes"] else None
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, c, h, w), torch.zeros(1), y)
+        out[s["row"]] = counter.get_total_flops()
+    return out
+
+
 def thousands(n):
     return f"{n:,}"
 
@@ -671,6 +689,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
     ap.add_argument("--params-only", action="store_true", help="print the parameter counts as JSON and exit")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="print the DiT rows' forward FLOPs per latent (torch's flop counter) as JSON and exit")
     args = ap.parse_args()
     try:
         with open(args.spec) as f:
@@ -680,6 +700,9 @@ def main():
         sys.exit(f"error: --spec {args.spec}: expected the JSON of `pipeline bench --json` ({e})")
     if args.params_only:
         print(json.dumps(params_only(spec)))
+        return
+    if args.flops_only:
+        print(json.dumps(flops_only(spec)))
         return
     if args.threads < 1:
         sys.exit(f"error: --threads {args.threads}: expected at least 1")

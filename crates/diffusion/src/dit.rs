@@ -23,7 +23,7 @@ use crate::error::{DiffusionError, Result};
 use ldm_common::gemm_conv::conv2d;
 
 /// Sinusoids fed to the timestep MLP (DiT's `frequency_embedding_size`).
-const FREQUENCY_DIM: usize = 256;
+pub(crate) const FREQUENCY_DIM: usize = 256;
 
 /// Epsilon of the parameter-free LayerNorms (DiT).
 const NORM_EPS: f64 = 1e-6;
@@ -130,7 +130,7 @@ impl DiTConfig {
         })
     }
 
-    fn mlp_hidden(&self) -> usize {
+    pub(crate) fn mlp_hidden(&self) -> usize {
         (self.hidden_size as f64 * self.mlp_ratio).round() as usize
     }
 

@@ -24,6 +24,7 @@ pub mod attention;
 pub mod backbone;
 pub mod dit;
 pub mod embedding;
+pub mod flops;
 pub mod ldm_model;
 pub mod noisy_classifier;
 pub mod text_encoder;

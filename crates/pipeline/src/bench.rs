@@ -26,7 +26,7 @@ use serde::Serialize;
 use ldm_common::device::SelectedDevice;
 use ldm_common::rng::{randn, stream};
 use ldm_common::tensor::scalar;
-use ldm_diffusion::backbone::BackboneConfig;
+use ldm_diffusion::backbone::{BackboneConfig, ConditioningSpec};
 use ldm_diffusion::denoiser::Conditioning;
 use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::sampler::{SamplerKind, SamplerOptions};
@@ -97,6 +97,14 @@ pub struct BenchRow {
     /// The last loss (training rows): a finite number shows the step did real work.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_loss: Option<f64>,
+    /// DiT rows: matrix-product FLOPs of one item's forward pass
+    /// ([`ldm_diffusion::flops`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forward_flops: Option<u64>,
+    /// DiT training row: achieved TFLOP/s, counting a training step as 3 forward passes of
+    /// the batch (the backward's two products per forward product).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tflops: Option<f64>,
 }
 
 /// What `pipeline bench --json` writes.
@@ -252,7 +260,7 @@ fn ldm_setup(
         ),
     };
     let [c, s, _] = latent;
-    let spec = ldm_diffusion::backbone::ConditioningSpec {
+    let spec = ConditioningSpec {
         num_classes,
         text_dim: None,
     };
@@ -537,7 +545,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             },
         )?;
         drop(model);
-        rows.push(training_row(
+        let mut row = training_row(
             setup.row,
             setup.label.clone(),
             b,
@@ -546,7 +554,18 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             seconds,
             "latents",
             loss,
-        ));
+        );
+        if let BackboneConfig::DiT(dit) = &setup.config.backbone {
+            let cond = ConditioningSpec {
+                num_classes: setup.num_classes,
+                text_dim: None,
+            };
+            let forward = dit.forward_flops(lc, ls, &cond, 0);
+            row.forward_flops = Some(forward);
+            row.tflops =
+                Some(3.0 * (forward * b as u64) as f64 / (seconds / o.iters as f64) / 1e12);
+        }
+        rows.push(row);
         trained.push((setup.row, ema_model));
     }
 
@@ -628,6 +647,8 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             items_per_s: sample_n as f64 / per_run,
             unit: "images".into(),
             last_loss: None,
+            forward_flops: None,
+            tflops: None,
         });
     }
     bar.finish_and_clear();
@@ -765,6 +786,8 @@ fn training_row(
         items_per_s: (batch * iters) as f64 / seconds,
         unit: unit.into(),
         last_loss: Some(loss),
+        forward_flops: None,
+        tflops: None,
     }
 }
 
@@ -804,6 +827,17 @@ pub fn table(r: &BenchReport) -> String {
         );
     }
     out += "ms/step of sample-ddim50: one DDIM step of the batch (the whole run, VAE decode included, / 50)\n";
+    for row in &r.rows {
+        if let (Some(forward), Some(tflops)) = (row.forward_flops, row.tflops) {
+            out += &format!(
+                "{}: {:.3} TFLOP/s achieved ({:.4} GFLOP per forward pass of one latent in matrix products, x 3 for a training step, x {} latents)\n",
+                row.name,
+                tflops,
+                forward as f64 / 1e9,
+                row.batch
+            );
+        }
+    }
     out
 }
 
