@@ -9,12 +9,14 @@
 //! Rows, for each shape (batch, channels, side) that the recipes' networks run at:
 //! - `conv3x3`: burn's `Conv2d` (3x3, padding 1, bias), loss sum(y * g);
 //! - `conv3x3-gemm`: the same layer through `ldm_common::gemm_conv::conv2d`, which the models
-//!   use (im2col + gemm in NCHW on burn-flex; burn's own convolution elsewhere);
+//!   use (im2col + gemm in NCHW on burn-flex; on libtorch, libtorch's convolution with torch's
+//!   backward, `ldm_common::torch_ops`, in a build with `--features ldm-common/tch`);
 //! - `conv3x3-slices`: the same convolution written as im2col from 9 shifted slices of the
 //!   padded input and one batched matmul (an alternative that was tried; it is slower);
 //! - `groupnorm-silu`: burn-nn's silu(GroupNorm(x)), as in every residual block;
 //! - `groupnorm-silu-fused`: the same through `ldm_common::group_norm::group_norm_silu`, which
-//!   the models use (one operation with its own backward on burn-flex).
+//!   the models use (one operation with its own backward on burn-flex; libtorch's group norm
+//!   and SiLU with torch's backward on libtorch).
 //!
 //! Each figure is the median of `iters` runs after one warm-up run; a run ends by reading the
 //! output (forward) or the input's gradient (backward) back to the host.
