@@ -211,7 +211,12 @@ fn inference_matches_too() {
 fn activations_match_burn() {
     let device = device();
     let x = random([3, 7], &device).mul_scalar(3.0).require_grad();
-    assert_same("silu", silu(x.clone()), burn_silu(x.clone()), &[x.clone()]);
+    assert_same(
+        "silu",
+        silu(x.clone()),
+        burn_silu(x.clone()),
+        std::slice::from_ref(&x),
+    );
     let cubic = (x.clone() * x.clone() * 0.044715 + 1.0)
         * x.clone()
         * crate::activation::kernels::GELU_C as f64;
