@@ -262,10 +262,13 @@ impl<const N: usize> Backward<LibTorch, N> for TorchVjp {
             .filter_map(|(i, leaf)| Some((i, &leaf.as_ref()?.tensor)))
             .collect();
         // d(sum(y * dy)) / d input = dy^T dy/d input: the gradient torch's backward of y sends
-        // to each input when y's gradient is dy.
-        let root = (&output.tensor * &dy.tensor).sum(None::<tch::Kind>);
+        // to each input when y's gradient is dy. Grad mode is torch's per thread: the product
+        // must be recorded whichever thread burn runs its backward on.
         let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, t)| *t).collect();
-        let input_grads = tch::Tensor::run_backward(&[root], &inputs, false, false);
+        let input_grads = tch::with_grad(|| {
+            let root = (&output.tensor * &dy.tensor).sum(None::<tch::Kind>);
+            tch::Tensor::run_backward(&[root], &inputs, false, false)
+        });
         for ((i, _), grad) in wanted.into_iter().zip(input_grads) {
             if let Some(node) = &ops.parents[i] {
                 grads.register::<LibTorch>(node.id, TchTensor::new(grad));

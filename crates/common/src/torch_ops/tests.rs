@@ -257,3 +257,18 @@ fn residual_updates_keep_torchs_saved_tensors() {
         &[x],
     );
 }
+
+/// torch's grad mode is per thread and burn never sets it: the operations must record their
+/// graph and take their backward even where the calling thread has turned it off.
+#[test]
+fn works_with_torchs_grad_mode_off() {
+    let device = device();
+    let conv: Conv2d = Conv2dConfig::new([2, 3], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&device);
+    let x = random([2, 2, 5, 5], &device).require_grad();
+    let reference = conv.forward(x.clone());
+    let ours = tch::no_grad(|| conv2d(&conv, x.clone()));
+    let [grads, grads_ref] = tch::no_grad(|| forward_agrees("no grad", ours, reference));
+    gradient_agrees("no grad", &x, &[grads, grads_ref]);
+}
