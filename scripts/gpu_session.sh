@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh env         # the machine, the binary, torch: a few seconds
 #   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
 #   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
+#   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
 #   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 step="${1:-}"
 case "$step" in
-  env|bench|bench-bf16|train|eval) ;;
+  env|bench|bench-bf16|phases|train|eval) ;;
   *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
 PIPELINE="${PIPELINE:-gpu-bin/pipeline}"
@@ -85,6 +86,12 @@ case "$step" in
     ;;
   bench-bf16)
     bench bench-big-bf16 --batch-size "$big" --precision bf16
+    ;;
+  phases)
+    # where a training step's time goes on each side: the device synced after every part
+    train_rows=(--rows vae-train,ldm-train-unet,ldm-train-dit --phases)
+    runs=1 bench phases-recipe "${train_rows[@]}"
+    runs=1 bench phases-big --batch-size "$big" "${train_rows[@]}"
     ;;
   train)
     [[ -d data/animal-mnist ]] || {

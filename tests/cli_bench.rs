@@ -248,6 +248,101 @@ fn rows_picks_the_rows_to_time() {
     assert_eq!(names, ["ldm-train-unet", "sample-ddim50"]);
 }
 
+/// `--phases`: every training row splits its step into forward, backward, optimizer and EMA
+/// (none for the VAE), the parts add up to about the step, the table shows them, and the twin
+/// (when torch is installed) reports the same parts from the same spec.
+#[test]
+fn phases_split_each_training_step() {
+    let dir = tiny(VAE, DIT, UNET);
+    let o = bench_in(
+        dir.path(),
+        &[
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--sample-runs",
+            "1",
+            "--rows",
+            "vae-train,ldm-train-dit",
+            "--phases",
+            "--json",
+            "phases.json",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("parts of a training step"),
+        "{}",
+        stdout(&o)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("phases.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["spec"]["phases"], true);
+    for name in ["vae-train", "ldm-train-dit"] {
+        let r = row(&report, name);
+        let p = &r["phases"];
+        let part = |k: &str| {
+            p[k].as_f64()
+                .unwrap_or_else(|| panic!("{name}: no {k} in {p}"))
+        };
+        let sum = part("forward_ms") + part("backward_ms") + part("optimizer_ms") + part("ema_ms");
+        for k in ["forward_ms", "backward_ms", "optimizer_ms"] {
+            assert!(part(k) > 0.0, "{name}: {k} = {}", part(k));
+        }
+        // the parts are clocked inside the timed loop: together at most the step, and most of it
+        let step = r["ms_per_step"].as_f64().unwrap();
+        // the VAE keeps no EMA: its part is an empty call
+        assert_eq!(
+            part("ema_ms") > 0.002 * step,
+            name != "vae-train",
+            "{name}: {p}"
+        );
+        assert!(
+            sum <= step * 1.001 && sum >= 0.7 * step,
+            "{name}: parts {sum} ms, step {step} ms"
+        );
+    }
+    // without the flag: no parts, no syncs
+    bench(dir.path(), "1");
+    let plain: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json")).unwrap())
+            .unwrap();
+    assert!(row(&plain, "ldm-train-dit").get("phases").is_none());
+    assert_eq!(plain["spec"]["phases"], false);
+
+    let Ok(python) = python_with_torch() else {
+        eprintln!("twin part skipped: no python with torch");
+        return;
+    };
+    let twin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/torch_twin.py");
+    let o = Command::new(&python)
+        .arg(&twin)
+        .args([
+            "--spec",
+            "phases.json",
+            "--threads",
+            "1",
+            "--json",
+            "twin.json",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let twin: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("twin.json")).unwrap())
+            .unwrap();
+    for name in ["vae-train", "ldm-train-dit"] {
+        let p = &row(&twin, name)["phases"];
+        assert!(
+            p["backward_ms"].as_f64().is_some_and(|ms| ms > 0.0),
+            "twin {name}: {p}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_is_one_error_line() {
     let dir = tiny(VAE, DIT, UNET);

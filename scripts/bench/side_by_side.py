@@ -35,7 +35,32 @@ def per_row(runs):
             d["items"].append(r["items_per_s"])
             if r.get("forward_flops"):
                 d["forward_flops"] = r["forward_flops"]
+            if r.get("phases"):
+                d.setdefault("phases", []).append(r["phases"])
     return rows
+
+
+PARTS = ("forward_ms", "backward_ms", "optimizer_ms", "ema_ms")
+
+
+def phase_lines(names, tools):
+    """`pipeline bench --phases`: per training row and tool, the median ms per step of each
+    part (the device synced after each part)."""
+    lines = []
+    for n in names:
+        for tool, rows in tools:
+            runs = rows.get(n, {}).get("phases")
+            if not runs:
+                continue
+            med = [statistics.median(p[k] for p in runs) for k in PARTS]
+            total = sum(med)
+            cells = [f"{m:.2f} ({100 * m / total:.0f}%)" if total > 0 else f"{m:.2f}" for m in med]
+            lines.append(f"{n:<15} {tool:<14} " + " ".join(f"{c:>16}" for c in cells) + f" {total:>9.2f}")
+    if lines:
+        head = f"{'row':<15} {'tool':<14} " + " ".join(f"{h:>16}" for h in ("forward", "backward", "optimizer", "ema")) \
+            + f" {'sum':>9}"
+        lines = ["parts of a training step (--phases; median ms per step, the device synced after each part)", head] + lines
+    return lines
 
 
 def tflops(forward_flops, batch, ms):
@@ -119,6 +144,9 @@ def main():
             parts.append(f"PyTorch {tflops(flops, batch, statistics.median(torch_rows[n]['ms'])):.3f}")
         print(f"{n}: achieved TFLOP/s (matrix products, 3 x {flops / 1e9:.4f} GFLOP per latent): "
               + ", ".join(parts))
+    tools = [(f"burn-{name}", rows) for name, _, rows in columns] + [("PyTorch", torch_rows)]
+    for line in phase_lines(names, tools):
+        print(line)
 
 
 if __name__ == "__main__":

@@ -438,8 +438,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, betas=(0.9, 0.999), eps=1e-5,
                                      weight_decay=train["weight_decay"])
 
-    def step(self, loss):
+    def step(self, loss, clock):
+        clock.lap("forward_ms")
         loss.backward()
+        clock.lap("backward_ms")
         if self.clip > 0:
             grads = [p.grad for p in self.params]
             norms = torch._foreach_norm(grads)
@@ -448,6 +450,7 @@ class Trainer:
             torch._foreach_mul_(grads, coefs)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        clock.lap("optimizer_ms")
 
 
 def fence(value, device):
@@ -458,21 +461,54 @@ def fence(value, device):
     return out
 
 
-def time_training(step_fn, warmup, iters, device):
+class Clock:
+    """`pipeline bench --phases`: the time of each part of a training step (forward,
+    backward, optimizer, EMA), with the device synchronized after each part; off: no syncs."""
+
+    PARTS = ("forward_ms", "backward_ms", "optimizer_ms", "ema_ms")
+
+    def __init__(self, device, enabled):
+        self.device, self.enabled, self.on = device, enabled, False
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.mark = 0.0
+
+    def start(self):
+        if self.on:
+            self.mark = time.perf_counter()
+
+    def lap(self, part):
+        if self.on:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            self.seconds[part] += now - self.mark
+            self.mark = now
+
+    def per_step(self, iters):
+        return {k: 1000.0 * v / iters for k, v in self.seconds.items()} if self.enabled else None
+
+
+def time_training(step_fn, warmup, iters, device, phases=False):
+    """Seconds of `iters` timed steps after `warmup` untimed ones, the last loss, and with
+    `phases` the ms per step of each part."""
+    clock = Clock(device, phases)
     loss = None
     for i in range(warmup):
-        loss = step_fn(i)
+        loss = step_fn(i, clock)
     if loss is not None:
         fence(loss, device)
+    clock.on = phases
     start = time.perf_counter()
     for i in range(warmup, warmup + iters):
-        loss = step_fn(i)
+        clock.start()
+        loss = step_fn(i, clock)
     last = fence(loss, device)
-    return time.perf_counter() - start, last
+    return time.perf_counter() - start, last, clock.per_step(iters)
 
 
-def row(name, model, batch, params, iters, seconds, unit, loss=None, per_step=None, items=None):
-    return {
+def row(name, model, batch, params, iters, seconds, unit, loss=None, per_step=None, items=None,
+        phases=None):
+    return {**({"phases": phases} if phases else {}),
         "name": name, "model": model, "batch": batch, "params": params, "iters": iters,
         "seconds": seconds,
         "ms_per_step": per_step if per_step is not None else 1000.0 * seconds / iters,
@@ -501,17 +537,21 @@ def bench(spec, device, gen):
     host_images = (torch.rand(bv, c_img, res, res, generator=gen) * 2 - 1).pin_memory() \
         if device.type == "cuda" else torch.rand(bv, c_img, res, res, generator=gen) * 2 - 1
 
-    def vae_step(_):
+    def vae_step(_, clock):
         x = host_images.to(device, non_blocking=True)
         eps = torch.randn(bv, lc, ls, ls, device=device)
         with autocast(v["train"], device):
             loss = vae.loss(x, eps, v["config"])
         loss = loss.float()
-        trainer.step(loss)
+        trainer.step(loss, clock)
         return loss.detach()
 
-    seconds, loss = time_training(vae_step, warmup, iters, device)
-    rows.append(row("vae-train", f"VAE ({v['source']})", bv, count(vae), iters, seconds, "images", loss))
+    phases = spec.get("phases", False)
+    seconds, loss, parts = time_training(vae_step, warmup, iters, device, phases)
+    if parts:
+        parts["ema_ms"] = 0.0
+    rows.append(row("vae-train", f"VAE ({v['source']})", bv, count(vae), iters, seconds, "images", loss,
+                    phases=parts))
 
     trained = {}
     for s in spec["ldm"]:
@@ -534,7 +574,7 @@ def bench(spec, device, gen):
         model_params = list(model.parameters())
         ema_params = list(ema.parameters())
 
-        def ldm_step(step, model=model, ema=ema, trainer=trainer, b=b, c=c, h=h, w=w, T=T, ab=ab,
+        def ldm_step(step, clock, model=model, ema=ema, trainer=trainer, b=b, c=c, h=h, w=w, T=T, ab=ab,
                      ab_floor=ab_floor, dif=dif, ncls=ncls, host_latents=host_latents, labels=labels,
                      model_params=model_params, ema_params=ema_params):
             z0 = host_latents.to(device, non_blocking=True)
@@ -572,14 +612,16 @@ def bench(spec, device, gen):
                 loss = (mse * wgt).mean()
             else:
                 loss = mse.mean()
-            trainer.step(loss)
+            trainer.step(loss, clock)
             decay = min(dif["ema_decay"], (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+            clock.lap("ema_ms")
             return loss.detach()
 
-        seconds, loss = time_training(ldm_step, warmup, iters, device)
-        rows.append(row(s["row"], s["label"], b, count(model), iters, seconds, "latents", loss))
+        seconds, loss, parts = time_training(ldm_step, warmup, iters, device, phases)
+        rows.append(row(s["row"], s["label"], b, count(model), iters, seconds, "latents", loss,
+                        phases=parts))
         trained[s["row"]] = (ema, s)
 
     smp = spec["sample"]
@@ -679,6 +721,16 @@ def table(report):
     for r in report["rows"]:
         lines.append(f"{r['name']:<15} {r['batch']:>6} {thousands(r['params']):>11} {r['ms_per_step']:>10.2f} "
                      f"{r['items_per_s']:>10.1f}  {r['unit']:<8} {r['model']}")
+    if any("phases" in r for r in report["rows"]):
+        lines.append("parts of a training step (--phases: ms per step, the device synced after each part)")
+        lines.append(f"{'row':<15} {'forward':>16} {'backward':>16} {'optimizer':>16} {'ema':>16} {'sum':>9}")
+        for r in report["rows"]:
+            p = r.get("phases")
+            if not p:
+                continue
+            total = sum(p[k] for k in Clock.PARTS)
+            cells = [f"{p[k]:.2f} ({100 * p[k] / total:.0f}%)" for k in Clock.PARTS]
+            lines.append(f"{r['name']:<15} " + " ".join(f"{c:>16}" for c in cells) + f" {total:>9.2f}")
     return "\n".join(lines) + "\n"
 
 

@@ -70,6 +70,25 @@ pub struct BenchOptions {
     pub rows: Vec<String>,
     /// `train.precision` of every training row (default: each config's own).
     pub precision: Option<Precision>,
+    /// Also time each part of a training step ([`Phases`]), with a device fence after each.
+    pub phases: bool,
+}
+
+/// Milliseconds per timed training step spent in each part of it (`pipeline bench --phases`).
+///
+/// The device is fenced (`Device::sync`) after every part, so on an asynchronous device each
+/// part's kernels are charged to it, and the step loses the overlap of one part's host work
+/// with the previous part's kernels: the parts add up to a little more than an unfenced step.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Phases {
+    /// Batch upload, noise draws, q_sample, the forward pass and the loss.
+    pub forward_ms: f64,
+    /// `loss.backward()` and the collection of the gradients.
+    pub backward_ms: f64,
+    /// Gradient clipping and the AdamW step.
+    pub optimizer_ms: f64,
+    /// The EMA update (LDM rows; 0 for the VAE, which keeps none).
+    pub ema_ms: f64,
 }
 
 /// One measured row.
@@ -105,6 +124,9 @@ pub struct BenchRow {
     /// the batch (the backward's two products per forward product).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tflops: Option<f64>,
+    /// Training rows with `--phases`: the step's time by part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<Phases>,
 }
 
 /// What `pipeline bench --json` writes.
@@ -127,6 +149,8 @@ pub struct BenchSpec {
     pub iters: usize,
     pub warmup: usize,
     pub sample_runs: usize,
+    /// `--phases`: the twin times the parts of its steps too.
+    pub phases: bool,
     pub vae: VaeSpec,
     pub ldm: Vec<LdmSpec>,
     pub sample: SampleSpec,
@@ -295,9 +319,20 @@ fn fence(loss: Tensor<1>, device: &Device) -> Result<f64> {
     Ok(value)
 }
 
+/// What [`time_training`] measured.
+struct Timed<M> {
+    model: M,
+    /// Wall time of the timed steps.
+    seconds: f64,
+    /// The last step's loss.
+    loss: f64,
+    /// With `--phases`: the timed steps' mean time per part.
+    phases: Option<Phases>,
+}
+
 /// Runs `warmup` untimed then `iters` timed optimizer steps of `loss_of(model, step)` at a
-/// constant learning rate, calling `after(model, step)` after each (the EMA); returns the
-/// model, the seconds of the timed steps and the last loss.
+/// constant learning rate, calling `after(model, step)` after each (the EMA). With
+/// `o.phases`, the device is synced after each part of a step and the parts are clocked.
 fn time_training<M: Module + 'static>(
     mut model: M,
     device: &Device,
@@ -306,10 +341,21 @@ fn time_training<M: Module + 'static>(
     bar: &indicatif::ProgressBar,
     mut loss_of: impl FnMut(&M, u64) -> Tensor<1>,
     mut after: impl FnMut(&M, u64),
-) -> Result<(M, f64, f64)> {
+) -> Result<Timed<M>> {
     let mut optim = train.optimizer();
     let mut start = Instant::now();
     let mut last = None;
+    // seconds per part, summed over the timed steps
+    let mut parts = [0.0f64; 4];
+    let lap = |mark: &mut Instant| -> Result<f64> {
+        device
+            .sync()
+            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+        let now = Instant::now();
+        let seconds = (now - *mark).as_secs_f64();
+        *mark = now;
+        Ok(seconds)
+    };
     for step in 0..(o.warmup + o.iters) as u64 {
         if step == o.warmup as u64 {
             if let Some(loss) = last.take() {
@@ -317,10 +363,24 @@ fn time_training<M: Module + 'static>(
             }
             start = Instant::now();
         }
+        let timed = o.phases && step >= o.warmup as u64;
+        let mut mark = Instant::now();
         let loss = loss_of(&train.precision.compute_copy(&model), step);
+        if timed {
+            parts[0] += lap(&mut mark)?;
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
+        if timed {
+            parts[1] += lap(&mut mark)?;
+        }
         model = optim.step(train.lr, model, grads);
+        if timed {
+            parts[2] += lap(&mut mark)?;
+        }
         after(&model, step);
+        if timed {
+            parts[3] += lap(&mut mark)?;
+        }
         last = Some(loss);
         bar.inc(1);
     }
@@ -332,7 +392,19 @@ fn time_training<M: Module + 'static>(
             train.lr
         );
     }
-    Ok((model, seconds, last))
+    let ms = |s: f64| 1000.0 * s / o.iters as f64;
+    let phases = o.phases.then(|| Phases {
+        forward_ms: ms(parts[0]),
+        backward_ms: ms(parts[1]),
+        optimizer_ms: ms(parts[2]),
+        ema_ms: ms(parts[3]),
+    });
+    Ok(Timed {
+        model,
+        seconds,
+        loss: last,
+        phases,
+    })
 }
 
 /// `n` uniform values in [-1, 1) from the seed (the stand-in for a batch of images or
@@ -470,7 +542,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             1.0,
         );
         let image_shape = [vae_batch, channels, resolution, resolution];
-        let (vae, seconds, loss) = time_training(
+        let timed = time_training(
             vae,
             &ad,
             &vae_cfg.train,
@@ -487,17 +559,19 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             },
             |_, _| {},
         )?;
-        rows.push(training_row(
+        let mut row = training_row(
             "vae-train",
             format!("VAE ({})", recipe.vae),
             vae_batch,
             vae_params,
             o.iters,
-            seconds,
+            timed.seconds,
             "images",
-            loss,
-        ));
-        vae
+            timed.loss,
+        );
+        row.phases = timed.phases;
+        rows.push(row);
+        timed.model
     };
 
     // (b) the LDM training steps
@@ -518,7 +592,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         let settings = &setup.config.diffusion;
         let big_t = setup.schedule.num_timesteps();
         let mut ema_model = model.valid();
-        let (model, seconds, loss) = time_training(
+        let timed = time_training(
             model,
             &ad,
             &setup.config.train,
@@ -544,7 +618,8 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
                 ema_model = ema::update(ema_model.clone(), model, decay);
             },
         )?;
-        drop(model);
+        let seconds = timed.seconds;
+        drop(timed.model);
         let mut row = training_row(
             setup.row,
             setup.label.clone(),
@@ -553,8 +628,9 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             o.iters,
             seconds,
             "latents",
-            loss,
+            timed.loss,
         );
+        row.phases = timed.phases;
         if let BackboneConfig::DiT(dit) = &setup.config.backbone {
             let cond = ConditioningSpec {
                 num_classes: setup.num_classes,
@@ -649,6 +725,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             last_loss: None,
             forward_flops: None,
             tflops: None,
+            phases: None,
         });
     }
     bar.finish_and_clear();
@@ -680,6 +757,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             iters: o.iters,
             warmup: o.warmup,
             sample_runs: o.sample_runs,
+            phases: o.phases,
             vae: VaeSpec {
                 row: "vae-train".into(),
                 source: recipe.vae.clone(),
@@ -746,6 +824,7 @@ pub fn run_cli(a: crate::cli::BenchArgs) -> Result<std::process::ExitCode> {
         seed: a.seed,
         rows: parse_rows(a.rows.as_deref())?,
         precision: a.precision,
+        phases: a.phases,
     };
     if let Some(path) = &a.json {
         ldm_common::checkpoint::ensure_writable_dir(
@@ -788,6 +867,7 @@ fn training_row(
         last_loss: Some(loss),
         forward_flops: None,
         tflops: None,
+        phases: None,
     }
 }
 
@@ -837,6 +917,35 @@ pub fn table(r: &BenchReport) -> String {
                 row.batch
             );
         }
+    }
+    if r.rows.iter().any(|row| row.phases.is_some()) {
+        out += &phase_table(r);
+    }
+    out
+}
+
+/// The `--phases` block: each training row's step by part, in ms and as a share of their sum.
+fn phase_table(r: &BenchReport) -> String {
+    let mut out = String::from(
+        "parts of a training step (--phases: ms per step, the device synced after each part)\n",
+    );
+    out += &format!(
+        "{:<15} {:>16} {:>16} {:>16} {:>16} {:>9}\n",
+        "row", "forward", "backward", "optimizer", "ema", "sum"
+    );
+    for row in &r.rows {
+        let Some(p) = row.phases else { continue };
+        let sum = p.forward_ms + p.backward_ms + p.optimizer_ms + p.ema_ms;
+        let cell = |ms: f64| format!("{ms:.2} ({:.0}%)", 100.0 * ms / sum.max(f64::MIN_POSITIVE));
+        out += &format!(
+            "{:<15} {:>16} {:>16} {:>16} {:>16} {:>9.2}\n",
+            row.name,
+            cell(p.forward_ms),
+            cell(p.backward_ms),
+            cell(p.optimizer_ms),
+            cell(p.ema_ms),
+            sum
+        );
     }
     out
 }

@@ -95,6 +95,10 @@ pub struct BenchArgs {
     /// row (default: each config's `train.precision`, normally f32).
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// Also time the parts of each training step (forward, backward, optimizer, EMA), syncing
+    /// the device after each; the twin follows (`scripts/bench/torch_twin.py`)
+    #[arg(long)]
+    pub phases: bool,
     #[command(flatten)]
     pub device: DeviceFlag,
 }
