@@ -1,6 +1,7 @@
 //! Shared pieces of the three stages: data sets, images, checkpoints, devices and seeded noise.
 
 pub mod activation;
+pub mod adamw;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -12,6 +13,7 @@ pub mod gemm_conv;
 pub mod group_norm;
 pub mod image_io;
 pub mod layers;
+pub mod lerp;
 pub mod nn;
 pub mod precision;
 pub mod rng;

@@ -31,7 +31,8 @@ impl ModuleMapper for Blend {
         let decay = self.decay;
         param.map(|ema| {
             let shape = ema.shape();
-            ema * decay + theta.reshape(shape) * (1.0 - decay)
+            // decay ema + (1 - decay) theta, one operation per parameter
+            ldm_common::lerp::lerp(ema, theta.reshape(shape), 1.0 - decay)
         })
     }
 }

@@ -98,15 +98,11 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// AdamW as training uses it: the run's decoupled weight decay and per-parameter
     /// gradient-norm clipping (`grad_clip` > 0); burn's defaults beta = (0.9, 0.999), eps = 1e-5.
+    /// Each parameter's step is one fused operation ([`ldm_common::adamw::FusedAdamW`]: burn's
+    /// `AdamW` + `GradientClipping::Norm` step, with the same state, so checkpoints written
+    /// before it resume).
     pub fn optimizer(&self) -> burn::optim::ModuleOptimizer {
-        use burn::optim::grad_clipping::GradientClippingConfig;
-        let mut config =
-            burn::optim::AdamWConfig::new().with_weight_decay(self.weight_decay as f32);
-        if self.grad_clip > 0.0 {
-            config = config
-                .with_grad_clipping(Some(GradientClippingConfig::Norm(self.grad_clip as f32)));
-        }
-        config.init()
+        ldm_common::adamw::FusedAdamW::new(self.weight_decay as f32, self.grad_clip as f32).init()
     }
 
     /// Checks values; messages name the key and its flag.

@@ -1,0 +1,285 @@
+//! AdamW with per-parameter gradient-norm clipping, each parameter's step one operation: the
+//! optimizer `train-vae` and `train-ldm` use (`FusedAdamW`, wrapped in burn's
+//! `ModuleOptimizer`, which visits the parameters).
+//!
+//! burn's `AdamW` with `GradientClipping::Norm` computes the same step from about 21 tensor
+//! operations per parameter (clipping 6, moments 7, bias correction and update 8), each a
+//! pass over memory and a new buffer: on burn-flex that was 6% of the DiT's training step and
+//! more than PyTorch's whole optimizer, and on an accelerator each is a kernel launch.
+//! [`FusedAdamW`] does the step in one pass on burn-flex ([`kernels`]; a second for the
+//! gradient's norm when clipping), in 15 libtorch calls on burn-tch, and in burn's operations
+//! elsewhere. Its state is burn's `AdamWState`, so checkpoints are interchangeable with burn's
+//! `AdamW`'s.
+//!
+//! The step (Loshchilov & Hutter 2019, with burn's epsilon placement), for gradient g, clipped
+//! by c = min(1, max_norm / (|g|_2 + tiny)) when clipping:
+//! m' = b1 m + (1 - b1) c g, v' = b2 v + (1 - b2) (c g)^2,
+//! p' = p (1 - lr wd) - lr (m' / (1 - b1^t)) / (sqrt(v' / (1 - b2^t)) + eps).
+
+pub mod kernels;
+#[cfg(test)]
+mod tests;
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::flex::{contiguous, on_flex, values};
+use kernels::StepConstants;
+
+/// AdamW's hyper-parameters (burn's `AdamWConfig` defaults: betas 0.9 / 0.999, eps 1e-5).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedAdamW {
+    pub beta_1: f32,
+    pub beta_2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    /// Per-parameter gradient-norm clipping threshold (burn's `GradientClipping::Norm`);
+    /// `None`: no clipping.
+    pub max_norm: Option<f32>,
+}
+
+impl FusedAdamW {
+    /// burn's defaults with this weight decay and clipping threshold (`<= 0`: none).
+    pub fn new(weight_decay: f32, max_norm: f32) -> Self {
+        Self {
+            beta_1: 0.9,
+            beta_2: 0.999,
+            epsilon: 1e-5,
+            weight_decay,
+            max_norm: (max_norm > 0.0).then_some(max_norm),
+        }
+    }
+
+    /// The module optimizer that steps every parameter with it.
+    pub fn init(self) -> ModuleOptimizer {
+        ModuleOptimizer::from(self)
+    }
+
+    /// The scalars of step `time` (1-based) at learning rate `lr`, as `f32` for the kernels:
+    /// [b1, b2, eps, 1 - lr wd, lr, 1 - b1^t, 1 - b2^t, max_norm or 0].
+    fn constants(&self, lr: LearningRate, time: usize) -> [f32; 8] {
+        let t = time as i32;
+        [
+            self.beta_1,
+            self.beta_2,
+            self.epsilon,
+            (1.0 - lr * f64::from(self.weight_decay)) as f32,
+            lr as f32,
+            1.0 - self.beta_1.powi(t),
+            1.0 - self.beta_2.powi(t),
+            self.max_norm.unwrap_or(0.0),
+        ]
+    }
+}
+
+/// The clipping coefficient min(1, max_norm / (norm + tiny)) (burn's `clip_by_norm`), 1 when
+/// `max_norm` is 0 (no clipping).
+fn clip_coefficient(max_norm: f32, norm: f32) -> f32 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + f32::MIN_POSITIVE)).min(1.0)
+    } else {
+        1.0
+    }
+}
+
+/// One parameter's AdamW step as a backend operation: (p', m', v') from p, g, m, v and
+/// [`FusedAdamW::constants`].
+#[backend_extension(Flex, LibTorch: cfg(feature = "tch"))]
+pub trait AdamWStep: Backend {
+    fn adamw_step(
+        p: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        constants: [f32; 8],
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// `t` as a contiguous f32 tensor with no offset whose storage this handle may write: itself
+/// when it already is one (then written in place if no other handle shares it), else a copy.
+fn writable(t: FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.as_slice::<f32>().is_some() {
+        t
+    } else {
+        t.to_contiguous()
+    }
+}
+
+impl AdamWStep for Flex {
+    fn adamw_step(
+        p: FlexTensor,
+        g: FlexTensor,
+        m: FlexTensor,
+        v: FlexTensor,
+        c: [f32; 8],
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let g = contiguous(&g);
+        let g_values = values(&g);
+        let grad_scale = clip_coefficient(c[7], kernels::sum_squares(g_values).sqrt() as f32);
+        let k = StepConstants {
+            beta_1: c[0],
+            beta_2: c[1],
+            epsilon: c[2],
+            decay: c[3],
+            lr: c[4],
+            bias_correction_1: c[5],
+            bias_correction_2: c[6],
+            grad_scale,
+        };
+        // In place where burn holds no other handle on the storage (`storage_mut` copies
+        // otherwise): the step then allocates nothing.
+        let (mut p, mut m, mut v) = (writable(p), writable(m), writable(v));
+        kernels::update(
+            p.storage_mut::<f32>(),
+            g_values,
+            m.storage_mut::<f32>(),
+            v.storage_mut::<f32>(),
+            &k,
+        );
+        (p, m, v)
+    }
+}
+
+#[cfg(feature = "tch")]
+#[allow(deprecated)]
+impl AdamWStep for burn::backend::LibTorch {
+    fn adamw_step(
+        p: burn::backend::libtorch::TchTensor,
+        g: burn::backend::libtorch::TchTensor,
+        m: burn::backend::libtorch::TchTensor,
+        v: burn::backend::libtorch::TchTensor,
+        c: [f32; 8],
+    ) -> (
+        burn::backend::libtorch::TchTensor,
+        burn::backend::libtorch::TchTensor,
+        burn::backend::libtorch::TchTensor,
+    ) {
+        use burn::backend::libtorch::TchTensor;
+        let [b1, b2, eps, decay, lr, bc1, bc2, max_norm] = c.map(f64::from);
+        let (mut p, mut m, mut v) = (p, m, v);
+        let g = &g.tensor;
+        let g = if max_norm > 0.0 {
+            // c = min(1, max_norm / (|g| + tiny)) as a 0-d tensor: no read back to the host
+            let mut coef = g.norm();
+            let _ = coef.g_add_scalar_(f64::from(f32::MIN_POSITIVE));
+            let _ = coef.reciprocal_();
+            let _ = coef.g_mul_scalar_(max_norm);
+            let _ = coef.clamp_max_(1.0);
+            g * coef
+        } else {
+            g.shallow_clone()
+        };
+        // In place where burn-tch says no other handle shares the storage (`mut_ops`, as its
+        // own operations decide), else out of place.
+        // m' = m + (1 - b1) (g - m), v' = v + (1 - b2) (g^2 - v)
+        let m = m
+            .mut_ops(|m| m.lerp_(&g, 1.0 - b1))
+            .unwrap_or_else(|| TchTensor::new(m.tensor.lerp(&g, 1.0 - b1)));
+        let g2 = g.square();
+        let v = v
+            .mut_ops(|v| v.lerp_(&g2, 1.0 - b2))
+            .unwrap_or_else(|| TchTensor::new(v.tensor.lerp(&g2, 1.0 - b2)));
+        // p' = p (1 - lr wd) + (-lr / bc1) m' / (sqrt(v' / bc2) + eps)
+        let mut denom = v.tensor.g_div_scalar(bc2);
+        let _ = denom.sqrt_();
+        let _ = denom.g_add_scalar_(eps);
+        let step = m.tensor.g_mul_scalar(-lr / bc1);
+        let update = |p: &mut tch::Tensor| {
+            if decay != 1.0 {
+                let _ = p.g_mul_scalar_(decay);
+            }
+            p.addcdiv_(&step, &denom)
+        };
+        let p = p.mut_ops(update).unwrap_or_else(|| {
+            let mut copy = p.tensor.copy();
+            TchTensor::new(update(&mut copy))
+        });
+        (p, m, v)
+    }
+}
+
+/// Whether [`AdamWStep`] runs these tensors: f32 on burn-flex, or any float on burn-tch.
+fn has_fused_step<const D: usize>(p: &Tensor<D>) -> bool {
+    #[cfg(feature = "tch")]
+    if crate::torch_ops::on_libtorch(p) {
+        return true;
+    }
+    on_flex(p) && p.dtype() == DType::F32
+}
+
+/// The step from burn's tensor operations (other backends and dtypes; the tests' second
+/// reference): the formula of the module doc.
+fn composed_step<const D: usize>(
+    p: Tensor<D>,
+    g: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    c: [f32; 8],
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    let [b1, b2, eps, decay, lr, bc1, bc2, max_norm] = c.map(f64::from);
+    let g = if max_norm > 0.0 {
+        let norm = g.clone().square().sum().sqrt();
+        let coef =
+            (norm.add_scalar(f64::from(f32::MIN_POSITIVE)).recip() * max_norm).clamp_max(1.0);
+        g * coef.unsqueeze()
+    } else {
+        g
+    };
+    let m = m * b1 + g.clone() * (1.0 - b1);
+    let v = v * b2 + g.square() * (1.0 - b2);
+    let delta = (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + eps);
+    (p * decay - delta * lr, m, v)
+}
+
+/// (p', m', v') of one step; `m`, `v` are zeros on the first step.
+pub fn adamw_step<const D: usize>(
+    p: Tensor<D>,
+    g: Tensor<D>,
+    m: Tensor<D>,
+    v: Tensor<D>,
+    constants: [f32; 8],
+) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
+    if !has_fused_step(&p) {
+        return composed_step(p, g, m, v, constants);
+    }
+    let (p, m, v) = <Dispatch as AdamWStep>::adamw_step(
+        p.into_dispatch(),
+        g.into_dispatch(),
+        m.into_dispatch(),
+        v.into_dispatch(),
+        constants,
+    );
+    (
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(m),
+        Tensor::from_dispatch(v),
+    )
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (time, m, v) = match state {
+            Some(AdamWState { momentum: s }) => (s.time + 1, s.moment_1, s.moment_2),
+            None => (1, tensor.zeros_like(), tensor.zeros_like()),
+        };
+        let (p, m, v) = adamw_step(tensor, grad, m, v, self.constants(lr, time));
+        let state = AdamWState::new(AdaptiveMomentumState::new(time, m, v));
+        (p, Some(state))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
+    }
+}

@@ -1,0 +1,199 @@
+use super::*;
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::grad_clipping::GradientClippingConfig;
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::TensorData;
+
+use crate::rng::{randn, stream};
+use crate::tensor::to_vec_f32;
+
+#[derive(Module, Debug)]
+struct Net {
+    conv: Conv2d,
+    linear: Linear,
+}
+
+/// A fresh network with its weights drawn (burn initialises parameters lazily, and clones of
+/// an uninitialised one draw their own). Tests running in parallel share the device's
+/// generator, so each test makes one and clones it for every run it compares.
+fn net(device: &Device) -> Net {
+    let net = Net {
+        conv: Conv2dConfig::new([2, 3], [3, 3]).init(device),
+        linear: LinearConfig::new(12, 5).init(device),
+    };
+    params(&net);
+    net
+}
+
+fn loss(net: &Net, step: usize, device: &Device) -> Tensor<1> {
+    let x = randn(
+        &mut stream(7, "adamw-test", step as u64),
+        [4, 2, 4, 4],
+        device,
+    );
+    let h = net.conv.forward(x).flatten::<2>(1, 3);
+    // large activations so that clipping at 0.5 binds for some parameters and not others
+    (net.linear.forward(h) * 3.0).square().mean().reshape([1])
+}
+
+/// `steps` optimizer steps of `optim` on a fresh [`Net`], starting from `start` (a model and
+/// the optimizer that trained it, to continue).
+fn train(
+    mut net: Net,
+    optim: &mut ModuleOptimizer,
+    steps: std::ops::Range<usize>,
+    device: &Device,
+) -> Net {
+    for step in steps {
+        let grads = GradientsParams::from_grads(loss(&net, step, device).backward(), &net);
+        net = optim.step(1e-2, net, grads);
+    }
+    net
+}
+
+fn burn_adamw() -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_weight_decay(0.05)
+        .with_grad_clipping(Some(GradientClippingConfig::Norm(0.5)))
+        .init()
+}
+
+fn params(net: &Net) -> Vec<f32> {
+    let mut out = Vec::new();
+    for t in [
+        net.conv.weight.val().flatten::<1>(0, 3),
+        net.conv.bias.as_ref().unwrap().val(),
+        net.linear.weight.val().flatten::<1>(0, 1),
+        net.linear.bias.as_ref().unwrap().val(),
+    ] {
+        out.extend(to_vec_f32(t));
+    }
+    out
+}
+
+fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / x.abs().max(y.abs()).max(1e-3))
+        .fold(0.0, f32::max)
+}
+
+/// The first step in closed form: m^ = g, v^ = g^2, so p' = p (1 - lr wd) - lr g / (|g| + eps);
+/// with clipping the gradient is first scaled by max_norm / |g|.
+#[test]
+fn first_step_matches_the_closed_form() {
+    let device = Device::flex();
+    let p = Tensor::<1>::from_data(TensorData::from([1.0f32, -2.0, 0.5]), &device);
+    let g = Tensor::<1>::from_data(TensorData::from([0.5f32, -0.25, 0.0]), &device);
+    let (lr, wd, eps) = (0.1f64, 0.01f64, 1e-5f64);
+    let opt = FusedAdamW::new(wd as f32, 0.0);
+    let expected = |p: f64, g: f64| p * (1.0 - lr * wd) - lr * g / (g.abs() + eps);
+    let (out, m, v) = adamw_step(
+        p.clone(),
+        g.clone(),
+        p.zeros_like(),
+        p.zeros_like(),
+        opt.constants(lr, 1),
+    );
+    let out = to_vec_f32(out);
+    for (i, (pi, gi)) in [(1.0, 0.5), (-2.0, -0.25), (0.5, 0.0)]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            (f64::from(out[i]) - expected(pi, gi)).abs() < 1e-6,
+            "{i}: {}",
+            out[i]
+        );
+    }
+    let m = to_vec_f32(m);
+    let v = to_vec_f32(v);
+    assert!((m[0] - 0.05).abs() < 1e-7 && (v[1] - 0.001 * 0.0625).abs() < 1e-9);
+
+    // clipped: |g| = sqrt(0.3125); at max_norm 0.1, g becomes g * 0.1 / |g|
+    let clipped = FusedAdamW::new(wd as f32, 0.1);
+    let (_, m, _) = adamw_step(
+        p.clone(),
+        g,
+        p.zeros_like(),
+        p.zeros_like(),
+        clipped.constants(lr, 1),
+    );
+    let m = to_vec_f32(m);
+    let scale = 0.1 / 0.3125f64.sqrt();
+    assert!(
+        (f64::from(m[0]) - 0.1 * 0.5 * scale).abs() < 1e-7,
+        "{}",
+        m[0]
+    );
+}
+
+/// Ten steps with weight decay and per-parameter norm clipping (binding for some parameters)
+/// follow burn's `AdamW` + `GradientClipping::Norm` to float rounding, on `device`.
+fn matches_burns_adamw(device: Device) {
+    let start = net(&device);
+    let reference = train(start.clone(), &mut burn_adamw(), 0..10, &device);
+    let mut fused = FusedAdamW::new(0.05, 0.5).init();
+    let fused = train(start.clone(), &mut fused, 0..10, &device);
+    let (r, f) = (params(&reference), params(&fused));
+    assert!(
+        max_rel_diff(&r, &params(&start)) > 1e-2,
+        "the parameters moved"
+    );
+    let diff = max_rel_diff(&r, &f);
+    assert!(diff < 2e-4, "fused AdamW differs from burn's by {diff}");
+}
+
+#[test]
+fn matches_burns_adamw_on_flex() {
+    matches_burns_adamw(Device::flex().autodiff());
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn matches_burns_adamw_on_libtorch() {
+    matches_burns_adamw(Device::libtorch().autodiff());
+}
+
+/// burn's composition (the path of other backends) agrees with the flex kernel.
+#[test]
+fn composition_matches_the_kernel() {
+    let device = Device::flex();
+    let draw = |n| randn(&mut stream(7, "adamw-kernel", n), [33, 70], &device);
+    let (p, g, m) = (draw(1), draw(2), draw(3));
+    let v = draw(4).abs();
+    let c = FusedAdamW::new(0.1, 2.0).constants(3e-3, 4);
+    let (p1, m1, v1) = adamw_step(p.clone(), g.clone(), m.clone(), v.clone(), c);
+    let (p2, m2, v2) = composed_step(p, g, m, v, c);
+    for (a, b) in [(p1, p2), (m1, m2), (v1, v2)] {
+        let (a, b) = (to_vec_f32(a), to_vec_f32(b));
+        assert!(max_rel_diff(&a, &b) < 1e-5);
+    }
+}
+
+/// A checkpoint of burn's `AdamW` resumes under `FusedAdamW` (same state record): 4 steps of
+/// one then 6 of the other end where 10 of burn's do.
+#[test]
+fn resumes_from_burns_adamw_state() {
+    let device = Device::flex().autodiff();
+    let start = net(&device);
+    let reference = train(start.clone(), &mut burn_adamw(), 0..10, &device);
+    let mut first = burn_adamw();
+    let half = train(start.clone(), &mut first, 0..4, &device);
+    let bytes = first.into_bytes().unwrap();
+    let mut second = FusedAdamW::new(0.05, 0.5).init().from_bytes(bytes).unwrap();
+    let resumed = train(half, &mut second, 4..10, &device);
+    let diff = max_rel_diff(&params(&reference), &params(&resumed));
+    assert!(diff < 2e-4, "resumed run differs by {diff}");
+    // without the state (a fresh optimizer) the run would differ
+    let fresh = train(
+        train(start, &mut burn_adamw(), 0..4, &device),
+        &mut FusedAdamW::new(0.05, 0.5).init(),
+        4..10,
+        &device,
+    );
+    assert!(max_rel_diff(&params(&reference), &params(&fresh)) > 1e-3);
+}
