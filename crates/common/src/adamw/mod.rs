@@ -2,8 +2,8 @@
 //! optimizer `train-vae` and `train-ldm` use (`FusedAdamW`, wrapped in burn's
 //! `ModuleOptimizer`, which visits the parameters).
 //!
-//! burn's `AdamW` with `GradientClipping::Norm` computes the same step from about 21 tensor
-//! operations per parameter (clipping 6, moments 7, bias correction and update 8), each a
+//! burn's `AdamW` with `GradientClipping::Norm` computes the same step from 22 tensor
+//! operations per parameter (clipping 7, moments 7, bias correction and update 8), each a
 //! pass over memory and a new buffer: on burn-flex that was 6% of the DiT's training step and
 //! more than PyTorch's whole optimizer, and on an accelerator each is a kernel launch.
 //! [`FusedAdamW`] does the step in one pass on burn-flex ([`kernels`]; a second for the
