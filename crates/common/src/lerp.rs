@@ -6,13 +6,17 @@
 //! step; PyTorch's EMA is one `torch._foreach_lerp_`. [`lerp`] is one pass on burn-flex (f32),
 //! one `torch.lerp` on burn-tch, and burn's composition elsewhere.
 
+// burn 0.22.1 marks burn-tch deprecated in favour of its CubeCL backends, whose CUDA build
+// cannot be made on the project's machines: burn-tch is the GPU path here (as in `torch_ops`).
+#![allow(deprecated)]
+
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, TensorMetadata, backend_extension};
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
-use crate::flex::{contiguous, flex_tensor, on_flex, values};
+use crate::flex::{contiguous, flex_tensor, has_own_kernel, values};
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -42,7 +46,6 @@ impl Lerp for Flex {
 }
 
 #[cfg(feature = "tch")]
-#[allow(deprecated)]
 impl Lerp for burn::backend::LibTorch {
     fn lerp(
         a: burn::backend::libtorch::TchTensor,
@@ -55,12 +58,7 @@ impl Lerp for burn::backend::LibTorch {
 
 /// a + weight (b - a), i.e. a (1 - weight) + b weight; `a` and `b` of one shape and device.
 pub fn lerp<const D: usize>(a: Tensor<D>, b: Tensor<D>, weight: f64) -> Tensor<D> {
-    #[cfg(feature = "tch")]
-    let libtorch = crate::torch_ops::on_libtorch(&a);
-    #[cfg(not(feature = "tch"))]
-    let libtorch = false;
-    let fused = libtorch || (on_flex(&a) && a.dtype() == DType::F32 && b.dtype() == DType::F32);
-    if !fused {
+    if !(has_own_kernel(&a) && b.dtype() == a.dtype()) {
         return a * (1.0 - weight) + b * weight;
     }
     Tensor::from_dispatch(<Dispatch as Lerp>::lerp(

@@ -87,7 +87,7 @@ pub struct Phases {
     pub backward_ms: f64,
     /// Gradient clipping and the AdamW step.
     pub optimizer_ms: f64,
-    /// The EMA update (LDM rows; 0 for the VAE, which keeps none).
+    /// The EMA update (LDM rows; for the VAE, which keeps none, the time of an empty call).
     pub ema_ms: f64,
 }
 
@@ -313,10 +313,15 @@ fn ldm_setup(
 /// `cudaDeviceSynchronize` on libtorch CUDA, nothing on the eager CPU backends).
 fn fence(loss: Tensor<1>, device: &Device) -> Result<f64> {
     let value = scalar(loss);
+    sync(device)?;
+    Ok(value)
+}
+
+/// `Device::sync`, its failure as an error.
+fn sync(device: &Device) -> Result<()> {
     device
         .sync()
-        .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
-    Ok(value)
+        .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))
 }
 
 /// What [`time_training`] measured.
@@ -348,9 +353,7 @@ fn time_training<M: Module + 'static>(
     // seconds per part, summed over the timed steps
     let mut parts = [0.0f64; 4];
     let lap = |mark: &mut Instant| -> Result<f64> {
-        device
-            .sync()
-            .map_err(|e| anyhow::anyhow!("device sync failed: {e:?}"))?;
+        sync(device)?;
         let now = Instant::now();
         let seconds = (now - *mark).as_secs_f64();
         *mark = now;

@@ -16,6 +16,10 @@
 //! m' = b1 m + (1 - b1) c g, v' = b2 v + (1 - b2) (c g)^2,
 //! p' = p (1 - lr wd) - lr (m' / (1 - b1^t)) / (sqrt(v' / (1 - b2^t)) + eps).
 
+// burn 0.22.1 marks burn-tch deprecated in favour of its CubeCL backends, whose CUDA build
+// cannot be made on the project's machines: burn-tch is the GPU path here (as in `torch_ops`).
+#![allow(deprecated)]
+
 pub mod kernels;
 #[cfg(test)]
 mod tests;
@@ -24,9 +28,9 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimizer, Optimizer};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 
-use crate::flex::{contiguous, on_flex, values};
+use crate::flex::{contiguous, has_own_kernel, into_contiguous, values};
 use kernels::StepConstants;
 
 /// AdamW's hyper-parameters (burn's `AdamWConfig` defaults: betas 0.9 / 0.999, eps 1e-5).
@@ -98,16 +102,6 @@ pub trait AdamWStep: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
-/// `t` as a contiguous f32 tensor with no offset whose storage this handle may write: itself
-/// when it already is one (then written in place if no other handle shares it), else a copy.
-fn writable(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.as_slice::<f32>().is_some() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
 impl AdamWStep for Flex {
     fn adamw_step(
         p: FlexTensor,
@@ -131,7 +125,7 @@ impl AdamWStep for Flex {
         };
         // In place where burn holds no other handle on the storage (`storage_mut` copies
         // otherwise): the step then allocates nothing.
-        let (mut p, mut m, mut v) = (writable(p), writable(m), writable(v));
+        let (mut p, mut m, mut v) = (into_contiguous(p), into_contiguous(m), into_contiguous(v));
         kernels::update(
             p.storage_mut::<f32>(),
             g_values,
@@ -144,13 +138,12 @@ impl AdamWStep for Flex {
 }
 
 #[cfg(feature = "tch")]
-#[allow(deprecated)]
 impl AdamWStep for burn::backend::LibTorch {
     fn adamw_step(
-        p: burn::backend::libtorch::TchTensor,
+        mut p: burn::backend::libtorch::TchTensor,
         g: burn::backend::libtorch::TchTensor,
-        m: burn::backend::libtorch::TchTensor,
-        v: burn::backend::libtorch::TchTensor,
+        mut m: burn::backend::libtorch::TchTensor,
+        mut v: burn::backend::libtorch::TchTensor,
         c: [f32; 8],
     ) -> (
         burn::backend::libtorch::TchTensor,
@@ -159,7 +152,6 @@ impl AdamWStep for burn::backend::LibTorch {
     ) {
         use burn::backend::libtorch::TchTensor;
         let [b1, b2, eps, decay, lr, bc1, bc2, max_norm] = c.map(f64::from);
-        let (mut p, mut m, mut v) = (p, m, v);
         let g = &g.tensor;
         let g = if max_norm > 0.0 {
             // c = min(1, max_norm / (|g| + tiny)) as a 0-d tensor: no read back to the host
@@ -201,15 +193,6 @@ impl AdamWStep for burn::backend::LibTorch {
     }
 }
 
-/// Whether [`AdamWStep`] runs these tensors: f32 on burn-flex, or any float on burn-tch.
-fn has_fused_step<const D: usize>(p: &Tensor<D>) -> bool {
-    #[cfg(feature = "tch")]
-    if crate::torch_ops::on_libtorch(p) {
-        return true;
-    }
-    on_flex(p) && p.dtype() == DType::F32
-}
-
 /// The step from burn's tensor operations (other backends and dtypes; the tests' second
 /// reference): the formula of the module doc.
 fn composed_step<const D: usize>(
@@ -242,7 +225,8 @@ pub fn adamw_step<const D: usize>(
     v: Tensor<D>,
     constants: [f32; 8],
 ) -> (Tensor<D>, Tensor<D>, Tensor<D>) {
-    if !has_fused_step(&p) {
+    // [`AdamWStep`] runs f32 on burn-flex and any float on burn-tch
+    if !has_own_kernel(&p) {
         return composed_step(p, g, m, v, constants);
     }
     let (p, m, v) = <Dispatch as AdamWStep>::adamw_step(
