@@ -5,7 +5,13 @@
 //!
 //! * im2col: col[(c, ky, kx), (oy, ox)] = x[c, oy * sh + ky - ph, ox * sw + kx - pw] (0 outside)
 //! * forward: y[c_out, P] = W[c_out, K] col[K, P] + b
-//! * weight gradient: dW[c_out, K] = sum over images of dy[c_out, P] col^T[P, K]
+//! * weight gradient: dW[c_out, K] = sum over images of dy[c_out, P] col^T[P, K], accumulated
+//!   as its transpose dW^T[K, c_out] = col dy^T and transposed once at the end. `gemm` computes
+//!   a row-major destination as the transpose of the product, and its microkernels read the
+//!   left operand down columns: for dW that operand would be col (stride P down a column), which
+//!   it first copies into panels, for dW^T it is dy, 9 c_in / c_out times smaller (at the VAE's
+//!   first level, 32 images of 16 channels at 32x32, on one core: 4.9 against 1.5 ms with gemm's
+//!   AVX2 kernels, 13.5 against 1.5 ms with its AVX-512 ones).
 //! * bias gradient: db[c_out] = sum over images and pixels of dy
 //! * input gradient: dcol[K, P] = W^T[K, c_out] dy[c_out, P], then col2im (the adjoint of
 //!   im2col) adds every column entry back onto the pixel it was read from.
@@ -69,6 +75,68 @@ fn valid_columns(g: &ConvGeometry, ow: usize, kx: usize) -> (usize, usize) {
     (lo, hi)
 }
 
+/// Where a row of the column matrix is the input plane shifted: with stride 1 and w_out = w
+/// (the "same" padding of an odd kernel), row (c, ky, kx) read as one flat array over
+/// q = oy w + ox is col[q] = plane[q + s], s = (ky - ph) w + (kx - pw), for the output rows
+/// whose input row lies inside the image, except in the |kx - pw| edge columns, where
+/// ox + kx - pw falls outside [0, w) and q + s reads the neighbouring image row instead of the
+/// padding. One copy (or one sum) over the whole span replaces a short one per output row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shift {
+    /// The span of q read from the plane (the edge columns inside it still to be zeroed).
+    lo: usize,
+    hi: usize,
+    /// s, the offset from q to the plane index (0 when no row is inside).
+    offset: isize,
+    /// The output rows inside the image.
+    rows: (usize, usize),
+    /// kx - pw: the edge columns are ox < -d (d < 0) or ox >= w - d (d > 0).
+    d: isize,
+}
+
+impl Shift {
+    /// The shift of row (ky, kx), or `None` outside the case above (then the row-by-row loop).
+    fn of(g: &ConvGeometry, ky: usize, kx: usize) -> Option<Shift> {
+        let [oh, ow] = g.out_hw();
+        let (w, ph, pw) = (g.w as isize, g.padding[0] as isize, g.padding[1] as isize);
+        if g.stride != [1, 1] || ow != g.w || pw >= w {
+            return None;
+        }
+        let dy = ky as isize - ph;
+        let d = kx as isize - pw;
+        let top = (-dy).clamp(0, oh as isize) as usize;
+        let bottom = (g.h as isize - dy).clamp(top as isize, oh as isize) as usize;
+        let (lo, hi, offset) = if top < bottom {
+            let lo = top * ow + (-d).max(0) as usize;
+            (lo, bottom * ow - d.max(0) as usize, dy * w + d)
+        } else {
+            (0, 0, 0)
+        };
+        Some(Shift {
+            lo,
+            hi,
+            offset,
+            rows: (top, bottom),
+            d,
+        })
+    }
+
+    /// The plane's indices read by q in lo..hi.
+    fn source(&self) -> std::ops::Range<usize> {
+        let start = (self.lo as isize + self.offset) as usize;
+        start..start + (self.hi - self.lo)
+    }
+
+    /// Zeroes the edge columns of the rows inside the image.
+    fn zero_edges(&self, row: &mut [f32], w: usize) {
+        let cols = self.d.unsigned_abs();
+        let edge = if self.d < 0 { 0..cols } else { w - cols..w };
+        for oy in self.rows.0..self.rows.1 {
+            row[oy * w..][edge.clone()].fill(0.0);
+        }
+    }
+}
+
 /// The column matrix [K, P] of one image `x` [c_in, h, w].
 fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
     let [oh, ow] = g.out_hw();
@@ -79,6 +147,13 @@ fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
         for ky in 0..kh {
             for kx in 0..kw {
                 let row = &mut col[((c * kh + ky) * kw + kx) * p..][..p];
+                if let Some(shift) = Shift::of(g, ky, kx) {
+                    row[..shift.lo].fill(0.0);
+                    row[shift.lo..shift.hi].copy_from_slice(&plane[shift.source()]);
+                    row[shift.hi..].fill(0.0);
+                    shift.zero_edges(row, ow);
+                    continue;
+                }
                 for oy in 0..oh {
                     let dst = &mut row[oy * ow..(oy + 1) * ow];
                     let iy = (oy * g.stride[0] + ky) as isize - g.padding[0] as isize;
@@ -109,8 +184,9 @@ fn im2col(x: &[f32], g: &ConvGeometry, col: &mut [f32]) {
     }
 }
 
-/// The adjoint of [`im2col`]: dx[c, iy, ix] = sum of the column entries read from it.
-fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
+/// The adjoint of [`im2col`]: dx[c, iy, ix] = sum of the column entries read from it. `col` is
+/// scratch: the entries that lie in the padding may be zeroed.
+fn col2im(col: &mut [f32], g: &ConvGeometry, dx: &mut [f32]) {
     let [oh, ow] = g.out_hw();
     let [kh, kw] = g.kernel;
     let p = oh * ow;
@@ -119,7 +195,18 @@ fn col2im(col: &[f32], g: &ConvGeometry, dx: &mut [f32]) {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ky in 0..kh {
             for kx in 0..kw {
-                let row = &col[((c * kh + ky) * kw + kx) * p..][..p];
+                let row = &mut col[((c * kh + ky) * kw + kx) * p..][..p];
+                if let Some(shift) = Shift::of(g, ky, kx) {
+                    shift.zero_edges(row, ow);
+                    for (d, s) in plane[shift.source()]
+                        .iter_mut()
+                        .zip(&row[shift.lo..shift.hi])
+                    {
+                        *d += *s;
+                    }
+                    continue;
+                }
+                let row = &*row;
                 for oy in 0..oh {
                     let iy = (oy * g.stride[0] + ky) as isize - g.padding[0] as isize;
                     if iy < 0 || iy >= g.h as isize {
@@ -276,6 +363,17 @@ pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &ConvGeometry
     out
 }
 
+/// The transpose [cols, rows] of a row-major [rows, cols] matrix.
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; a.len()];
+    for (r, row) in a.chunks(cols).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c * rows + r] = *v;
+        }
+    }
+    t
+}
+
 /// Which gradients [`backward`] computes.
 #[derive(Debug, Clone, Copy)]
 pub struct Wanted {
@@ -318,12 +416,13 @@ pub fn backward(
         .enumerate()
         .map(|(task, dx_task)| {
             let mut col = vec![0.0f32; k * p];
-            let mut dw = vec![0.0f32; if wanted.weight { g.c_out * k } else { 0 }];
+            let mut dw_t = vec![0.0f32; if wanted.weight { g.c_out * k } else { 0 }];
             let mut db = vec![0.0f32; if wanted.bias { g.c_out } else { 0 }];
             let first = task * per_task;
             for i in first..(first + per_task).min(g.batch) {
                 let dy = &out_grad[i * g.c_out * p..(i + 1) * g.c_out * p];
                 if wanted.weight {
+                    // dW^T[K, c_out] += col[K, P] dy^T[P, c_out] (see the module's documentation).
                     let xi = &x[i * image..(i + 1) * image];
                     let cols: &[f32] = if g.is_pointwise() {
                         xi
@@ -332,12 +431,12 @@ pub fn backward(
                         &col
                     };
                     matmul(
-                        &mut dw,
-                        g.c_out,
+                        &mut dw_t,
                         k,
+                        g.c_out,
                         p,
-                        Operand::rows(dy, p),
-                        Operand::transposed(cols, p),
+                        Operand::rows(cols, p),
+                        Operand::transposed(dy, p),
                         true,
                         par,
                     );
@@ -363,11 +462,11 @@ pub fn backward(
                             false,
                             par,
                         );
-                        col2im(&col, g, dxi);
+                        col2im(&mut col, g, dxi);
                     }
                 }
             }
-            (dw, db)
+            (dw_t, db)
         })
         .collect();
     let sum = |parts: Vec<Vec<f32>>| {
@@ -379,7 +478,11 @@ pub fn backward(
     let (dws, dbs): (Vec<_>, Vec<_>) = partial.into_iter().unzip();
     (
         wanted.x.then_some(dx),
-        if wanted.weight { sum(dws) } else { None },
+        if wanted.weight {
+            sum(dws).map(|dw_t| transpose(&dw_t, k, g.c_out))
+        } else {
+            None
+        },
         if wanted.bias { sum(dbs) } else { None },
     )
 }
@@ -451,6 +554,11 @@ mod tests {
             g(1, 4, 5, 5, 3, [1, 1], [1, 1], [0, 0]),
             g(5, 2, 4, 7, 3, [3, 2], [1, 2], [0, 1]),
             g(2, 1, 3, 3, 2, [3, 3], [1, 1], [2, 2]),
+            // "same" width, with and without vertical padding, kernel 5, width 2 and 1
+            g(2, 2, 6, 5, 3, [3, 3], [1, 1], [0, 1]),
+            g(2, 2, 6, 7, 2, [5, 5], [1, 1], [2, 2]),
+            g(3, 2, 4, 2, 2, [3, 3], [1, 1], [1, 1]),
+            g(2, 2, 3, 1, 2, [3, 3], [1, 1], [1, 1]),
         ]
     }
 
