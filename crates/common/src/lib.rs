@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod adamw;
+pub mod alloc;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -10,32 +10,8 @@ use ldm_pipeline::cli::{Cli, Command};
 use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
 use ldm_pipeline::{classifier_stage, img2img};
 
-/// Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-///
-/// A training step allocates and frees tensors of a few hundred KiB to tens of MiB. glibc
-/// serves large requests with fresh `mmap`s (below a threshold it moves with the sizes seen),
-/// and trims its heaps as soon as 128 KiB at the top are free, so the next step's tensors come
-/// back as new, zeroed pages: half a million page faults in 23 DiT training steps on burn-flex.
-/// Serving requests up to 32 MiB from the heap (`M_MMAP_THRESHOLD`, glibc's maximum) and not
-/// trimming it (`M_TRIM_THRESHOLD`) brings that to about 30 thousand and the training steps
-/// 15-25% faster (docs/PERFORMANCE.md, "Memory allocation"). libtorch's CPU tensors are
-/// allocated by the same malloc. The heap then stays at its peak size (the process's peak
-/// memory does not change).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: mallopt only sets allocator parameters; called first thing in main, before any
-    // thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
 fn main() -> ExitCode {
-    keep_freed_memory();
+    ldm_common::alloc::keep_freed_memory();
     interrupt::install();
     let cli = Cli::parse();
     match run(cli) {

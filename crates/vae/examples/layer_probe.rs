@@ -90,6 +90,7 @@ fn time(iters: usize, x: &Tensor<4>, layer: impl Fn(Tensor<4>) -> Tensor<4>) -> 
 }
 
 fn main() {
+    ldm_common::alloc::keep_freed_memory();
     let mut args = std::env::args().skip(1);
     let choice: DeviceChoice = args
         .next()
