@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{assert_error, pipeline_in, stderr, stdout};
+use ldm_common::checkpoint::read_json;
 
 const VAE: &str = r#"
 [data]
@@ -109,7 +110,7 @@ fn bench(dir: &Path, iters: &str) -> Output {
 /// Runs the tiny bench in `dir` and returns the JSON it wrote.
 fn bench_json(dir: &Path, iters: &str) -> serde_json::Value {
     bench(dir, iters);
-    serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap()
+    read_json(&dir.join("bench.json")).unwrap()
 }
 
 fn row<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -156,9 +157,7 @@ fn bench_prints_a_table_with_every_row() {
         "{table}"
     );
 
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = read_json(&dir.path().join("bench.json")).unwrap();
     for name in ROWS {
         let r = row(&report, name);
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{r}");
@@ -235,9 +234,7 @@ fn rows_picks_the_rows_to_time() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("rows.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = read_json(&dir.path().join("rows.json")).unwrap();
     let names: Vec<&str> = report["rows"]
         .as_array()
         .unwrap()
@@ -276,9 +273,7 @@ fn phases_split_each_training_step() {
         "{}",
         stdout(&o)
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("phases.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = read_json(&dir.path().join("phases.json")).unwrap();
     assert_eq!(report["spec"]["phases"], true);
     for name in ["vae-train", "ldm-train-dit"] {
         let r = row(&report, name);
@@ -306,9 +301,7 @@ fn phases_split_each_training_step() {
     }
     // without the flag: no parts, no syncs
     bench(dir.path(), "1");
-    let plain: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("bench.json")).unwrap())
-            .unwrap();
+    let plain: serde_json::Value = read_json(&dir.path().join("bench.json")).unwrap();
     assert!(row(&plain, "ldm-train-dit").get("phases").is_none());
     assert_eq!(plain["spec"]["phases"], false);
 
@@ -331,9 +324,7 @@ fn phases_split_each_training_step() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let twin: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("twin.json")).unwrap())
-            .unwrap();
+    let twin: serde_json::Value = read_json(&dir.path().join("twin.json")).unwrap();
     for name in ["vae-train", "ldm-train-dit"] {
         let p = &row(&twin, name)["phases"];
         assert!(
