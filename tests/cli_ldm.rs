@@ -169,6 +169,39 @@ fn schedule_prints_csv() {
 }
 
 #[test]
+fn built_in_configs_leave_no_temporary_files() {
+    // a built-in name is written to a file under the temporary directory for the run (so
+    // that errors name a file) and removed when the command ends, whether it succeeded or not
+    let tmp = std::env::temp_dir().join(format!("ldm-tmpdir-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for (args, ok) in [
+        (&["schedule", "--config", "ldm-fmnist"][..], true),
+        (
+            &[
+                "train-ldm",
+                "--config",
+                "ldm-animals",
+                "--vae",
+                "no-such-vae",
+                "--out",
+                "x",
+            ][..],
+            false,
+        ),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args(args)
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.success(), ok, "{args:?}: {}", stderr(&o));
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "{args:?} left {left:?}");
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
 fn unknown_names_list_the_valid_ones() {
     let t = setup();
     assert_bad_configs(

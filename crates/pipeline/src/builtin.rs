@@ -62,6 +62,18 @@ pub const CONFIGS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Where [`resolve`] writes this process's built-in configs.
+fn temporary_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("ldm-builtin-{}", std::process::id()))
+}
+
+/// Removes the files [`resolve`] wrote, if any: `main` calls it when the command has ended
+/// (successfully, with an error or interrupted), so that no run leaves a folder in the temporary
+/// directory.
+pub fn remove_temporary_files() {
+    let _ = std::fs::remove_dir_all(temporary_dir());
+}
+
 /// Resolves `--config`: an existing file, or a built-in name (written to a temporary file so
 /// every error still names a file).
 pub fn resolve(arg: &str) -> Result<PathBuf> {
@@ -76,7 +88,7 @@ pub fn resolve(arg: &str) -> Result<PathBuf> {
         .unwrap_or(arg);
     match CONFIGS.iter().find(|(n, _)| *n == name) {
         Some((n, text)) => {
-            let dir = std::env::temp_dir().join(format!("ldm-builtin-{}", std::process::id()));
+            let dir = temporary_dir();
             std::fs::create_dir_all(&dir)?;
             let file = dir.join(format!("{n}.toml"));
             std::fs::write(&file, text)?;

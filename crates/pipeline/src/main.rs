@@ -14,7 +14,9 @@ fn main() -> ExitCode {
     ldm_common::alloc::keep_freed_memory();
     interrupt::install();
     let cli = Cli::parse();
-    match run(cli) {
+    let result = run(cli);
+    builtin::remove_temporary_files();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
