@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(32, 16, 32), (32, 32, 16), (32, 32, 8), (64, 64, 8), (64, 128, 4)]
+ATTENTION_SHAPES = [(64, 64, 8), (64, 128, 4), (16, 128, 16)]
+HEADS = 4
+
+
+def self_attention(x):
+    """Self-attention over the pixels of x [n, c, s, s], HEADS heads of c / HEADS."""
+    n, c, h, w = x.shape
+    t = x.reshape(n, HEADS, c // HEADS, h * w).transpose(2, 3)
+    return F.scaled_dot_product_attention(t, t, t).transpose(2, 3).reshape(n, c, h, w)
 
 
 def timed(iters, x, layer):
@@ -43,6 +52,9 @@ def main():
         for name, layer in [("conv3x3", conv), ("groupnorm-silu", lambda t: F.silu(norm(t)))]:
             fwd, both = timed(iters, x, layer)
             print(f"{name} {n} {c} {side} {fwd:.2f} {both:.2f}")
+    for n, c, side in ATTENTION_SHAPES:
+        fwd, both = timed(iters, torch.randn(n, c, side, side), self_attention)
+        print(f"attention {n} {c} {side} {fwd:.2f} {both:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 //! LayerNorm and attention as the transformer blocks call them, each on the fastest path of the
 //! tensor's backend: on burn-tch PyTorch's own kernels with torch's backward
-//! ([`crate::torch_ops`], the `tch` build), elsewhere burn's `layer_norm` and `attention`.
+//! ([`crate::torch_ops`], the `tch` build), attention on burn-flex (f32) this crate's own
+//! operation ([`crate::attention`]), elsewhere burn's `layer_norm` and `attention`.
 
 use burn::tensor::module::{attention as burn_attention, layer_norm as burn_layer_norm};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -62,6 +63,9 @@ pub fn attention(
             None => <Dispatch as TorchOps>::torch_attention_unmasked(q, k, v),
         };
         return Tensor::from_dispatch(out);
+    }
+    if crate::flex::on_flex_f32(&q) {
+        return crate::attention::flex_attention(q, k, v, padding_mask);
     }
     // [b, l] -> [b, 1, 1, l] -> [b, h, n, l] (a broadcast view)
     let mask = padding_mask.map(|m| m.reshape([b, 1, 1, l]).expand([b, h, n, l]));

@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod alloc;
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -15,6 +16,7 @@ pub mod group_norm;
 pub mod image_io;
 pub mod layers;
 pub mod lerp;
+pub mod matmul;
 pub mod nn;
 pub mod precision;
 pub mod rng;

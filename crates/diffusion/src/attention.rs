@@ -2,10 +2,10 @@
 //! self-attention over image or text tokens, and cross-attention from image tokens to text
 //! tokens (Rombach et al. 2022), plus the position-wise MLP of a transformer block.
 //!
-//! The product itself is [`ldm_common::layers::attention`]: burn's fused `attention` op (a single
-//! kernel on burn-flex at inference; under autodiff burn decomposes it into matmul + masked
-//! softmax, whose backward the tests check against finite differences), or on burn-tch
-//! libtorch's `scaled_dot_product_attention` with torch's own backward.
+//! The product itself is [`ldm_common::layers::attention`]: on burn-flex (f32) this project's
+//! own operation with its own backward (`ldm_common::attention`, checked against burn's
+//! `attention` and against finite differences), on burn-tch libtorch's
+//! `scaled_dot_product_attention` with torch's own backward, elsewhere burn's `attention`.
 
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;

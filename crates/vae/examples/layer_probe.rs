@@ -18,6 +18,13 @@
 //!   the models use (one operation with its own backward on burn-flex; libtorch's group norm
 //!   and SiLU with torch's backward on libtorch).
 //!
+//! and for the U-Net's attention levels (the side x side pixels as tokens, 4 heads of c / 4):
+//! - `attention-burn`: self-attention through burn's own `attention` (composed of about ten
+//!   operations under autodiff);
+//! - `attention`: the same through `ldm_common::layers::attention`, which the models use (one
+//!   operation with its own backward on burn-flex, `ldm_common::attention`; libtorch's
+//!   `scaled_dot_product_attention` on libtorch).
+//!
 //! Each figure is the median of `iters` runs after one warm-up run; a run ends by reading the
 //! output (forward) or the input's gradient (backward) back to the host.
 
@@ -28,10 +35,12 @@ use burn::nn::{GroupNormConfig, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::silu;
-use burn::tensor::ops::PadMode;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use ldm_common::device::{DeviceChoice, select};
 use ldm_common::gemm_conv::conv2d;
 use ldm_common::group_norm::group_norm_silu;
+use ldm_common::layers::attention;
 
 /// The (batch, channels, side) of the layers measured: the VAE's three levels at batch 32, the
 /// U-Net's two levels at batch 64.
@@ -42,6 +51,26 @@ const SHAPES: [(usize, usize, usize); 5] = [
     (64, 64, 8),
     (64, 128, 4),
 ];
+
+/// (batch, channels, side) of the attention rows: the U-Net's two levels at batch 64 (the
+/// recipe has attention at the 4x4 one), and a 16x16 level as a larger image's U-Net has.
+const ATTENTION_SHAPES: [(usize, usize, usize); 3] = [(64, 64, 8), (64, 128, 4), (16, 128, 16)];
+
+/// Heads of the attention rows.
+const HEADS: usize = 4;
+
+/// Self-attention over the pixels of x [n, c, s, s] with [`HEADS`] heads of c / HEADS, through
+/// `attend(q, k, v)`, back in x's layout.
+fn self_attention(
+    x: Tensor<4>,
+    attend: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let tokens = x.reshape([n, HEADS, c / HEADS, h * w]).swap_dims(2, 3);
+    attend(tokens.clone(), tokens.clone(), tokens)
+        .swap_dims(2, 3)
+        .reshape([n, c, h, w])
+}
 
 /// A 3x3 convolution (padding 1) as im2col + matmul: the 9 shifted views of the padded input
 /// concatenated on the channel axis, `[n, 9c, h w]`, multiplied by `w: [c_out, 9c]`.
@@ -135,6 +164,26 @@ fn main() {
             (
                 "groupnorm-silu-fused",
                 time(iters, &x, |x| group_norm_silu(&norm, x)),
+            ),
+        ];
+        for (name, (fwd, both)) in rows {
+            println!("{name} {n} {c} {side} {fwd:.2} {both:.2}");
+        }
+    }
+    for (n, c, side) in ATTENTION_SHAPES {
+        let x = Tensor::<4>::random([n, c, side, side], Distribution::Normal(0.0, 1.0), &device);
+        let burns =
+            |q, k, v| burn_attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let rows = [
+            (
+                "attention-burn",
+                time(iters, &x, |x| self_attention(x, burns)),
+            ),
+            (
+                "attention",
+                time(iters, &x, |x| {
+                    self_attention(x, |q, k, v| attention(q, k, v, None))
+                }),
             ),
         ];
         for (name, (fwd, both)) in rows {

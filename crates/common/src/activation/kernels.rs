@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::fast_math::sigmoid;
+use crate::fast_math::{sigmoid, wide};
 
 /// Which activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,9 +38,14 @@ pub fn forward(x: &[f32], kind: Kind) -> Vec<f32> {
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(yc, xc)| {
-            for (o, &v) in yc.iter_mut().zip(xc) {
-                *o = v * sigmoid(inner(kind, v).0);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = v * sigmoid(inner(kind, v).0);
+                    }
+                },
+            )
         });
     y
 }
@@ -51,11 +56,16 @@ pub fn backward(x: &[f32], out_grad: &[f32], kind: Kind) -> Vec<f32> {
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK).zip(out_grad.par_chunks(CHUNK)))
         .for_each(|(dc, (xc, gc))| {
-            for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
-                let (z, dz) = inner(kind, v);
-                let s = sigmoid(z);
-                *o = g * (s + v * s * (1.0 - s) * dz);
-            }
+            wide(
+                #[inline(always)]
+                || {
+                    for ((o, &v), &g) in dc.iter_mut().zip(xc).zip(gc) {
+                        let (z, dz) = inner(kind, v);
+                        let s = sigmoid(z);
+                        *o = g * (s + v * s * (1.0 - s) * dz);
+                    }
+                },
+            )
         });
     dx
 }

@@ -21,8 +21,9 @@
 //! spread over rayon's threads; with fewer images than threads the products themselves run in
 //! parallel instead.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::matmul::{Operand, matmul, split};
 
 /// Shapes of one convolution: groups 1, dilation 1, the same padding on both sides of an axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,84 +235,6 @@ fn col2im(col: &mut [f32], g: &ConvGeometry, dx: &mut [f32]) {
     }
 }
 
-/// A row-major matrix operand: element (i, j) at `ptr[i * row_stride + j * col_stride]`.
-#[derive(Clone, Copy)]
-struct Operand {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl Operand {
-    /// A contiguous row-major [rows, cols] matrix.
-    fn rows(data: &[f32], cols: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            row_stride: cols as isize,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of a contiguous row-major [cols, rows] matrix.
-    fn transposed(data: &[f32], rows: usize) -> Self {
-        Self {
-            ptr: data.as_ptr(),
-            row_stride: 1,
-            col_stride: rows as isize,
-        }
-    }
-}
-
-/// dst[m, n] (contiguous, row-major) = (accumulate ? dst : 0) + lhs[m, k] rhs[k, n].
-fn matmul(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Operand,
-    rhs: Operand,
-    accumulate: bool,
-    par: Parallelism,
-) {
-    assert_eq!(dst.len(), m * n, "matmul destination");
-    // SAFETY: every operand comes from a slice the caller sized for its [rows, cols] extent
-    // (checked for `dst` above, by construction for the inputs in this module), and `dst` does
-    // not alias them.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.col_stride,
-            lhs.row_stride,
-            rhs.ptr,
-            rhs.col_stride,
-            rhs.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
-
-/// Images are split over the threads when there are enough of them; otherwise the products are.
-fn split(batch: usize) -> (usize, Parallelism) {
-    let threads = rayon::current_num_threads().max(1);
-    if batch >= threads {
-        (batch.div_ceil(threads), Parallelism::None)
-    } else {
-        (batch.max(1), Parallelism::Rayon(threads))
-    }
-}
-
 /// y = conv(x, W) + b.
 ///
 /// # Shapes
@@ -356,6 +279,7 @@ pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, g: &ConvGeometry
                     w,
                     Operand::rows(cols, p),
                     bias.is_some(),
+                    1.0,
                     par,
                 );
             }
@@ -438,6 +362,7 @@ pub fn backward(
                         Operand::rows(cols, p),
                         Operand::transposed(dy, p),
                         true,
+                        1.0,
                         par,
                     );
                 }
@@ -450,7 +375,17 @@ pub fn backward(
                     let dxi = &mut dx_task[(i - first) * image..(i - first + 1) * image];
                     let w_t = Operand::transposed(weight, k);
                     if g.is_pointwise() {
-                        matmul(dxi, k, p, g.c_out, w_t, Operand::rows(dy, p), false, par);
+                        matmul(
+                            dxi,
+                            k,
+                            p,
+                            g.c_out,
+                            w_t,
+                            Operand::rows(dy, p),
+                            false,
+                            1.0,
+                            par,
+                        );
                     } else {
                         matmul(
                             &mut col,
@@ -460,6 +395,7 @@ pub fn backward(
                             w_t,
                             Operand::rows(dy, p),
                             false,
+                            1.0,
                             par,
                         );
                         col2im(&mut col, g, dxi);

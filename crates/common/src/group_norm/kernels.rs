@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use crate::fast_math::sigmoid;
+use crate::fast_math::{sigmoid, wide};
 
 /// Shapes of one GroupNorm: `batch` images of `channels` channels of `pixels` values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,6 +57,7 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
 }
 
 /// Mean and 1 / sqrt(variance + eps) of one group (two passes: the centred sum of squares).
+#[inline(always)]
 fn statistics(x: &[f32], epsilon: f64) -> (f32, f32) {
     let m = x.len() as f32;
     let mean = lane_sum(x, x, |v, _| v) / m;
@@ -82,23 +83,30 @@ pub fn forward(
         .zip(x.par_chunks(len.max(1)))
         .enumerate()
         .map(|(ng, (yg, xg))| {
-            let (mean, rstd) = statistics(xg, g.epsilon);
-            let first = (ng % g.groups) * per_group;
-            for (j, (yc, xc)) in yg.chunks_mut(g.pixels).zip(xg.chunks(g.pixels)).enumerate() {
-                let a = gamma[first + j] * rstd;
-                let b = beta[first + j] - mean * a;
-                if g.silu {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        let u = v * a + b;
-                        *o = u * sigmoid(u);
+            wide(
+                #[inline(always)]
+                || {
+                    let (mean, rstd) = statistics(xg, g.epsilon);
+                    let first = (ng % g.groups) * per_group;
+                    for (j, (yc, xc)) in
+                        yg.chunks_mut(g.pixels).zip(xg.chunks(g.pixels)).enumerate()
+                    {
+                        let a = gamma[first + j] * rstd;
+                        let b = beta[first + j] - mean * a;
+                        if g.silu {
+                            for (o, &v) in yc.iter_mut().zip(xc) {
+                                let u = v * a + b;
+                                *o = u * sigmoid(u);
+                            }
+                        } else {
+                            for (o, &v) in yc.iter_mut().zip(xc) {
+                                *o = v * a + b;
+                            }
+                        }
                     }
-                } else {
-                    for (o, &v) in yc.iter_mut().zip(xc) {
-                        *o = v * a + b;
-                    }
-                }
-            }
-            (mean, rstd)
+                    (mean, rstd)
+                },
+            )
         })
         .collect();
     let (mean, rstd) = stats.into_iter().unzip();
@@ -124,48 +132,53 @@ pub fn backward(
         .zip(x.par_chunks(len).zip(out_grad.par_chunks(len)))
         .enumerate()
         .map(|(ng, (dxg, (xg, dyg)))| {
-            let (mu, rs) = (mean[ng], rstd[ng]);
-            let first = (ng % g.groups) * per_group;
-            let mut sums = Vec::with_capacity(per_group);
-            // Pass 1: du into dxg, the channel sums, and the group means of d and d xhat.
-            let (mut sum_d, mut sum_d_xhat) = (0.0f64, 0.0f64);
-            for (j, ((dxc, xc), dyc)) in dxg
-                .chunks_mut(g.pixels)
-                .zip(xg.chunks(g.pixels))
-                .zip(dyg.chunks(g.pixels))
-                .enumerate()
-            {
-                let (gm, bt) = (gamma[first + j], beta[first + j]);
-                if g.silu {
-                    for ((o, &v), &dy) in dxc.iter_mut().zip(xc).zip(dyc) {
-                        let u = gm * ((v - mu) * rs) + bt;
-                        let s = sigmoid(u);
-                        *o = dy * (s + u * s * (1.0 - s));
+            wide(
+                #[inline(always)]
+                || {
+                    let (mu, rs) = (mean[ng], rstd[ng]);
+                    let first = (ng % g.groups) * per_group;
+                    let mut sums = Vec::with_capacity(per_group);
+                    // Pass 1: du into dxg, the channel sums, and the group means of d and d xhat.
+                    let (mut sum_d, mut sum_d_xhat) = (0.0f64, 0.0f64);
+                    for (j, ((dxc, xc), dyc)) in dxg
+                        .chunks_mut(g.pixels)
+                        .zip(xg.chunks(g.pixels))
+                        .zip(dyg.chunks(g.pixels))
+                        .enumerate()
+                    {
+                        let (gm, bt) = (gamma[first + j], beta[first + j]);
+                        if g.silu {
+                            for ((o, &v), &dy) in dxc.iter_mut().zip(xc).zip(dyc) {
+                                let u = gm * ((v - mu) * rs) + bt;
+                                let s = sigmoid(u);
+                                *o = dy * (s + u * s * (1.0 - s));
+                            }
+                        } else {
+                            dxc.copy_from_slice(dyc);
+                        }
+                        let s_du = lane_sum(dxc, dxc, |du, _| du);
+                        let s_du_xhat = lane_sum(dxc, xc, |du, v| du * ((v - mu) * rs));
+                        sums.push((s_du_xhat, s_du));
+                        sum_d += (gm * s_du) as f64;
+                        sum_d_xhat += (gm * s_du_xhat) as f64;
                     }
-                } else {
-                    dxc.copy_from_slice(dyc);
-                }
-                let s_du = lane_sum(dxc, dxc, |du, _| du);
-                let s_du_xhat = lane_sum(dxc, xc, |du, v| du * ((v - mu) * rs));
-                sums.push((s_du_xhat, s_du));
-                sum_d += (gm * s_du) as f64;
-                sum_d_xhat += (gm * s_du_xhat) as f64;
-            }
-            let m = (per_group * g.pixels) as f64;
-            let (mean_d, mean_d_xhat) = ((sum_d / m) as f32, (sum_d_xhat / m) as f32);
-            // Pass 2: dx = rstd (du gamma - mean(d) - xhat mean(d xhat)).
-            for (j, (dxc, xc)) in dxg
-                .chunks_mut(g.pixels)
-                .zip(xg.chunks(g.pixels))
-                .enumerate()
-            {
-                let gm = gamma[first + j];
-                for (o, &v) in dxc.iter_mut().zip(xc) {
-                    let xhat = (v - mu) * rs;
-                    *o = rs * (*o * gm - mean_d - xhat * mean_d_xhat);
-                }
-            }
-            sums
+                    let m = (per_group * g.pixels) as f64;
+                    let (mean_d, mean_d_xhat) = ((sum_d / m) as f32, (sum_d_xhat / m) as f32);
+                    // Pass 2: dx = rstd (du gamma - mean(d) - xhat mean(d xhat)).
+                    for (j, (dxc, xc)) in dxg
+                        .chunks_mut(g.pixels)
+                        .zip(xg.chunks(g.pixels))
+                        .enumerate()
+                    {
+                        let gm = gamma[first + j];
+                        for (o, &v) in dxc.iter_mut().zip(xc) {
+                            let xhat = (v - mu) * rs;
+                            *o = rs * (*o * gm - mean_d - xhat * mean_d_xhat);
+                        }
+                    }
+                    sums
+                },
+            )
         })
         .collect();
     let mut dgamma = vec![0.0f32; g.channels];
