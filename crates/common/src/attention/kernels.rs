@@ -199,8 +199,9 @@ pub fn forward(
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, l, d) = (g.queries, g.keys, g.d_head);
     let mut out = vec![0.0f32; g.pairs() * n * d];
-    let mut lse = vec![0.0f32; g.pairs() * n];
-    if out.is_empty() {
+    let mut lse = vec![f32::NEG_INFINITY; g.pairs() * n];
+    if out.is_empty() || l == 0 {
+        // no keys: every row is fully masked (O = 0, lse = -inf)
         return (out, lse);
     }
     let (per_task, par) = split(g.pairs());
@@ -374,12 +375,14 @@ mod tests {
             d_head,
             scale: 1.0 / (d_head as f32).sqrt(),
         };
-        // one pair (products on all threads), more pairs than threads, cross-attention shapes
+        // one pair (products on all threads), more pairs than threads, cross-attention shapes,
+        // and no keys at all (every row fully masked)
         vec![
             g(1, 1, 5, 5, 3),
             g(3, 2, 4, 4, 2),
             g(2, 3, 6, 3, 4),
             g(5, 1, 1, 7, 2),
+            g(2, 1, 3, 0, 2),
         ]
     }
 
