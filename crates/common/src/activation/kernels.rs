@@ -3,6 +3,9 @@
 //! * SiLU: y = x s(x), dy/dx = s + x s (1 - s), with s the sigmoid
 //! * GELU (tanh form): y = x s(z), z = c (x + a x^3), c = 2 sqrt(2 / pi), a = 0.044715 (that is
 //!   0.5 x (1 + tanh(z / 2))); dy/dx = s + x s (1 - s) c (1 + 3 a x^2)
+//!
+//! Chunks are spread over rayon's threads, each chunk's loop compiled for AVX-512 where the CPU
+//! has it ([`crate::fast_math::wide`]).
 
 use rayon::prelude::*;
 
