@@ -41,6 +41,22 @@ pub fn sigmoid(u: f32) -> f32 {
     1.0 / (1.0 + exp(-u))
 }
 
+/// Independent accumulators of the reductions over a slice ([`sum`], attention's row max and
+/// dot products), so that the compiler can keep them in vector registers: a single running
+/// float sum is a serial chain it may not reorder, one add's latency per element.
+pub const LANES: usize = 16;
+
+/// sum_i x_i in [`LANES`] partial sums (a different rounding order from a running sum).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        acc.iter_mut().zip(chunk).for_each(|(a, &v)| *a += v);
+    }
+    chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
 /// Runs `f` compiled for AVX-512F where the CPU has it, else as it is: the crate is built for
 /// the baseline x86-64 (SSE2, 4 lanes), and loops over [`exp`] in `f` (inlined into the wrapper,
 /// which LLVM does for a closure marked `#[inline(always)]`) get 16 lanes. With it, attention's
@@ -63,6 +79,15 @@ pub fn wide<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sum_adds_every_element_in_lanes_and_tail() {
+        for len in [0, 1, 15, 16, 17, 100, 1024] {
+            let x: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 2.5).collect();
+            let exact: f64 = x.iter().map(|&v| v as f64).sum();
+            assert!((sum(&x) as f64 - exact).abs() < 1e-4, "len {len}");
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_its_range() {

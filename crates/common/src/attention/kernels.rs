@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::fast_math::{exp, wide};
+use crate::fast_math::{LANES, exp, sum, wide};
 use crate::matmul::{Operand, matmul, split};
 
 /// Shapes of one attention call: q [batch, heads, queries, d_head], k and v [batch, heads,
@@ -97,10 +97,6 @@ fn exp_or_zero(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { e }
 }
 
-/// Lanes of the row reductions below: independent accumulators, so that the compiler can keep
-/// them in vector registers (a single running sum or max is a serial chain it may not reorder).
-const LANES: usize = 16;
-
 /// max_j row_j (-inf for an empty row).
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
@@ -116,17 +112,6 @@ fn row_max(row: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &x| m.max(x))
 }
 
-/// sum_j row_j, in [`LANES`] partial sums.
-#[inline(always)]
-fn row_sum(row: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        acc.iter_mut().zip(chunk).for_each(|(a, &x)| *a += x);
-    }
-    chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
-}
-
 /// Replaces each row of scores by its softmax and returns its log-sum-exp (-inf for a row of
 /// -inf, which becomes zeros).
 #[inline(always)]
@@ -139,7 +124,7 @@ fn softmax_rows(s: &mut [f32], l: usize, lse: &mut [f32]) {
             continue;
         }
         row.iter_mut().for_each(|x| *x = exp_or_zero(*x - max));
-        let sum = row_sum(row);
+        let sum = sum(row);
         let inv = 1.0 / sum;
         row.iter_mut().for_each(|x| *x *= inv);
         *lse = max + sum.ln();

@@ -23,6 +23,7 @@
 
 use rayon::prelude::*;
 
+use crate::fast_math::sum;
 use crate::matmul::{Operand, matmul, split};
 
 /// Shapes of one convolution: groups 1, dilation 1, the same padding on both sides of an axis.
@@ -368,7 +369,7 @@ pub fn backward(
                 }
                 if wanted.bias {
                     for (d, row) in db.iter_mut().zip(dy.chunks(p)) {
-                        *d += row.iter().sum::<f32>();
+                        *d += sum(row);
                     }
                 }
                 if wanted.x {
