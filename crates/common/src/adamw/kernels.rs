@@ -29,10 +29,25 @@ pub struct StepConstants {
     pub grad_scale: f32,
 }
 
-/// sum g^2, accumulated in f64 per chunk.
+/// sum g^2, accumulated in f64 per chunk, in 8 independent lanes (one running sum is a serial
+/// chain of f64 adds, one add's latency per element).
 pub fn sum_squares(g: &[f32]) -> f64 {
     g.par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+        .map(|c| {
+            let mut acc = [0.0f64; 8];
+            let mut lanes = c.chunks_exact(8);
+            for chunk in &mut lanes {
+                acc.iter_mut()
+                    .zip(chunk)
+                    .for_each(|(a, &x)| *a += f64::from(x) * f64::from(x));
+            }
+            let tail: f64 = lanes
+                .remainder()
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            tail + acc.iter().sum::<f64>()
+        })
         .sum()
 }
 
@@ -59,4 +74,22 @@ pub fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &StepCo
                 v[j] = vj;
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_squares_covers_lanes_tails_and_chunks() {
+        for len in [0, 1, 7, 8, 9, CHUNK - 3, CHUNK + 5, 3 * CHUNK + 17] {
+            let g: Vec<f32> = (0..len).map(|i| (i % 13) as f32 * 0.25 - 1.5).collect();
+            let exact: f64 = g.iter().map(|&x| f64::from(x).powi(2)).sum();
+            let ours = sum_squares(&g);
+            assert!(
+                (ours - exact).abs() <= 1e-9 * exact.max(1.0),
+                "len {len}: {ours} vs {exact}"
+            );
+        }
+    }
 }
