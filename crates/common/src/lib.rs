@@ -23,6 +23,7 @@ pub mod rng;
 pub mod tensor;
 #[cfg(feature = "tch")]
 pub mod torch_ops;
+pub mod upsample;
 pub mod weights;
 
 pub use error::{CommonError, Result};
