@@ -46,15 +46,30 @@ pub fn sigmoid(u: f32) -> f32 {
 /// float sum is a serial chain it may not reorder, one add's latency per element.
 pub const LANES: usize = 16;
 
-/// sum_i x_i in [`LANES`] partial sums (a different rounding order from a running sum).
+/// sum_i f(a_i, b_i) in `L` independent partial sums (a different rounding order from a
+/// running sum); `a` and `b` of one length.
+#[inline(always)]
+pub fn lane_sum<const L: usize>(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [0.0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += f(xa[l], xb[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// sum_i x_i in [`LANES`] partial sums.
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        acc.iter_mut().zip(chunk).for_each(|(a, &v)| *a += v);
-    }
-    chunks.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+    lane_sum::<LANES>(x, x, |v, _| v)
 }
 
 /// Runs `f` compiled for AVX-512F where the CPU has it, else as it is: the crate is built for

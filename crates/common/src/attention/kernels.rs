@@ -18,7 +18,7 @@
 
 use rayon::prelude::*;
 
-use crate::fast_math::{LANES, exp, sum, wide};
+use crate::fast_math::{LANES, exp, lane_sum, sum, wide};
 use crate::matmul::{Operand, matmul, split};
 
 /// Shapes of one attention call: q [batch, heads, queries, d_head], k and v [batch, heads,
@@ -35,6 +35,18 @@ pub struct AttentionGeometry {
 }
 
 impl AttentionGeometry {
+    /// The geometry with the default scale 1 / sqrt(d_head).
+    pub fn new(batch: usize, heads: usize, queries: usize, keys: usize, d_head: usize) -> Self {
+        Self {
+            batch,
+            heads,
+            queries,
+            keys,
+            d_head,
+            scale: 1.0 / (d_head as f32).sqrt(),
+        }
+    }
+
     fn pairs(&self) -> usize {
         self.batch * self.heads
     }
@@ -148,20 +160,7 @@ fn probabilities(s: &mut [f32], l: usize, lse: &[f32]) {
 fn score_gradients(dp: &mut [f32], p: &[f32], d_o: &[f32], o: &[f32], l: usize, d: usize) {
     let rows = dp.chunks_mut(l).zip(p.chunks(l));
     for ((dp_row, p_row), (d_o, o)) in rows.zip(d_o.chunks(d).zip(o.chunks(d))) {
-        let mut acc = [0.0f32; LANES];
-        let (mut a, mut b) = (d_o.chunks_exact(LANES), o.chunks_exact(LANES));
-        for (x, y) in (&mut a).zip(&mut b) {
-            acc.iter_mut()
-                .zip(x.iter().zip(y))
-                .for_each(|(s, (x, y))| *s += x * y);
-        }
-        let tail: f32 = a
-            .remainder()
-            .iter()
-            .zip(b.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        let delta = tail + acc.iter().sum::<f32>();
+        let delta = lane_sum::<LANES>(d_o, o, |x, y| x * y);
         dp_row
             .iter_mut()
             .zip(p_row)
@@ -352,14 +351,7 @@ mod tests {
     }
 
     fn geometries() -> Vec<AttentionGeometry> {
-        let g = |batch, heads, queries, keys, d_head: usize| AttentionGeometry {
-            batch,
-            heads,
-            queries,
-            keys,
-            d_head,
-            scale: 1.0 / (d_head as f32).sqrt(),
-        };
+        let g = AttentionGeometry::new;
         // one pair (products on all threads), more pairs than threads, cross-attention shapes,
         // and no keys at all (every row fully masked)
         vec![

@@ -42,14 +42,7 @@ pub trait FlexAttention: Backend {
 fn geometry(q: &FlexTensor, k: &FlexTensor) -> AttentionGeometry {
     let [batch, heads, queries, d_head]: [usize; 4] = q.shape().dims();
     let keys = k.shape().dims::<4>()[2];
-    AttentionGeometry {
-        batch,
-        heads,
-        queries,
-        keys,
-        d_head,
-        scale: 1.0 / (d_head as f32).sqrt(),
-    }
+    AttentionGeometry::new(batch, heads, queries, keys, d_head)
 }
 
 /// The forward on contiguous tensors: O and the log-sum-exp of each score row.

@@ -374,31 +374,15 @@ pub fn backward(
                 }
                 if wanted.x {
                     let dxi = &mut dx_task[(i - first) * image..(i - first + 1) * image];
-                    let w_t = Operand::transposed(weight, k);
-                    if g.is_pointwise() {
-                        matmul(
-                            dxi,
-                            k,
-                            p,
-                            g.c_out,
-                            w_t,
-                            Operand::rows(dy, p),
-                            false,
-                            1.0,
-                            par,
-                        );
+                    // a pointwise convolution's column matrix is the image itself
+                    let dcol = if g.is_pointwise() {
+                        &mut *dxi
                     } else {
-                        matmul(
-                            &mut col,
-                            k,
-                            p,
-                            g.c_out,
-                            w_t,
-                            Operand::rows(dy, p),
-                            false,
-                            1.0,
-                            par,
-                        );
+                        &mut col[..]
+                    };
+                    let (w_t, dy) = (Operand::transposed(weight, k), Operand::rows(dy, p));
+                    matmul(dcol, k, p, g.c_out, w_t, dy, false, 1.0, par);
+                    if !g.is_pointwise() {
                         col2im(&mut col, g, dxi);
                     }
                 }

@@ -17,7 +17,7 @@
 
 use rayon::prelude::*;
 
-use crate::fast_math::{sigmoid, wide};
+use crate::fast_math::{lane_sum, sigmoid, wide};
 
 /// Shapes of one GroupNorm: `batch` images of `channels` channels of `pixels` values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,32 +37,15 @@ impl NormGeometry {
     }
 }
 
-/// sum of f(a[i], b[i]) in 8 independent lanes, so that the compiler vectorises the loop (a
-/// single running sum is a dependency chain it may not reorder).
-#[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(&x, &y)| f(x, y))
-        .sum();
-    for (xa, xb) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += f(xa[l], xb[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+/// The lanes of this kernel's sums ([`lane_sum`]).
+const LANES: usize = 8;
 
 /// Mean and 1 / sqrt(variance + eps) of one group (two passes: the centred sum of squares).
 #[inline(always)]
 fn statistics(x: &[f32], epsilon: f64) -> (f32, f32) {
     let m = x.len() as f32;
-    let mean = lane_sum(x, x, |v, _| v) / m;
-    let var = lane_sum(x, x, |v, _| (v - mean) * (v - mean)) / m;
+    let mean = lane_sum::<LANES>(x, x, |v, _| v) / m;
+    let var = lane_sum::<LANES>(x, x, |v, _| (v - mean) * (v - mean)) / m;
     (mean, (1.0 / (var as f64 + epsilon).sqrt()) as f32)
 }
 
@@ -157,8 +140,8 @@ pub fn backward(
                         } else {
                             dxc.copy_from_slice(dyc);
                         }
-                        let s_du = lane_sum(dxc, dxc, |du, _| du);
-                        let s_du_xhat = lane_sum(dxc, xc, |du, v| du * ((v - mu) * rs));
+                        let s_du = lane_sum::<LANES>(dxc, dxc, |du, _| du);
+                        let s_du_xhat = lane_sum::<LANES>(dxc, xc, |du, v| du * ((v - mu) * rs));
                         sums.push((s_du_xhat, s_du));
                         sum_d += (gm * s_du) as f64;
                         sum_d_xhat += (gm * s_du_xhat) as f64;
