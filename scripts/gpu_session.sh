@@ -10,6 +10,13 @@
 #   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
 #   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
+#   bash scripts/gpu_session.sh all         # env, bench, phases, train, bench-bf16, eval within $BUDGET_S
+#
+# `all` is the one command for a short lease (the device tool allows 10 minutes a command and
+# 15 of device time a session, machine start included): the steps in order of what issue 7
+# still misses, $RUNS (default 2 here) runs per tool, each step bounded by what is left of
+# $BUDGET_S seconds (default 540). A step cut short keeps what it wrote; later steps are skipped.
+# $OUT/all.txt says what ran, how it ended and how long it took.
 #
 # Everything lands in $OUT (default runs/gpu-session); on the device tool, write it under $OUT
 # there so that it comes back. Each step also samples nvidia-smi's GPU utilisation (NAME.gpu.csv);
@@ -21,7 +28,7 @@ cd "$(dirname "$0")/.."
 
 step="${1:-}"
 case "$step" in
-  env|bench|bench-bf16|phases|train|eval) ;;
+  env|bench|bench-bf16|phases|train|eval|all) ;;
   *) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2; exit 2 ;;
 esac
 PIPELINE="${PIPELINE:-gpu-bin/pipeline}"
@@ -45,7 +52,7 @@ case "$DEVICE" in
   *) echo "error: DEVICE=$DEVICE: expected cuda, cuda:N or libtorch" >&2; exit 2 ;;
 esac
 # QUICK=1: a few steps of every stage and benchmark row
-quick=() runs=3 big=${BIG_BATCH:-1024} short=()
+quick=() runs=${RUNS:-3} big=${BIG_BATCH:-1024} short=()
 [[ ${QUICK:-0} == 1 ]] && quick=(--vae-steps 20 --ldm-steps 20) runs=1 big=64 \
   short=(--iters 2 --warmup 1 --sample-runs 1)
 
@@ -75,6 +82,23 @@ timed() {
 }
 
 case "$step" in
+  all)
+    budget=${BUDGET_S:-540}
+    [[ $budget =~ ^[0-9]+$ ]] || { echo "error: BUDGET_S=$budget: expected seconds" >&2; exit 2; }
+    deadline=$((SECONDS + budget))
+    : > "$OUT/all.txt"
+    for part in env bench phases train bench-bf16 eval; do
+      left=$((deadline - SECONDS))
+      if ((left < 15)); then
+        echo "$part: skipped, the budget is spent" | tee -a "$OUT/all.txt" >&2
+        continue
+      fi
+      start=$SECONDS ended=ok
+      RUNS=${RUNS:-2} timeout --kill-after 5 "$left" bash "$0" "$part" || ended="exit $?"
+      [[ $ended == "exit 124" || $ended == "exit 137" ]] && ended="cut short at the budget"
+      echo "$part: $ended, $((SECONDS - start)) s" | tee -a "$OUT/all.txt" >&2
+    done
+    ;;
   env)
     { date -u; nvidia-smi 2>&1 || echo "(no nvidia-smi)"; "$PIPELINE" --version
       "$PYTHON" -W ignore -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
