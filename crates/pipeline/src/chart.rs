@@ -179,7 +179,7 @@ pub fn ticks(range: &std::ops::Range<f64>, scale: Scale) -> (Vec<f64>, Vec<f64>)
 
 /// The multiples inside [lo, hi] of the step of 1, 2 or 5 x 10^k nearest to (hi - lo) / n.
 fn linear_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
-    if !(hi > lo) || n == 0 {
+    if hi.is_nan() || lo.is_nan() || hi <= lo || n == 0 {
         return Vec::new();
     }
     let raw = (hi - lo) / n as f64;

@@ -234,6 +234,7 @@ pub struct ModelEval {
 }
 
 /// `pipeline eval`: samples `per_class` images of every class and scores them.
+#[allow(clippy::too_many_arguments)]
 pub fn eval_model(
     run: &LdmRun,
     evaluator: &EvaluatorRun,

@@ -18,8 +18,9 @@ pub enum Kind {
     GeluTanh,
 }
 
-/// 2 sqrt(2 / pi).
-pub const GELU_C: f32 = 1.595_769_1;
+/// 2 sqrt(2 / pi) = 1.59576912..., rounded to the nearest f32 (twice the sqrt(2 / pi) of
+/// PyTorch's tanh GELU; the literal 1.5957691 rounded one ulp below it).
+pub const GELU_C: f32 = 1.595_769_2;
 const C: f32 = GELU_C;
 const A: f32 = 0.044_715;
 
@@ -83,6 +84,11 @@ mod tests {
             Kind::GeluTanh => (8.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3)),
         };
         x / (1.0 + (-z).exp())
+    }
+
+    #[test]
+    fn gelu_constant_is_the_nearest_f32() {
+        assert_eq!(GELU_C, (8.0 / std::f64::consts::PI).sqrt() as f32);
     }
 
     #[test]

@@ -149,9 +149,10 @@ mod tests {
         let device = Device::flex().autodiff();
         let x =
             Tensor::<3>::random([4, 5, 6], Distribution::Normal(0.0, 3.0), &device).require_grad();
-        let cases: [(fn(Tensor<3>) -> Tensor<3>, &dyn Fn(Tensor<3>) -> Tensor<3>); 2] = [
-            (silu, &burn::tensor::activation::silu),
-            (gelu_tanh, &composed_gelu_tanh),
+        type Activation<'a> = &'a dyn Fn(Tensor<3>) -> Tensor<3>;
+        let cases: [(Activation, Activation); 2] = [
+            (&silu, &burn::tensor::activation::silu),
+            (&gelu_tanh, &composed_gelu_tanh),
         ];
         for (ours, reference) in cases {
             let (y, y_ref) = (ours(x.clone()), reference(x.clone()));
