@@ -21,6 +21,7 @@ pub mod nn;
 pub mod precision;
 pub mod rng;
 pub mod tensor;
+pub mod threads;
 #[cfg(feature = "tch")]
 pub mod torch_ops;
 pub mod upsample;

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     ldm_common::alloc::keep_freed_memory();
     interrupt::install();
     let cli = Cli::parse();
-    let result = run(cli);
+    let result = ldm_common::threads::on_worker_thread(|| run(cli));
     builtin::remove_temporary_files();
     match result {
         Ok(code) => code,

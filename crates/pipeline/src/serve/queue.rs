@@ -118,24 +118,26 @@ impl Queue {
         std::thread::Builder::new()
             .name("generate".into())
             .spawn(move || {
-                let loaded = select(device).map_err(anyhow::Error::from).and_then(|d| {
-                    let run = LdmRun::load(&model, &d.device)?;
-                    let mut info = ModelInfo::of(&run, &d.description);
-                    if let Some(dir) = classifier {
-                        ClassifierRun::load(&dir, &d.device)?.check_model(&run)?;
-                        info.classifier = Some(std::path::absolute(&dir).unwrap_or(dir));
+                ldm_common::threads::on_worker_thread(move || {
+                    let loaded = select(device).map_err(anyhow::Error::from).and_then(|d| {
+                        let run = LdmRun::load(&model, &d.device)?;
+                        let mut info = ModelInfo::of(&run, &d.description);
+                        if let Some(dir) = classifier {
+                            ClassifierRun::load(&dir, &d.device)?.check_model(&run)?;
+                            info.classifier = Some(std::path::absolute(&dir).unwrap_or(dir));
+                        }
+                        Ok((run, d.device, info))
+                    });
+                    match loaded {
+                        Ok((run, device, info)) => {
+                            let _ = loaded_tx.send(Ok(info));
+                            work(&run, &device, receiver, &worker_active);
+                        }
+                        Err(e) => {
+                            let _ = loaded_tx.send(Err(e));
+                        }
                     }
-                    Ok((run, d.device, info))
-                });
-                match loaded {
-                    Ok((run, device, info)) => {
-                        let _ = loaded_tx.send(Ok(info));
-                        work(&run, &device, receiver, &worker_active);
-                    }
-                    Err(e) => {
-                        let _ = loaded_tx.send(Err(e));
-                    }
-                }
+                })
             })?;
         let info = loaded_rx
             .recv()
