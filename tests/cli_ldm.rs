@@ -201,6 +201,64 @@ fn built_in_configs_leave_no_temporary_files() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// Ctrl-C (and SIGTERM) outside a training loop quits at once, with exit code 130 and the
+/// built-in config's temporary files removed: `bench` here, which has no state to save (before,
+/// the handler only raised a flag that nothing outside training read, and the command ran on).
+#[cfg(unix)]
+#[test]
+fn interrupts_stop_other_commands_at_once() {
+    let tmp = std::env::temp_dir().join(format!("ldm-tmpdir-int-{}", std::process::id()));
+    for signal in ["-INT", "-TERM"] {
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
+            .args([
+                "bench",
+                "--config",
+                "animals",
+                "--rows",
+                "ldm-train-dit",
+                "--iters",
+                "1000000",
+                "--device",
+                "cpu",
+            ])
+            .env("TMPDIR", &tmp)
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        // the built-in config is resolved (written under TMPDIR) before the work starts
+        while std::fs::read_dir(&tmp).unwrap().next().is_none() {
+            assert!(
+                start.elapsed().as_secs() < 30,
+                "{signal}: bench did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        let sent = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if sent.elapsed().as_secs() >= 20 {
+                child.kill().unwrap();
+                panic!("{signal}: bench still running 20 s after the signal");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{signal}: {err}");
+        assert!(err.contains("interrupted"), "{signal}: {err}");
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "{signal} left {left:?}");
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+}
+
 #[test]
 fn unknown_names_list_the_valid_ones() {
     let t = setup();

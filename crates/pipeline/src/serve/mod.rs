@@ -100,6 +100,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let _graceful = crate::interrupt::Graceful::begin();
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
         println!("serving http://{bound}/ (Ctrl-C stops)");

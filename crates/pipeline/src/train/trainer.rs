@@ -183,6 +183,7 @@ fn run<T: TrainTask>(
     let mut last_log = (Instant::now(), start);
     let mut last_good = resume.then_some(start);
 
+    let _graceful = interrupt::Graceful::begin();
     for step in start..config.steps {
         if interrupt::requested() {
             bar.abandon_with_message("interrupted");
