@@ -16,11 +16,14 @@ pub mod group_norm;
 pub mod image_io;
 pub mod layers;
 pub mod lerp;
+pub mod linear;
 pub mod matmul;
 pub mod nn;
 pub mod precision;
 pub mod rng;
 pub mod tensor;
+#[cfg(test)]
+mod testing;
 pub mod threads;
 #[cfg(feature = "tch")]
 pub mod torch_ops;

@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::Bool;
 use burn::tensor::activation::gelu;
 use ldm_common::layers::attention;
+use ldm_common::linear::linear;
 
 use crate::denoiser::TextConditioning;
 
@@ -55,16 +56,13 @@ impl SelfAttention {
         let [b, n, d] = x.dims();
         let h = self.num_heads;
         // [b, n, 3d] -> [b, n, 3h, d/h] -> [b, 3h, n, d/h]: q, k, v are views of head blocks
-        let qkv = self
-            .qkv
-            .forward(x)
+        let qkv = linear(&self.qkv, x)
             .reshape([b, n, 3 * h, d / h])
             .swap_dims(1, 2);
         let q = qkv.clone().narrow(1, 0, h);
         let k = qkv.clone().narrow(1, h, h);
         let v = qkv.narrow(1, 2 * h, h);
-        self.out
-            .forward(merge_heads(attention(q, k, v, padding_mask)))
+        linear(&self.out, merge_heads(attention(q, k, v, padding_mask)))
     }
 }
 
@@ -117,17 +115,14 @@ impl CrossAttention {
         let [_, l, _] = context.dims();
         let h = self.num_heads;
         // [b, n, d] -> [b, n, h, d/h] -> [b, h, n, d/h]
-        let q = self.q.forward(x).reshape([b, n, h, d / h]).swap_dims(1, 2);
+        let q = linear(&self.q, x).reshape([b, n, h, d / h]).swap_dims(1, 2);
         // [b, l, 2d] -> [b, l, 2h, d/h] -> [b, 2h, l, d/h]
-        let kv = self
-            .kv
-            .forward(context)
+        let kv = linear(&self.kv, context)
             .reshape([b, l, 2 * h, d / h])
             .swap_dims(1, 2);
         let k = kv.clone().narrow(1, 0, h);
         let v = kv.narrow(1, h, h);
-        self.out
-            .forward(merge_heads(attention(q, k, v, padding_mask)))
+        linear(&self.out, merge_heads(attention(q, k, v, padding_mask)))
     }
 }
 
@@ -192,13 +187,13 @@ impl Mlp {
     /// # Shapes
     /// - `x`: `[batch, tokens, dim]` -> `[batch, tokens, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.fc1.forward(x);
+        let h = linear(&self.fc1, x);
         let h = if self.gelu_tanh {
             gelu_tanh(h)
         } else {
             gelu(h)
         };
-        self.fc2.forward(h)
+        linear(&self.fc2, h)
     }
 }
 

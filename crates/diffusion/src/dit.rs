@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use ldm_common::activation::silu;
 use ldm_common::layers::layer_norm;
+use ldm_common::linear::linear;
 use ldm_common::precision::to_dtype;
 use serde::{Deserialize, Serialize};
 
@@ -346,7 +347,7 @@ impl DiTBlock {
         text: Option<&TextConditioning>,
     ) -> Tensor<3> {
         // [b, 6d] -> 6 x [b, d]
-        let mut m = self.ada_ln.forward(c).chunk(6, 1).into_iter();
+        let mut m = linear(&self.ada_ln, c).chunk(6, 1).into_iter();
         let mut next = || m.next().expect("six chunks");
         let (shift_msa, scale_msa, gate_msa) = (next(), next(), next());
         let (shift_mlp, scale_mlp, gate_mlp) = (next(), next(), next());
@@ -381,10 +382,9 @@ impl FinalLayer {
     /// - `c`: `[batch, dim]`, already through SiLU
     pub fn forward(&self, x: Tensor<3>, c: Tensor<2>) -> Tensor<3> {
         // [b, 2d] -> 2 x [b, d]
-        let m = self.ada_ln.forward(c).chunk(2, 1);
+        let m = linear(&self.ada_ln, c).chunk(2, 1);
         let [shift, scale] = <[Tensor<2>; 2]>::try_from(m).expect("two chunks");
-        self.linear
-            .forward(modulate(plain_layer_norm(x), shift, scale))
+        linear(&self.linear, modulate(plain_layer_norm(x), shift, scale))
     }
 }
 
@@ -423,7 +423,7 @@ impl DiT {
             );
         }
         match (&self.text_proj, &cond.text) {
-            (Some(proj), Some(text)) => c + proj.forward(text.pooled.clone()),
+            (Some(proj), Some(text)) => c + linear(proj, text.pooled.clone()),
             (None, Some(_)) => panic!("text conditioning given to a DiT built without text"),
             _ => c,
         }

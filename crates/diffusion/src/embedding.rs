@@ -6,6 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::{Bool, Int, TensorData};
 use ldm_common::activation::silu;
+use ldm_common::linear::linear;
 use ldm_common::precision::to_dtype;
 
 /// Period of the slowest sinusoid of the timestep embedding (ADM, DiT).
@@ -61,7 +62,7 @@ impl TimestepEmbedder {
             timestep_embedding(t, self.frequency_dim, MAX_PERIOD),
             self.linear1.weight.val().dtype(),
         );
-        self.linear2.forward(silu(self.linear1.forward(emb)))
+        linear(&self.linear2, silu(linear(&self.linear1, emb)))
     }
 }
 

@@ -16,6 +16,7 @@ use burn::nn::{
 };
 use burn::prelude::*;
 use ldm_common::activation::silu;
+use ldm_common::linear::linear;
 pub use ldm_common::nn::{conv3x3, upsample_nearest2x};
 use serde::{Deserialize, Serialize};
 
@@ -283,7 +284,7 @@ impl ResBlock {
         let h = conv2d(&self.conv1, group_norm_silu(&self.norm1, x.clone()));
         let [b, c, _, _] = h.dims();
         // [b, c] -> [b, c, 1, 1], broadcast over the pixels
-        let h = h + self.emb_proj.forward(emb).reshape([b, c, 1, 1]);
+        let h = h + linear(&self.emb_proj, emb).reshape([b, c, 1, 1]);
         let h = conv2d(
             &self.conv2,
             self.dropout.forward(group_norm_silu(&self.norm2, h)),
@@ -414,7 +415,7 @@ impl UNet {
             );
         }
         match (&self.text_proj, &cond.text) {
-            (Some(proj), Some(text)) => emb + proj.forward(text.pooled.clone()),
+            (Some(proj), Some(text)) => emb + linear(proj, text.pooled.clone()),
             (None, Some(_)) => panic!("text conditioning given to a U-Net built without text"),
             _ => emb,
         }
