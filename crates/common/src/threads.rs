@@ -32,10 +32,8 @@ mod tests {
             )
         });
         assert!(index.is_some(), "the job ran outside the pool");
-        assert_eq!(
-            threads,
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        );
+        // as many threads as rayon's global pool (RAYON_NUM_THREADS, else one per core)
+        assert_eq!(threads, rayon::current_num_threads());
         assert_eq!(sum, 499_500);
     }
 }
