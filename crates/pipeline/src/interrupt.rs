@@ -14,9 +14,7 @@ static GRACEFUL: AtomicUsize = AtomicUsize::new(0);
 pub fn install() {
     let _ = ctrlc::set_handler(|| {
         if GRACEFUL.load(Ordering::SeqCst) > 0 && !INTERRUPTED.swap(true, Ordering::SeqCst) {
-            eprintln!(
-                "\ninterrupt: stopping cleanly, the state is being saved (again to quit at once)"
-            );
+            eprintln!("\ninterrupt: stopping cleanly (again to quit at once)");
             return;
         }
         crate::builtin::remove_temporary_files();
