@@ -7,7 +7,8 @@
 #   bash scripts/gpu_session.sh env         # the machine, the binary, torch: a few seconds
 #   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
 #   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
-#   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
+#   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step,
+#                                           # then the recipe's batches with the other train.foreach mode
 #   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #   bash scripts/gpu_session.sh all         # env, bench, phases, train, bench-bf16, eval within $BUDGET_S
@@ -116,6 +117,11 @@ case "$step" in
     train_rows=(--rows vae-train,ldm-train-unet,ldm-train-dit --phases)
     runs=1 bench phases-recipe "${train_rows[@]}"
     runs=1 bench phases-big --batch-size "$big" "${train_rows[@]}"
+    # the other train.foreach mode at the recipe's batches (auto is on for CUDA, off on a
+    # CPU): what the all-at-once AdamW and EMA change, on both sides
+    other=on
+    [[ $DEVICE == cuda* ]] && other=off
+    runs=1 bench "phases-recipe-foreach-$other" "${train_rows[@]}" --foreach "$other"
     ;;
   train)
     [[ -d data/animal-mnist ]] || {

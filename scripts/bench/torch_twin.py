@@ -427,6 +427,11 @@ def count(module):
 
 # ---------------------------------------------------------------- training and timing
 
+def foreach_of(train):
+    """`train.foreach` as PyTorch's optimizer argument: None (auto), True (on), False (off)."""
+    return {"auto": None, "on": True, "off": False}[train.get("foreach", "auto")]
+
+
 class Trainer:
     """AdamW as train::train builds it (burn's betas and eps, the run's weight decay) with
     per-parameter gradient-norm clipping (burn's GradientClipping::Norm), constant lr."""
@@ -435,8 +440,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = train["grad_clip"]
         self.lr = train["lr"]
+        # train.foreach: auto is PyTorch's own default (foreach kernels on CUDA), as in burn
+        self.foreach = foreach_of(train)
         self.opt = torch.optim.AdamW(self.params, lr=self.lr, betas=(0.9, 0.999), eps=1e-5,
-                                     weight_decay=train["weight_decay"])
+                                     weight_decay=train["weight_decay"], foreach=self.foreach)
 
     def step(self, loss, clock):
         clock.lap("forward_ms")
@@ -444,10 +451,14 @@ class Trainer:
         clock.lap("backward_ms")
         if self.clip > 0:
             grads = [p.grad for p in self.params]
-            norms = torch._foreach_norm(grads)
             tiny = torch.finfo(torch.float32).tiny
-            coefs = [torch.clamp(self.clip / (n + tiny), max=1.0) for n in norms]
-            torch._foreach_mul_(grads, coefs)
+            if self.foreach is False:
+                for g in grads:
+                    g.mul_(torch.clamp(self.clip / (g.norm() + tiny), max=1.0))
+            else:
+                norms = torch._foreach_norm(grads)
+                coefs = [torch.clamp(self.clip / (n + tiny), max=1.0) for n in norms]
+                torch._foreach_mul_(grads, coefs)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         clock.lap("optimizer_ms")
@@ -615,7 +626,11 @@ def bench(spec, device, gen):
             trainer.step(loss, clock)
             decay = min(dif["ema_decay"], (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+                if trainer.foreach is False:
+                    for e, p in zip(ema_params, model_params):
+                        e.lerp_(p, 1 - decay)
+                else:
+                    torch._foreach_lerp_(ema_params, model_params, 1 - decay)
             clock.lap("ema_ms")
             return loss.detach()
 

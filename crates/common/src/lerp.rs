@@ -68,6 +68,55 @@ pub fn lerp<const D: usize>(a: Tensor<D>, b: Tensor<D>, weight: f64) -> Tensor<D
     ))
 }
 
+/// [`lerp`] of each pair (a_i, b_i), as rank-less dispatch tensors (a module's parameters):
+/// on burn-tch, when every tensor is there, one `torch.lerp` over all of them, the flat
+/// buffers taken as views where the tensors already lie side by side (as the results do, so
+/// an EMA updated every step costs one launch after its first step; PyTorch's EMA is one
+/// `torch._foreach_lerp_`); elsewhere pair by pair.
+pub fn lerp_all(
+    a: Vec<FloatTensor<Dispatch>>,
+    b: Vec<FloatTensor<Dispatch>>,
+    weight: f64,
+) -> Vec<FloatTensor<Dispatch>> {
+    assert_eq!(a.len(), b.len(), "lerp_all: as many tensors on each side");
+    #[cfg(feature = "tch")]
+    if let Some(out) = torch_lerp_all(&a, &b, weight) {
+        return out;
+    }
+    a.into_iter()
+        .zip(b)
+        .map(|(a, b)| <Dispatch as Lerp>::lerp(a, b, weight))
+        .collect()
+}
+
+/// [`lerp_all`] on libtorch, or `None` if some tensor is elsewhere or of another dtype.
+#[cfg(feature = "tch")]
+fn torch_lerp_all(
+    a: &[FloatTensor<Dispatch>],
+    b: &[FloatTensor<Dispatch>],
+    weight: f64,
+) -> Option<Vec<FloatTensor<Dispatch>>> {
+    use crate::torch_ops::flat::{flatten, from_tch, split};
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    fn tch_of(t: &FloatTensor<Dispatch>) -> Option<&tch::Tensor> {
+        match &t.kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(&t.tensor),
+            _ => None,
+        }
+    }
+    let a: Vec<&tch::Tensor> = a.iter().map(tch_of).collect::<Option<_>>()?;
+    let b: Vec<&tch::Tensor> = b.iter().map(tch_of).collect::<Option<_>>()?;
+    let kind = a.first()?.kind();
+    if a.iter().chain(&b).any(|t| t.kind() != kind)
+        || a.iter().zip(&b).any(|(a, b)| a.size() != b.size())
+    {
+        return None;
+    }
+    let shapes: Vec<Vec<i64>> = a.iter().map(|t| t.size()).collect();
+    let out = flatten(&a).lerp(&flatten(&b), weight);
+    Some(split(&out, &shapes).into_iter().map(from_tch).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +149,36 @@ mod tests {
     #[test]
     fn matches_the_formula_on_libtorch() {
         check(Device::libtorch());
+    }
+
+    /// Every pair against the formula, tensors of several shapes at once.
+    fn check_all(device: Device) {
+        let draw = |name: &str, dims: [usize; 2]| randn(&mut stream(3, name, 0), dims, &device);
+        let a = [draw("a0", [3, 5]), draw("a1", [1, 7])];
+        let b = [draw("b0", [3, 5]), draw("b1", [1, 7])];
+        let out = lerp_all(
+            a.iter().map(|t| t.clone().into_dispatch()).collect(),
+            b.iter().map(|t| t.clone().into_dispatch()).collect(),
+            0.25,
+        );
+        for ((a, b), out) in a.into_iter().zip(b).zip(out) {
+            let out = Tensor::<2>::from_dispatch(out);
+            assert_eq!(out.dims(), a.dims());
+            let (a, b, out) = (to_vec_f32(a), to_vec_f32(b), to_vec_f32(out));
+            for i in 0..out.len() {
+                assert!((out[i] - (0.75 * a[i] + 0.25 * b[i])).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn lerp_all_matches_the_formula_on_flex() {
+        check_all(Device::flex());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    fn lerp_all_matches_the_formula_on_libtorch() {
+        check_all(Device::libtorch());
     }
 }

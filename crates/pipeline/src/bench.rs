@@ -38,6 +38,7 @@ use crate::recipe::Recipe;
 use crate::train::TrainConfig;
 use crate::vae_stage::{VaeInfo, VaeRun, VaeRunConfig};
 use crate::{builtin, ema, progress, sampling};
+use ldm_common::adamw::Foreach;
 use ldm_common::precision::Precision;
 
 /// Denoising steps of the sampling row (DDIM, eta 0).
@@ -70,6 +71,8 @@ pub struct BenchOptions {
     pub rows: Vec<String>,
     /// `train.precision` of every training row (default: each config's own).
     pub precision: Option<Precision>,
+    /// `train.foreach` of every training row (default: each config's own, `auto`).
+    pub foreach: Option<Foreach>,
     /// Also time each part of a training step ([`Phases`]), with a device fence after each.
     pub phases: bool,
 }
@@ -272,6 +275,9 @@ fn ldm_setup(
     if let Some(precision) = o.precision {
         config.train.precision = precision;
     }
+    if let Some(foreach) = o.foreach {
+        config.train.foreach = foreach;
+    }
     let kind = if want_unet { "unet" } else { "dit" };
     if is_unet(&config.backbone) != want_unet {
         bail!("{flag} {arg}: its [backbone] is not kind = \"{kind}\"");
@@ -347,7 +353,7 @@ fn time_training<M: Module + 'static>(
     mut loss_of: impl FnMut(&M, u64) -> Tensor<1>,
     mut after: impl FnMut(&M, u64),
 ) -> Result<Timed<M>> {
-    let mut optim = train.optimizer();
+    let mut optim = train.optimizer(device);
     let mut start = Instant::now();
     let mut last = None;
     // seconds per part, summed over the timed steps
@@ -476,6 +482,9 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     if let Some(precision) = o.precision {
         vae_cfg.train.precision = precision;
     }
+    if let Some(foreach) = o.foreach {
+        vae_cfg.train.foreach = foreach;
+    }
     let resolution = vae_cfg.data.resolution;
     vae_cfg
         .vae
@@ -595,6 +604,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         let settings = &setup.config.diffusion;
         let big_t = setup.schedule.num_timesteps();
         let mut ema_model = model.valid();
+        let foreach = setup.config.train.foreach_on(&ad);
         let timed = time_training(
             model,
             &ad,
@@ -618,7 +628,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             },
             |model, step| {
                 let decay = ema::warmed_decay(settings.ema_decay, step);
-                ema_model = ema::update(ema_model.clone(), model, decay);
+                ema_model = ema::update(ema_model.clone(), model, decay, foreach);
             },
         )?;
         let seconds = timed.seconds;
@@ -827,6 +837,7 @@ pub fn run_cli(a: crate::cli::BenchArgs) -> Result<std::process::ExitCode> {
         seed: a.seed,
         rows: parse_rows(a.rows.as_deref())?,
         precision: a.precision,
+        foreach: a.foreach,
         phases: a.phases,
     };
     if let Some(path) = &a.json {

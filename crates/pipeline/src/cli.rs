@@ -95,6 +95,10 @@ pub struct BenchArgs {
     /// row (default: each config's `train.precision`, normally f32).
     #[arg(long)]
     pub precision: Option<Precision>,
+    /// auto, on or off: AdamW and the EMA stepping all parameters at once (`train.foreach`;
+    /// default each config's own, auto: on for CUDA) for every training row.
+    #[arg(long)]
+    pub foreach: Option<ldm_common::adamw::Foreach>,
     /// Also time the parts of each training step (forward, backward, optimizer, EMA), syncing
     /// the device after each; the twin follows (`scripts/bench/torch_twin.py`)
     #[arg(long)]

@@ -37,14 +37,76 @@ impl ModuleMapper for Blend {
     }
 }
 
-/// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`.
-pub fn update<M: Module>(ema: M, model: &M, decay: f64) -> M {
+/// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`;
+/// with `foreach`, all parameters in one operation ([`ldm_common::lerp::lerp_all`]).
+pub fn update<M: Module>(ema: M, model: &M, decay: f64, foreach: bool) -> M {
+    if foreach {
+        return update_all(ema, model, decay);
+    }
     let mut collect = Collect(HashMap::new());
     model.visit(&mut collect);
     ema.map(&mut Blend {
         current: collect.0,
         decay,
     })
+}
+
+/// A parameter's tensor without its rank.
+type Primitive = burn::backend::tensor::FloatTensor<burn::backend::Dispatch>;
+
+/// [`update`] with every parameter blended in one operation.
+fn update_all<M: Module>(ema: M, model: &M, decay: f64) -> M {
+    let mut theta = CollectAll(HashMap::new());
+    model.visit(&mut theta);
+    let mut pairs = Pairs {
+        theta: theta.0,
+        ids: Vec::new(),
+        ema: Vec::new(),
+        current: Vec::new(),
+    };
+    ema.visit(&mut pairs);
+    let blended = ldm_common::lerp::lerp_all(pairs.ema, pairs.current, 1.0 - decay);
+    ema.map(&mut Replace(pairs.ids.into_iter().zip(blended).collect()))
+}
+
+/// The model's detached parameters by id, without their ranks.
+struct CollectAll(HashMap<ParamId, Primitive>);
+
+impl ModuleVisitor for CollectAll {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = param.val().detach().inner().into_dispatch();
+        self.0.insert(param.id, t);
+    }
+}
+
+/// The EMA's parameters that have a counterpart in the model, in visiting order, with it.
+struct Pairs {
+    theta: HashMap<ParamId, Primitive>,
+    ids: Vec<ParamId>,
+    ema: Vec<Primitive>,
+    current: Vec<Primitive>,
+}
+
+impl ModuleVisitor for Pairs {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(theta) = self.theta.remove(&param.id) {
+            self.ids.push(param.id);
+            self.ema.push(param.val().into_dispatch());
+            self.current.push(theta);
+        }
+    }
+}
+
+/// Puts each blended parameter in place.
+struct Replace(HashMap<ParamId, Primitive>);
+
+impl ModuleMapper for Replace {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        match self.0.remove(&param.id) {
+            Some(blended) => param.map(|_| Tensor::from_dispatch(blended)),
+            None => param,
+        }
+    }
 }
 
 /// Decay used at optimizer step `step`: min(decay, (1 + step) / (10 + step)), the warm-up of
@@ -68,7 +130,16 @@ mod tests {
         let ema = model.valid();
         // Move the model: ema must move a quarter of the way with decay 0.75.
         let moved = model.clone().map(&mut Shift);
-        let updated = update(ema.clone(), &moved, 0.75);
+        let updated = update(ema.clone(), &moved, 0.75, false);
+        let all = update(ema.clone(), &moved, 0.75, true);
+        assert_eq!(
+            to_vec_f32(all.weight.val()),
+            to_vec_f32(updated.weight.val())
+        );
+        assert_eq!(
+            to_vec_f32(all.bias.as_ref().unwrap().val()),
+            to_vec_f32(updated.bias.as_ref().unwrap().val())
+        );
         let (before, after, target) = (
             to_vec_f32(ema.weight.val()),
             to_vec_f32(updated.weight.val()),

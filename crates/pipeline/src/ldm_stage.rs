@@ -552,6 +552,8 @@ struct LdmTask {
     device: Device,
     /// EMA weights, on the plain (no autodiff) device.
     ema: LdmModel,
+    /// Whether the EMA blends all parameters at once (`train.foreach`).
+    foreach: bool,
     /// A text model's tokenizer and the captions of its training images.
     tokenizer: Option<PromptTokenizer>,
     captions: Option<Captions>,
@@ -628,7 +630,7 @@ impl TrainTask for LdmTask {
 
     fn after_update(&mut self, model: &LdmModel, step: u64) {
         let decay = ema::warmed_decay(self.settings.ema_decay, step);
-        self.ema = ema::update(self.ema.clone(), model, decay);
+        self.ema = ema::update(self.ema.clone(), model, decay, self.foreach);
     }
 
     fn write_samples(&mut self, _model: &LdmModel, step: u64) -> Result<()> {
@@ -784,6 +786,7 @@ pub fn train_ldm(
         seed: config.train.seed,
         device: ad.clone(),
         ema: model.valid(),
+        foreach: config.train.foreach_on(device),
         tokenizer: tokenizer.clone(),
         captions,
         vae,

@@ -19,6 +19,7 @@ const MAY_CHANGE: &[&str] = &[
     "train.sample_every",
     "train.checkpoint_every",
     "train.devices",
+    "train.foreach",
 ];
 
 /// Refuses to resume the run in `out` with `config` when its saved `config.toml` differs,

@@ -20,6 +20,7 @@
 // cannot be made on the project's machines: burn-tch is the GPU path here (as in `torch_ops`).
 #![allow(deprecated)]
 
+mod foreach;
 pub mod kernels;
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ use burn::optim::{AdamWState, AdaptiveMomentumState, LearningRate, ModuleOptimiz
 use burn::tensor::{Device, Tensor};
 
 use crate::flex::{contiguous, has_own_kernel, into_contiguous, values};
+pub use foreach::{AdamW, Foreach};
 use kernels::StepConstants;
 
 /// AdamW's hyper-parameters (burn's `AdamWConfig` defaults: betas 0.9 / 0.999, eps 1e-5).
@@ -243,6 +245,18 @@ pub fn adamw_step<const D: usize>(
     )
 }
 
+/// The step number and moments a parameter's step starts from: one past its state's, or step
+/// 1 with zero moments.
+fn next_step<const D: usize>(
+    tensor: &Tensor<D>,
+    state: Option<AdamWState<D>>,
+) -> (usize, Tensor<D>, Tensor<D>) {
+    match state {
+        Some(AdamWState { momentum: s }) => (s.time + 1, s.moment_1, s.moment_2),
+        None => (1, tensor.zeros_like(), tensor.zeros_like()),
+    }
+}
+
 impl Optimizer for FusedAdamW {
     type State<const D: usize> = AdamWState<D>;
 
@@ -253,10 +267,7 @@ impl Optimizer for FusedAdamW {
         grad: Tensor<D>,
         state: Option<Self::State<D>>,
     ) -> (Tensor<D>, Option<Self::State<D>>) {
-        let (time, m, v) = match state {
-            Some(AdamWState { momentum: s }) => (s.time + 1, s.moment_1, s.moment_2),
-            None => (1, tensor.zeros_like(), tensor.zeros_like()),
-        };
+        let (time, m, v) = next_step(&tensor, state);
         let (p, m, v) = adamw_step(tensor, grad, m, v, self.constants(lr, time));
         let state = AdamWState::new(AdaptiveMomentumState::new(time, m, v));
         (p, Some(state))

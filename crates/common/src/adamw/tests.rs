@@ -42,15 +42,32 @@ fn loss(net: &Net, step: usize, device: &Device) -> Tensor<1> {
 /// the optimizer that trained it, to continue).
 fn train(
     mut net: Net,
-    optim: &mut ModuleOptimizer,
+    optim: &mut impl StepModule,
     steps: std::ops::Range<usize>,
     device: &Device,
 ) -> Net {
     for step in steps {
         let grads = GradientsParams::from_grads(loss(&net, step, device).backward(), &net);
-        net = optim.step(1e-2, net, grads);
+        net = optim.step_module(1e-2, net, grads);
     }
     net
+}
+
+/// burn's module optimizer and [`AdamW`], to the tests.
+trait StepModule {
+    fn step_module(&mut self, lr: f64, net: Net, grads: GradientsParams) -> Net;
+}
+
+impl StepModule for ModuleOptimizer {
+    fn step_module(&mut self, lr: f64, net: Net, grads: GradientsParams) -> Net {
+        self.step(lr, net, grads)
+    }
+}
+
+impl StepModule for AdamW {
+    fn step_module(&mut self, lr: f64, net: Net, grads: GradientsParams) -> Net {
+        self.step(lr, net, grads)
+    }
 }
 
 fn burn_adamw() -> ModuleOptimizer {
@@ -196,4 +213,101 @@ fn resumes_from_burns_adamw_state() {
         &device,
     );
     assert!(max_rel_diff(&params(&reference), &params(&fresh)) > 1e-3);
+}
+
+/// All parameters at once follow one at a time: ten steps with clipping binding for some
+/// parameters; only the clipping norms are summed by another kernel.
+fn foreach_matches_per_parameter(device: Device, tolerance: f32) {
+    let start = net(&device);
+    let mut one = FusedAdamW::new(0.05, 0.5).module(false);
+    let mut all = FusedAdamW::new(0.05, 0.5).module(true);
+    assert!(all.is_foreach() && !one.is_foreach());
+    let (a, b) = (
+        train(start.clone(), &mut one, 0..10, &device),
+        train(start.clone(), &mut all, 0..10, &device),
+    );
+    assert!(max_rel_diff(&params(&a), &params(&start)) > 1e-2, "moved");
+    let diff = max_rel_diff(&params(&a), &params(&b));
+    assert!(diff <= tolerance, "foreach differs by {diff}");
+}
+
+#[test]
+fn foreach_is_the_per_parameter_step_on_flex() {
+    // burn-flex parameters take the per-parameter kernel in both modes: equal to the bit
+    foreach_matches_per_parameter(Device::flex().autodiff(), 0.0);
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn foreach_matches_per_parameter_on_libtorch() {
+    foreach_matches_per_parameter(Device::libtorch().autodiff(), 1e-5);
+}
+
+/// The state is burn's `ModuleOptimizer` record in both modes: 4 steps of one then 6 of the
+/// other end where 10 of either do, both ways round.
+fn checkpoints_cross_modes(device: Device) {
+    let start = net(&device);
+    let reference = train(
+        start.clone(),
+        &mut FusedAdamW::new(0.05, 0.5).module(false),
+        0..10,
+        &device,
+    );
+    for first_foreach in [true, false] {
+        let mut first = FusedAdamW::new(0.05, 0.5).module(first_foreach);
+        let half = train(start.clone(), &mut first, 0..4, &device);
+        let bytes = first.into_bytes().unwrap();
+        let mut second = FusedAdamW::new(0.05, 0.5)
+            .module(!first_foreach)
+            .from_bytes(bytes)
+            .unwrap();
+        let resumed = train(half, &mut second, 4..10, &device);
+        let diff = max_rel_diff(&params(&reference), &params(&resumed));
+        assert!(
+            diff < 1e-5,
+            "foreach {first_foreach} first: differs by {diff}"
+        );
+    }
+}
+
+#[test]
+fn checkpoints_cross_modes_on_flex() {
+    checkpoints_cross_modes(Device::flex().autodiff());
+}
+
+#[cfg(feature = "tch")]
+#[test]
+fn checkpoints_cross_modes_on_libtorch() {
+    checkpoints_cross_modes(Device::libtorch().autodiff());
+}
+
+/// A parameter without a gradient keeps its value and its state; the others step.
+#[cfg(feature = "tch")]
+#[test]
+fn foreach_leaves_parameters_without_gradients() {
+    let device = Device::libtorch().autodiff();
+    let start = net(&device);
+    let conv_only = |net: &Net, step: usize| {
+        let x = randn(
+            &mut stream(7, "adamw-conv", step as u64),
+            [4, 2, 4, 4],
+            &device,
+        );
+        GradientsParams::from_grads(net.conv.forward(x).square().mean().backward(), net)
+    };
+    let mut runs = Vec::new();
+    for foreach in [false, true] {
+        let mut optim = FusedAdamW::new(0.05, 0.5).module(foreach);
+        let mut net = start.clone();
+        for step in 0..3 {
+            let grads = conv_only(&net, step);
+            net = optim.step(1e-2, net, grads);
+        }
+        // then every parameter: the linear layer's first step, the conv's fourth
+        let grads = GradientsParams::from_grads(loss(&net, 3, &device).backward(), &net);
+        net = optim.step(1e-2, net, grads);
+        runs.push(net);
+    }
+    let diff = max_rel_diff(&params(&runs[0]), &params(&runs[1]));
+    assert!(diff < 1e-5, "differs by {diff}");
 }

@@ -22,6 +22,7 @@
 // downloads LLVM and cannot be built on the project's machines: burn-tch is the GPU path here.
 #![allow(deprecated)]
 
+pub(crate) mod flat;
 #[cfg(test)]
 mod tests;
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::optim::ModuleOptimizer;
+use ldm_common::adamw::AdamW;
 use serde::{Deserialize, Serialize};
 
 use ldm_common::checkpoint::{atomic_write, read_json, write_json};
@@ -29,12 +29,7 @@ pub fn dir(run: &Path) -> PathBuf {
 
 /// Saves model, optimizer and state; `state.json` is written last, so a checkpoint is
 /// complete exactly when its state file names its step.
-pub fn save<M: Module>(
-    run: &Path,
-    model: &M,
-    optim: &ModuleOptimizer,
-    state: &TrainState,
-) -> Result<()> {
+pub fn save<M: Module>(run: &Path, model: &M, optim: &AdamW, state: &TrainState) -> Result<()> {
     let dir = dir(run);
     save_record(model, &dir.join("model.bpk"))?;
     let bytes = optim
@@ -50,9 +45,9 @@ pub fn save<M: Module>(
 pub fn load<M: Module>(
     run: &Path,
     model: M,
-    optim: ModuleOptimizer,
+    optim: AdamW,
     expected: &TrainState,
-) -> Result<(M, ModuleOptimizer, TrainState)> {
+) -> Result<(M, AdamW, TrainState)> {
     let dir = dir(run);
     let state_path = dir.join("state.json");
     if !state_path.exists() {

@@ -11,8 +11,9 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use burn::module::Module;
-use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use ldm_common::adamw::AdamW;
 use ldm_common::flex::is_flex;
 use ldm_common::precision::Precision;
 
@@ -148,7 +149,12 @@ fn run<T: TrainTask>(
             "warning: train.precision = \"bf16\" on burn-flex runs burn's generic bf16 operations, several times slower than f32 there (the project's fast burn-flex operations are f32; docs/PERFORMANCE.md): use f32 on burn-flex, bf16 with --device libtorch or cuda"
         );
     }
-    let optim = config.optimizer();
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_else(Device::flex);
+    let optim = config.optimizer(&device);
     let mut state = TrainState {
         step: 0,
         seed: config.seed,
@@ -256,7 +262,7 @@ fn run<T: TrainTask>(
 fn save_checkpoint<T: TrainTask>(
     task: &T,
     model: &T::Model,
-    optim: &ModuleOptimizer,
+    optim: &AdamW,
     state: &mut TrainState,
     run_dir: &Path,
     step: u64,
