@@ -71,3 +71,29 @@ pub fn attention(
     let mask = padding_mask.map(|m| m.reshape([b, 1, 1, l]).expand([b, h, n, l]));
     burn_attention(q, k, v, mask, None, AttentionModuleOptions::default())
 }
+
+/// Multi-head self-attention from a fused projection: `qkv` [batch, tokens, 3 * width] (q, k
+/// and v side by side in each row, `heads` heads each) -> [batch, tokens, width], the heads
+/// merged. On burn-flex (f32) one operation that reads the fused layout and writes the fused
+/// gradient ([`crate::attention::flex_self_attention`]); elsewhere q, k, v are split off as
+/// views and go through [`attention`].
+pub fn self_attention(
+    qkv: Tensor<3>,
+    heads: usize,
+    padding_mask: Option<Tensor<2, Bool>>,
+) -> Tensor<3> {
+    if crate::flex::on_flex_f32(&qkv) {
+        return crate::attention::flex_self_attention(qkv, heads, padding_mask);
+    }
+    let [b, n, w3] = qkv.dims();
+    let dh = w3 / (3 * heads);
+    // [b, n, 3d] -> [b, n, 3h, dh] -> [b, 3h, n, dh]: q, k, v are views of head blocks
+    let qkv = qkv.reshape([b, n, 3 * heads, dh]).swap_dims(1, 2);
+    let q = qkv.clone().narrow(1, 0, heads);
+    let k = qkv.clone().narrow(1, heads, heads);
+    let v = qkv.narrow(1, 2 * heads, heads);
+    // [b, h, n, dh] -> [b, n, h, dh] -> [b, n, h * dh]
+    attention(q, k, v, padding_mask)
+        .swap_dims(1, 2)
+        .reshape([b, n, heads * dh])
+}

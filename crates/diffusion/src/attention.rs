@@ -6,12 +6,14 @@
 //! own operation with its own backward (`ldm_common::attention`, checked against burn's
 //! `attention` and against finite differences), on burn-tch libtorch's
 //! `scaled_dot_product_attention` with torch's own backward, elsewhere burn's `attention`.
+//! Self-attention hands the fused q/k/v projection to [`ldm_common::layers::self_attention`],
+//! which on burn-flex attends from that layout directly and returns its gradient in it.
 
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Bool;
 use burn::tensor::activation::gelu;
-use ldm_common::layers::attention;
+use ldm_common::layers::{attention, self_attention};
 use ldm_common::linear::linear;
 
 use crate::denoiser::TextConditioning;
@@ -53,16 +55,8 @@ impl SelfAttention {
     /// - `x`: `[batch, tokens, dim]` -> `[batch, tokens, dim]`
     /// - `padding_mask`: `[batch, tokens]`, true = padding
     pub fn forward(&self, x: Tensor<3>, padding_mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
-        let [b, n, d] = x.dims();
-        let h = self.num_heads;
-        // [b, n, 3d] -> [b, n, 3h, d/h] -> [b, 3h, n, d/h]: q, k, v are views of head blocks
-        let qkv = linear(&self.qkv, x)
-            .reshape([b, n, 3 * h, d / h])
-            .swap_dims(1, 2);
-        let q = qkv.clone().narrow(1, 0, h);
-        let k = qkv.clone().narrow(1, h, h);
-        let v = qkv.narrow(1, 2 * h, h);
-        linear(&self.out, merge_heads(attention(q, k, v, padding_mask)))
+        let qkv = linear(&self.qkv, x);
+        linear(&self.out, self_attention(qkv, self.num_heads, padding_mask))
     }
 }
 

@@ -9,6 +9,7 @@
 //! that stays in cache, and recomputes the probabilities in the backward from the log-sum-exp
 //! instead of keeping them.
 
+pub mod heads;
 pub mod kernels;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_e
 use burn::tensor::{Bool, Tensor};
 
 use crate::flex::{contiguous, flex_tensor, values};
+use heads::Heads;
 use kernels::AttentionGeometry;
 
 /// Scaled dot-product attention as a backend operation.
@@ -36,6 +38,16 @@ pub trait FlexAttention: Backend {
         v: FloatTensor<Self>,
         key_bias: FloatTensor<Self>,
         biased: bool,
+    ) -> FloatTensor<Self>;
+
+    /// Self-attention from the fused projection: `qkv` [batch, tokens, 3 * heads * d_head]
+    /// (q, k, v side by side in each row) -> [batch, tokens, heads * d_head], the heads
+    /// merged; `key_bias` as in [`FlexAttention::flex_attention`].
+    fn flex_self_attention(
+        qkv: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        biased: bool,
+        heads: usize,
     ) -> FloatTensor<Self>;
 }
 
@@ -73,6 +85,103 @@ impl FlexAttention for Flex {
             bias.as_ref(),
         )
         .0
+    }
+
+    fn flex_self_attention(
+        qkv: FlexTensor,
+        key_bias: FlexTensor,
+        biased: bool,
+        heads: usize,
+    ) -> FlexTensor {
+        let bias = biased.then(|| contiguous(&key_bias));
+        self_forward(&contiguous(&qkv), bias.as_ref(), heads).0
+    }
+}
+
+/// The head layout of a fused projection `qkv` [batch, tokens, 3 * heads * d_head].
+fn heads_of(qkv: &FlexTensor, heads: usize) -> Heads {
+    let [batch, tokens, width]: [usize; 3] = qkv.shape().dims();
+    assert!(
+        heads > 0 && width % (3 * heads) == 0,
+        "self-attention: qkv width {width} is not 3 x {heads} heads"
+    );
+    Heads {
+        batch,
+        tokens,
+        heads,
+        d_head: width / (3 * heads),
+    }
+}
+
+/// Self-attention's forward on a contiguous `qkv`: the output [batch, tokens, width / 3], and
+/// what its backward keeps (q, k, v and O in the kernels' layout, the log-sum-exp).
+fn self_forward(
+    qkv: &FlexTensor,
+    bias: Option<&FlexTensor>,
+    heads: usize,
+) -> (FlexTensor, SelfSaved) {
+    let s = heads_of(qkv, heads);
+    let [q, k, v]: [Vec<f32>; 3] = heads::split(values(qkv), 3, &s)
+        .try_into()
+        .expect("three parts");
+    let g = AttentionGeometry::new(s.batch, s.heads, s.tokens, s.tokens, s.d_head);
+    let (out, lse) = kernels::forward(&q, &k, &v, bias.map(values), &g);
+    let merged = heads::join(&[&out], &s);
+    let y = flex_tensor(merged, vec![s.batch, s.tokens, s.heads * s.d_head]);
+    let saved = SelfSaved {
+        q: Arc::new([q, k, v]),
+        bias: bias.cloned(),
+        out: Arc::new(out),
+        lse: Arc::new(lse),
+        layout: s,
+        geometry: g,
+    };
+    (y, saved)
+}
+
+/// What self-attention's backward needs.
+#[derive(Debug, Clone)]
+struct SelfSaved {
+    /// q, k, v in the kernels' layout.
+    q: Arc<[Vec<f32>; 3]>,
+    bias: Option<FlexTensor>,
+    out: Arc<Vec<f32>>,
+    lse: Arc<Vec<f32>>,
+    layout: Heads,
+    geometry: AttentionGeometry,
+}
+
+#[derive(Debug)]
+struct FlexSelfAttentionBackward;
+
+impl Backward<Flex, 1> for FlexSelfAttentionBackward {
+    type State = SelfSaved;
+
+    fn backward(self, ops: Ops<SelfSaved, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let out_grad = contiguous(&grads.consume::<Flex>(&ops.node));
+        let Some(node) = node else { return };
+        let s = ops.state;
+        let [q, k, v] = &*s.q;
+        let d_out = heads::split(values(&out_grad), 1, &s.layout);
+        let (dq, dk, dv) = kernels::backward(
+            q,
+            k,
+            v,
+            s.bias.as_ref().map(values),
+            &s.out,
+            &s.lse,
+            &d_out[0],
+            &s.geometry,
+        );
+        // the fused projection's gradient, each element written once (no zero-filled
+        // full-size tensor per part, as three narrows' backward would make)
+        let d_qkv = heads::join(&[&dq, &dk, &dv], &s.layout);
+        let l = s.layout;
+        grads.register::<Flex>(
+            node.id,
+            flex_tensor(d_qkv, vec![l.batch, l.tokens, 3 * l.heads * l.d_head]),
+        );
     }
 }
 
@@ -156,6 +265,26 @@ impl<C: CheckpointStrategy> FlexAttention for Autodiff<Flex, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
+
+    fn flex_self_attention(
+        qkv: FloatTensor<Self>,
+        key_bias: FloatTensor<Self>,
+        biased: bool,
+        heads: usize,
+    ) -> FloatTensor<Self> {
+        let nodes = [qkv.node()];
+        let qkv = contiguous(qkv.primitive());
+        let bias = biased.then(|| contiguous(key_bias.primitive()));
+        let (out, saved) = self_forward(&qkv, bias.as_ref(), heads);
+        match FlexSelfAttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(saved, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
 }
 
 /// softmax(q k^T / sqrt(d_head)) v through [`FlexAttention`], keys masked out where
@@ -170,13 +299,7 @@ pub fn flex_attention(
     v: Tensor<4>,
     padding_mask: Option<Tensor<2, Bool>>,
 ) -> Tensor<4> {
-    let [b, _, _, _] = q.dims();
-    let l = k.dims()[2];
-    let biased = padding_mask.is_some();
-    let bias: Tensor<2> = match padding_mask {
-        Some(mask) => Tensor::zeros([b, l], &q.device()).mask_fill(mask, f32::NEG_INFINITY),
-        None => Tensor::zeros([1, 1], &q.device()),
-    };
+    let (bias, biased) = key_bias(padding_mask, q.dims()[0], k.dims()[2], &q.device());
     Tensor::from_dispatch(<Dispatch as FlexAttention>::flex_attention(
         q.into_dispatch(),
         k.into_dispatch(),
@@ -184,6 +307,44 @@ pub fn flex_attention(
         bias.into_dispatch(),
         biased,
     ))
+}
+
+/// Multi-head self-attention from the fused projection through
+/// [`FlexAttention::flex_self_attention`]: `qkv` [batch, tokens, 3 * width] (q, k, v side by
+/// side, `heads` heads each) -> [batch, tokens, width], keys masked out where `padding_mask`
+/// [batch, tokens] is true. The same as splitting q, k, v off with `narrow`, attending per
+/// head and merging the heads, without the narrows' zero-filled gradients and the layout
+/// copies between them. The caller checks that `qkv` is f32 on burn-flex.
+pub fn flex_self_attention(
+    qkv: Tensor<3>,
+    heads: usize,
+    padding_mask: Option<Tensor<2, Bool>>,
+) -> Tensor<3> {
+    let [b, n, _] = qkv.dims();
+    let (bias, biased) = key_bias(padding_mask, b, n, &qkv.device());
+    Tensor::from_dispatch(<Dispatch as FlexAttention>::flex_self_attention(
+        qkv.into_dispatch(),
+        bias.into_dispatch(),
+        biased,
+        heads,
+    ))
+}
+
+/// The additive key bias of a padding mask [batch, keys] (0 where a key takes part, -inf where
+/// it is padding) and whether there is one (without a mask, a placeholder the kernels ignore).
+fn key_bias(
+    padding_mask: Option<Tensor<2, Bool>>,
+    batch: usize,
+    keys: usize,
+    device: &burn::tensor::Device,
+) -> (Tensor<2>, bool) {
+    match padding_mask {
+        Some(mask) => (
+            Tensor::zeros([batch, keys], device).mask_fill(mask, f32::NEG_INFINITY),
+            true,
+        ),
+        None => (Tensor::zeros([1, 1], device), false),
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +407,52 @@ mod tests {
                     let diff = max_diff(t.grad(&g).unwrap(), t.grad(&g_ref).unwrap());
                     assert!(diff < 1e-4, "d{name}: {diff}");
                 }
+            }
+        }
+    }
+
+    /// Self-attention from the fused projection equals splitting q, k, v off with narrows,
+    /// attending and merging the heads: output and the gradient of qkv, with and without a
+    /// padding mask, with and without autodiff.
+    #[test]
+    fn self_attention_matches_the_narrowed_composition() {
+        for device in [Device::flex().autodiff(), Device::flex()] {
+            let (b, n, h, dh) = (3, 5, 2, 4);
+            let qkv =
+                Tensor::<3>::random([b, n, 3 * h * dh], Distribution::Normal(0.0, 1.5), &device);
+            let qkv = if device.is_autodiff() {
+                qkv.require_grad()
+            } else {
+                qkv
+            };
+            let mask = Tensor::<2, Bool>::from_data(
+                TensorData::new(
+                    vec![
+                        false, false, false, true, false, //
+                        true, true, true, true, true, // every key of this batch is padding
+                        false, false, false, false, false,
+                    ],
+                    [b, n],
+                ),
+                &device,
+            );
+            for mask in [None, Some(mask)] {
+                let ours = flex_self_attention(qkv.clone(), h, mask.clone());
+                let split = qkv.clone().reshape([b, n, 3 * h, dh]).swap_dims(1, 2);
+                let part = |i: usize| split.clone().narrow(1, i * h, h);
+                let reference = flex_attention(part(0), part(1), part(2), mask)
+                    .swap_dims(1, 2)
+                    .reshape([b, n, h * dh]);
+                assert_eq!(ours.dims(), [b, n, h * dh]);
+                assert!(max_diff(ours.clone(), reference.clone()) < 1e-6, "forward");
+                if !device.is_autodiff() {
+                    continue;
+                }
+                let w = Tensor::<3>::random(ours.dims(), Distribution::Normal(0.0, 1.0), &device);
+                let g = (ours * w.clone()).sum().backward();
+                let g_ref = (reference * w).sum().backward();
+                let diff = max_diff(qkv.grad(&g).unwrap(), qkv.grad(&g_ref).unwrap());
+                assert!(diff < 1e-6, "d qkv: {diff}");
             }
         }
     }
