@@ -4,7 +4,7 @@
 # (`bash scripts/setup_libtorch.sh --build` -> gpu-bin/pipeline) and data/animal-mnist carried
 # over (both git-ignored; together about 37 MB):
 #
-#   bash scripts/gpu_session.sh env         # the machine, the binary, torch: a few seconds
+#   bash scripts/gpu_session.sh env         # the machine, the binary, torch, and one DiT step with train.foreach on
 #   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
 #   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
 #   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step,
@@ -52,6 +52,16 @@ case "$DEVICE" in
   libtorch) compare=(--device cpu --libtorch) ;;
   *) echo "error: DEVICE=$DEVICE: expected cuda, cuda:N or libtorch" >&2; exit 2 ;;
 esac
+# train.foreach (AdamW and the EMA over all parameters at once, `auto` = on for CUDA) has
+# not run on a GPU before: `env` checks it with one DiT step, and if that fails the later
+# steps turn it off (--foreach off, --set *.train.foreach=off) instead of failing too.
+foreach_bench=() foreach_run=()
+if [[ -f $OUT/foreach.txt && $(cat "$OUT/foreach.txt") == failed ]]; then
+  foreach_bench=(--foreach off)
+  foreach_run=(--set vae.train.foreach=off --set ldm.train.foreach=off)
+  echo "note: train.foreach failed its check in env ($OUT/foreach-check.log): running with it off" >&2
+fi
+
 # QUICK=1: a few steps of every stage and benchmark row
 quick=() runs=${RUNS:-3} big=${BIG_BATCH:-1024} short=()
 [[ ${QUICK:-0} == 1 ]] && quick=(--vae-steps 20 --ldm-steps 20) runs=1 big=64 \
@@ -62,7 +72,8 @@ bench() {
   local name=$1
   shift
   timed "$name" env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/$name" \
-    bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals "$@" "${short[@]}"
+    bash scripts/bench/compare.sh "${compare[@]}" --runs "$runs" -- --config animals \
+    "${foreach_bench[@]}" "$@" "${short[@]}"
 }
 
 # `timed NAME CMD...`: runs CMD, its output in $OUT/NAME.log, its wall time in $OUT/NAME.wall,
@@ -104,6 +115,14 @@ case "$step" in
     { date -u; nvidia-smi 2>&1 || echo "(no nvidia-smi)"; "$PIPELINE" --version
       "$PYTHON" -W ignore -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
       nproc; free -g | head -2; } | tee "$OUT/env.txt"
+    if timeout 120 "$PIPELINE" bench --config animals --rows ldm-train-dit --iters 2 --warmup 1 \
+      --device "$DEVICE" --foreach on > "$OUT/foreach-check.log" 2>&1; then
+      echo ok > "$OUT/foreach.txt"
+    else
+      echo failed > "$OUT/foreach.txt"
+      echo "warning: one DiT step with train.foreach = on failed ($OUT/foreach-check.log); the later steps run with it off" >&2
+    fi
+    echo "train.foreach check: $(cat "$OUT/foreach.txt")" | tee -a "$OUT/env.txt"
     ;;
   bench)
     bench bench-recipe
@@ -119,16 +138,20 @@ case "$step" in
     runs=1 bench phases-big --batch-size "$big" "${train_rows[@]}"
     # the other train.foreach mode at the recipe's batches (auto is on for CUDA, off on a
     # CPU): what the all-at-once AdamW and EMA change, on both sides
+    # (skipped when the env check turned foreach off: there is one mode left)
     other=on
     [[ $DEVICE == cuda* ]] && other=off
-    runs=1 bench "phases-recipe-foreach-$other" "${train_rows[@]}" --foreach "$other"
+    if ((${#foreach_bench[@]} == 0)); then
+      runs=1 bench "phases-recipe-foreach-$other" "${train_rows[@]}" --foreach "$other"
+    fi
     ;;
   train)
     [[ -d data/animal-mnist ]] || {
       echo "error: data/animal-mnist is missing: carry it (bash scripts/install_data.sh makes it on a CPU machine)" >&2
       exit 1
     }
-    timed run-animals "$PIPELINE" run animals --out "$OUT/animals" --device "$DEVICE" "${quick[@]}"
+    timed run-animals "$PIPELINE" run animals --out "$OUT/animals" --device "$DEVICE" "${quick[@]}" \
+      "${foreach_run[@]}"
     evaluator=()
     [[ ${QUICK:-0} == 1 ]] && evaluator=(--set train.steps=20)
     timed evaluator "$PIPELINE" train-evaluator --config evaluator-animals \
