@@ -410,8 +410,7 @@ mod tch_step {
         let (p, g, m, v) = (flat(&p), flat(&g), flat(&m), flat(&v));
         let g = if max_norm > 0.0 {
             let lengths: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
-            let coef = clip_coefficients(&g, &lengths, max_norm);
-            g * coef
+            clip(&g, &lengths, max_norm)
         } else {
             g
         };
@@ -432,13 +431,54 @@ mod tch_step {
         (split(&p, &shapes), split(&m, &shapes), split(&v, &shapes))
     }
 
-    /// Each element's clipping coefficient min(1, max_norm / (|g_i| + tiny)), where g_i is the
-    /// parameter (the segment of `lengths`) the element belongs to: one segmented sum of
-    /// squares for all norms, then spread back over the elements.
-    fn clip_coefficients(g: &tch::Tensor, lengths: &[i64], max_norm: f64) -> tch::Tensor {
-        let lengths = device_lengths(lengths, g.device());
+    /// `g` with each parameter's segment (of `lengths`) scaled by its clipping coefficient
+    /// min(1, max_norm / (|g_i| + tiny)): one segmented sum of squares for all the norms, the
+    /// coefficients spread back over the elements. Should libtorch refuse those two kernels
+    /// (on a device or version where they were never run), segment by segment instead, with a
+    /// warning once.
+    fn clip(g: &tch::Tensor, lengths: &[i64], max_norm: f64) -> tch::Tensor {
+        match segmented_coefficients(g, lengths, max_norm) {
+            Ok(coef) => g * coef,
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "warning: train.foreach: libtorch refused the segmented clipping norms ({e}); clipping parameter by parameter"
+                    )
+                });
+                clip_each(g, lengths, max_norm)
+            }
+        }
+    }
+
+    /// [`clip`] segment by segment: two libtorch calls per parameter.
+    fn clip_each(g: &tch::Tensor, lengths: &[i64], max_norm: f64) -> tch::Tensor {
+        let pieces: Vec<tch::Tensor> = g
+            .split_with_sizes(lengths, 0)
+            .iter()
+            .map(|s| s * coefficients(s.norm(), max_norm))
+            .collect();
+        tch::Tensor::cat(&pieces, 0)
+    }
+
+    /// min(1, max_norm / (norm + tiny)), elementwise on the norms.
+    fn coefficients(mut norms: tch::Tensor, max_norm: f64) -> tch::Tensor {
+        let _ = norms.g_add_scalar_(f64::from(f32::MIN_POSITIVE));
+        let _ = norms.reciprocal_();
+        let _ = norms.g_mul_scalar_(max_norm);
+        let _ = norms.clamp_max_(1.0);
+        norms
+    }
+
+    /// Each element's clipping coefficient, from one segmented sum of squares.
+    fn segmented_coefficients(
+        g: &tch::Tensor,
+        lengths: &[i64],
+        max_norm: f64,
+    ) -> Result<tch::Tensor, tch::TchError> {
+        let lengths = device_lengths(lengths, g.device())?;
         let total: i64 = g.size()[0];
-        let sums = tch::Tensor::segment_reduce(
+        let sums = tch::Tensor::f_segment_reduce(
             &g.square(),
             "sum",
             Some(&lengths),
@@ -447,20 +487,15 @@ mod tch_step {
             0,
             true,
             0.0,
-        );
-        let mut coef = sums;
-        let _ = coef.sqrt_();
-        let _ = coef.g_add_scalar_(f64::from(f32::MIN_POSITIVE));
-        let _ = coef.reciprocal_();
-        let _ = coef.g_mul_scalar_(max_norm);
-        let _ = coef.clamp_max_(1.0);
+        )?;
+        let coef = coefficients(sums.f_sqrt()?, max_norm);
         // with the output size given, CUDA needs no read of `lengths` back to the host
-        coef.repeat_interleave_self_tensor(&lengths, 0, total)
+        coef.f_repeat_interleave_self_tensor(&lengths, 0, total)
     }
 
     /// `lengths` as an int64 tensor on `device`, kept from step to step: a fresh upload would
     /// wait for the device to finish its queue on every step.
-    fn device_lengths(lengths: &[i64], device: tch::Device) -> tch::Tensor {
+    fn device_lengths(lengths: &[i64], device: tch::Device) -> Result<tch::Tensor, tch::TchError> {
         static CACHE: std::sync::Mutex<Vec<(tch::Device, Vec<i64>, tch::Tensor)>> =
             std::sync::Mutex::new(Vec::new());
         let mut cache = CACHE.lock().expect("lengths cache");
@@ -468,14 +503,14 @@ mod tch_step {
             .iter()
             .find(|(d, l, _)| *d == device && l.as_slice() == lengths)
         {
-            return t.shallow_clone();
+            return Ok(t.shallow_clone());
         }
-        let t = tch::Tensor::from_slice(lengths).to_device(device);
+        let t = tch::Tensor::f_from_slice(lengths)?.f_to_device(device)?;
         if cache.len() >= 8 {
             drop(cache.remove(0));
         }
         cache.push((device, lengths.to_vec(), t.shallow_clone()));
-        t
+        Ok(t)
     }
 
     #[cfg(test)]
@@ -488,6 +523,22 @@ mod tch_step {
 
         fn values(t: &TchTensor) -> Vec<f32> {
             Vec::<f32>::try_from(t.tensor.reshape([-1])).unwrap()
+        }
+
+        /// The segment-by-segment fallback clips as the segmented kernels do.
+        #[test]
+        fn clipping_fallback_matches_the_segmented_kernels() {
+            let g = tch::Tensor::from_slice(&[3.0f32, 4.0, 0.3, 0.4, 10.0, 0.0, 0.0]);
+            let lengths = [2, 2, 3, 0];
+            let (a, b) = (clip(&g, &lengths, 1.0), clip_each(&g, &lengths, 1.0));
+            let (a, b) = (
+                Vec::<f32>::try_from(a).unwrap(),
+                Vec::<f32>::try_from(b).unwrap(),
+            );
+            let expected = [0.6f32, 0.8, 0.3, 0.4, 1.0, 0.0, 0.0];
+            for ((x, y), e) in a.iter().zip(&b).zip(expected) {
+                assert!((x - e).abs() < 1e-6 && (y - e).abs() < 1e-6, "{a:?} {b:?}");
+            }
         }
 
         /// First step in closed form with per-parameter clipping: m' = (1 - b1) c_i g with
