@@ -38,9 +38,16 @@ impl ModuleMapper for Blend {
 }
 
 /// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`;
-/// with `foreach`, all parameters in one operation ([`ldm_common::lerp::lerp_all`]).
+/// with `foreach` and a model on libtorch, all parameters in one operation
+/// ([`ldm_common::lerp::lerp_all`]).
 pub fn update<M: Module>(ema: M, model: &M, decay: f64, foreach: bool) -> M {
-    if foreach {
+    // burn-flex blends each parameter in one pass already; all at once is for libtorch
+    if foreach
+        && !model
+            .devices()
+            .first()
+            .is_some_and(ldm_common::flex::is_flex)
+    {
         return update_all(ema, model, decay);
     }
     let mut collect = Collect(HashMap::new());
@@ -131,7 +138,8 @@ mod tests {
         // Move the model: ema must move a quarter of the way with decay 0.75.
         let moved = model.clone().map(&mut Shift);
         let updated = update(ema.clone(), &moved, 0.75, false);
-        let all = update(ema.clone(), &moved, 0.75, true);
+        // all at once (libtorch's path, here on flex where `update` keeps per parameter)
+        let all = update_all(ema.clone(), &moved, 0.75);
         assert_eq!(
             to_vec_f32(all.weight.val()),
             to_vec_f32(updated.weight.val())

@@ -311,3 +311,18 @@ fn foreach_leaves_parameters_without_gradients() {
     let diff = max_rel_diff(&params(&runs[0]), &params(&runs[1]));
     assert!(diff < 1e-5, "differs by {diff}");
 }
+
+/// `auto` is on for CUDA devices only, with or without autodiff (constructing a CUDA device
+/// does not need one).
+#[cfg(feature = "tch")]
+#[test]
+fn foreach_auto_is_on_for_cuda_only() {
+    use super::Foreach;
+    assert!(Foreach::Auto.enabled(&Device::libtorch_cuda(0)));
+    assert!(Foreach::Auto.enabled(&Device::libtorch_cuda(1).autodiff()));
+    assert!(!Foreach::Auto.enabled(&Device::libtorch().autodiff()));
+    assert!(!Foreach::Auto.enabled(&Device::flex().autodiff()));
+    assert!(
+        Foreach::On.enabled(&Device::flex()) && !Foreach::Off.enabled(&Device::libtorch_cuda(0))
+    );
+}
