@@ -21,12 +21,17 @@ fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
 
 /// y [m, n] = x [m, k] W [k, n] + b.
 pub fn forward(x: &[f32], weight: &[f32], bias: Option<&[f32]>, [m, k, n]: [usize; 3]) -> Vec<f32> {
-    let mut y = vec![0.0f32; m * n];
-    if let Some(b) = bias {
-        for row in y.chunks_mut(n.max(1)) {
-            row.copy_from_slice(b);
+    // the bias rows written straight into a fresh buffer (no zeroing first)
+    let mut y = match bias {
+        Some(b) => {
+            let mut y = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                y.extend_from_slice(b);
+            }
+            y
         }
-    }
+        None => vec![0.0f32; m * n],
+    };
     let (x, w) = (Operand::rows(x, k), Operand::rows(weight, n));
     matmul(
         &mut y,
