@@ -78,12 +78,13 @@ impl ModuleVisitor for Find {
     }
 }
 
-/// The EMA's all-at-once update (pipeline's `ema::update` with `foreach`).
+/// The EMA's all-at-once update (pipeline's `ema::update` with `foreach`); `None` off
+/// libtorch, where it blends per parameter.
 fn blend_all(
     ema: &Stack,
     model: &Stack,
     w: f64,
-) -> Vec<burn::backend::tensor::FloatTensor<burn::backend::Dispatch>> {
+) -> Option<Vec<burn::backend::tensor::FloatTensor<burn::backend::Dispatch>>> {
     let mut a = Collect(Vec::new());
     ema.visit(&mut a);
     let mut b = Collect(Vec::new());
@@ -153,12 +154,14 @@ fn main() {
         for _ in 0..iters + 5 {
             sync(&device);
             let t = Instant::now();
-            if foreach {
-                let blended = blend_all(&ema, &plain, 0.01);
-                let mut it = blended.into_iter();
-                ema = ema.map(&mut Put(&mut it));
+            let blended = if foreach {
+                blend_all(&ema, &plain, 0.01)
             } else {
-                ema = ema.map(&mut Blend(&plain, 0.01));
+                None
+            };
+            match blended {
+                Some(blended) => ema = ema.map(&mut Put(&mut blended.into_iter())),
+                None => ema = ema.map(&mut Blend(&plain, 0.01)),
             }
             sync(&device);
             ema_times.push(t.elapsed().as_secs_f64());

@@ -6,20 +6,22 @@ use std::collections::HashMap;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 
-/// Flattened, detached copies of the current parameters, keyed by parameter id.
-struct Collect(HashMap<ParamId, Tensor<1>>);
+/// A parameter's tensor without its rank.
+type Primitive = burn::backend::tensor::FloatTensor<burn::backend::Dispatch>;
 
-impl ModuleVisitor for Collect {
+/// Detached copies of the model's current parameters, keyed by parameter id.
+struct Current(HashMap<ParamId, Primitive>);
+
+impl ModuleVisitor for Current {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val().detach().inner();
-        let n = t.shape().num_elements();
-        self.0.insert(param.id, t.reshape([n]));
+        let t = param.val().detach().inner().into_dispatch();
+        self.0.insert(param.id, t);
     }
 }
 
-/// Blends each EMA parameter with the collected parameter of the same id.
+/// Blends each EMA parameter with the current parameter of the same id, one operation each.
 struct Blend {
-    current: HashMap<ParamId, Tensor<1>>,
+    current: HashMap<ParamId, Primitive>,
     decay: f64,
 }
 
@@ -29,77 +31,50 @@ impl ModuleMapper for Blend {
             return param;
         };
         let decay = self.decay;
-        param.map(|ema| {
-            let shape = ema.shape();
-            // decay ema + (1 - decay) theta, one operation per parameter
-            ldm_common::lerp::lerp(ema, theta.reshape(shape), 1.0 - decay)
-        })
+        // decay ema + (1 - decay) theta
+        param.map(|ema| ldm_common::lerp::lerp(ema, Tensor::from_dispatch(theta), 1.0 - decay))
     }
 }
 
 /// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`;
-/// with `foreach` and a model on libtorch, all parameters in one operation
-/// ([`ldm_common::lerp::lerp_all`]).
+/// with `foreach`, all parameters in one operation where [`ldm_common::lerp::lerp_all`] can
+/// (libtorch), else one operation per parameter.
 pub fn update<M: Module>(ema: M, model: &M, decay: f64, foreach: bool) -> M {
-    // burn-flex blends each parameter in one pass already; all at once is for libtorch
-    if foreach
-        && !model
-            .devices()
-            .first()
-            .is_some_and(ldm_common::flex::is_flex)
-    {
-        return update_all(ema, model, decay);
+    let mut current = Current(HashMap::new());
+    model.visit(&mut current);
+    let current = current.0;
+    if foreach {
+        let mut pairs = Pairs {
+            current: &current,
+            ids: Vec::new(),
+            ema: Vec::new(),
+            theta: Vec::new(),
+        };
+        ema.visit(&mut pairs);
+        let Pairs {
+            ids, ema: e, theta, ..
+        } = pairs;
+        if let Some(blended) = ldm_common::lerp::lerp_all(e, theta, 1.0 - decay) {
+            return ema.map(&mut Replace(ids.into_iter().zip(blended).collect()));
+        }
     }
-    let mut collect = Collect(HashMap::new());
-    model.visit(&mut collect);
-    ema.map(&mut Blend {
-        current: collect.0,
-        decay,
-    })
-}
-
-/// A parameter's tensor without its rank.
-type Primitive = burn::backend::tensor::FloatTensor<burn::backend::Dispatch>;
-
-/// [`update`] with every parameter blended in one operation.
-fn update_all<M: Module>(ema: M, model: &M, decay: f64) -> M {
-    let mut theta = CollectAll(HashMap::new());
-    model.visit(&mut theta);
-    let mut pairs = Pairs {
-        theta: theta.0,
-        ids: Vec::new(),
-        ema: Vec::new(),
-        current: Vec::new(),
-    };
-    ema.visit(&mut pairs);
-    let blended = ldm_common::lerp::lerp_all(pairs.ema, pairs.current, 1.0 - decay);
-    ema.map(&mut Replace(pairs.ids.into_iter().zip(blended).collect()))
-}
-
-/// The model's detached parameters by id, without their ranks.
-struct CollectAll(HashMap<ParamId, Primitive>);
-
-impl ModuleVisitor for CollectAll {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val().detach().inner().into_dispatch();
-        self.0.insert(param.id, t);
-    }
+    ema.map(&mut Blend { current, decay })
 }
 
 /// The EMA's parameters that have a counterpart in the model, in visiting order, with it.
-struct Pairs {
-    theta: HashMap<ParamId, Primitive>,
+struct Pairs<'a> {
+    current: &'a HashMap<ParamId, Primitive>,
     ids: Vec<ParamId>,
     ema: Vec<Primitive>,
-    current: Vec<Primitive>,
+    theta: Vec<Primitive>,
 }
 
-impl ModuleVisitor for Pairs {
+impl ModuleVisitor for Pairs<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if let Some(theta) = self.theta.remove(&param.id) {
+        if let Some(theta) = self.current.get(&param.id) {
             self.ids.push(param.id);
             self.ema.push(param.val().into_dispatch());
-            self.current.push(theta);
+            self.theta.push(theta.clone());
         }
     }
 }
@@ -129,35 +104,47 @@ mod tests {
     use burn::tensor::Device;
     use ldm_common::tensor::to_vec_f32;
 
-    #[test]
-    fn blends_each_parameter_by_id() {
-        let device = Device::flex().autodiff();
+    /// ema moves toward the model by (1 - decay), per parameter and, where it runs all at
+    /// once (libtorch), the same with `foreach`.
+    fn blends_each_parameter_by_id(device: Device) {
         device.seed(0);
-        let model = LinearConfig::new(2, 2).init(&device);
+        let model = LinearConfig::new(2, 2).init(&device.clone().autodiff());
         let ema = model.valid();
         // Move the model: ema must move a quarter of the way with decay 0.75.
         let moved = model.clone().map(&mut Shift);
-        let updated = update(ema.clone(), &moved, 0.75, false);
-        // all at once (libtorch's path, here on flex where `update` keeps per parameter)
-        let all = update_all(ema.clone(), &moved, 0.75);
-        assert_eq!(
-            to_vec_f32(all.weight.val()),
-            to_vec_f32(updated.weight.val())
-        );
-        assert_eq!(
-            to_vec_f32(all.bias.as_ref().unwrap().val()),
-            to_vec_f32(updated.bias.as_ref().unwrap().val())
-        );
-        let (before, after, target) = (
-            to_vec_f32(ema.weight.val()),
-            to_vec_f32(updated.weight.val()),
-            to_vec_f32(moved.weight.val()),
-        );
-        for ((b, a), t) in before.iter().zip(&after).zip(&target) {
-            assert!((a - (0.75 * b + 0.25 * t)).abs() < 1e-6);
+        let bias = |m: &burn::nn::Linear| to_vec_f32(m.bias.as_ref().unwrap().val());
+        for foreach in [false, true] {
+            let updated = update(ema.clone(), &moved, 0.75, foreach);
+            for (before, after, target) in [
+                (
+                    to_vec_f32(ema.weight.val()),
+                    to_vec_f32(updated.weight.val()),
+                    to_vec_f32(moved.weight.val()),
+                ),
+                (bias(&ema), bias(&updated), bias(&moved)),
+            ] {
+                for ((b, a), t) in before.iter().zip(&after).zip(&target) {
+                    assert!(
+                        (a - (0.75 * b + 0.25 * t)).abs() < 1e-6,
+                        "foreach {foreach}"
+                    );
+                }
+            }
         }
         assert!((warmed_decay(0.999, 0) - 0.1).abs() < 1e-12);
         assert!((warmed_decay(0.999, 1_000_000) - 0.999).abs() < 1e-12);
+    }
+
+    #[test]
+    fn blends_each_parameter_by_id_on_flex() {
+        blends_each_parameter_by_id(Device::flex());
+    }
+
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)] // burn-tch: the project's GPU path (see ldm_common::torch_ops)
+    fn blends_each_parameter_by_id_on_libtorch() {
+        blends_each_parameter_by_id(Device::libtorch());
     }
 
     struct Shift;

@@ -205,11 +205,12 @@ struct Exchange {
     slots: VecDeque<Slot>,
 }
 
-/// Parameters stepped together share step number, learning rate, dtype and device.
+/// Parameters stepped together share step number, the step's constants (learning rate and
+/// bias corrections: [`FusedAdamW::constants`]), dtype and device.
 #[derive(Clone, PartialEq)]
 struct GroupKey {
     time: usize,
-    lr_bits: u64,
+    constants: [f32; 8],
     dtype: DType,
     device: Device,
 }
@@ -221,7 +222,6 @@ enum Slot {
     /// A libtorch parameter, to be stepped with its group.
     Pending {
         key: GroupKey,
-        constants: [f32; 8],
         p: Primitive,
         g: Primitive,
         m: Primitive,
@@ -252,26 +252,18 @@ impl Exchange {
         }
         for (key, members) in groups {
             let mut lists: [Vec<Primitive>; 4] = Default::default();
-            let mut constants = [0.0f32; 8];
             for &i in &members {
-                let Slot::Pending {
-                    constants: c,
-                    p,
-                    g,
-                    m,
-                    v,
-                    ..
-                } = std::mem::replace(&mut self.slots[i], Slot::Taken)
+                let Slot::Pending { p, g, m, v, .. } =
+                    std::mem::replace(&mut self.slots[i], Slot::Taken)
                 else {
                     unreachable!("grouped slots are pending")
                 };
-                constants = c;
                 for (list, t) in lists.iter_mut().zip([p, g, m, v]) {
                     list.push(t);
                 }
             }
             let [p, g, m, v] = lists;
-            let (p, m, v) = step_all(p, g, m, v, constants);
+            let (p, m, v) = step_all(p, g, m, v, key.constants);
             for (((i, p), m), v) in members.into_iter().zip(p).zip(m).zip(v) {
                 self.slots[i] = Slot::Done {
                     time: key.time,
@@ -328,13 +320,12 @@ impl Optimizer for Exchanging {
         }
         let key = GroupKey {
             time,
-            lr_bits: lr.to_bits(),
+            constants,
             dtype: tensor.dtype(),
             device: tensor.device(),
         };
         exchange.slots.push_back(Slot::Pending {
             key,
-            constants,
             p: tensor.clone().into_dispatch(),
             g: grad.into_dispatch(),
             m: m.into_dispatch(),

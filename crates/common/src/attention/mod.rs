@@ -129,7 +129,7 @@ fn self_forward(
     let merged = heads::join(&[&out], &s);
     let y = flex_tensor(merged, vec![s.batch, s.tokens, s.heads * s.d_head]);
     let saved = SelfSaved {
-        q: Arc::new([q, k, v]),
+        qkv: Arc::new([q, k, v]),
         bias: bias.cloned(),
         out: Arc::new(out),
         lse: Arc::new(lse),
@@ -143,7 +143,7 @@ fn self_forward(
 #[derive(Debug, Clone)]
 struct SelfSaved {
     /// q, k, v in the kernels' layout.
-    q: Arc<[Vec<f32>; 3]>,
+    qkv: Arc<[Vec<f32>; 3]>,
     bias: Option<FlexTensor>,
     out: Arc<Vec<f32>>,
     lse: Arc<Vec<f32>>,
@@ -162,7 +162,7 @@ impl Backward<Flex, 1> for FlexSelfAttentionBackward {
         let out_grad = contiguous(&grads.consume::<Flex>(&ops.node));
         let Some(node) = node else { return };
         let s = ops.state;
-        let [q, k, v] = &*s.q;
+        let [q, k, v] = &*s.qkv;
         let d_out = heads::split(values(&out_grad), 1, &s.layout);
         let (dq, dk, dv) = kernels::backward(
             q,

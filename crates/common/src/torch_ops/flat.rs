@@ -85,6 +85,14 @@ pub(crate) fn to_tch(t: DispatchTensor) -> TchTensor {
     }
 }
 
+/// The libtorch tensor inside a dispatch tensor on burn-tch without autodiff, if it is one.
+pub(crate) fn as_tch(t: &DispatchTensor) -> Option<&tch::Tensor> {
+    match &t.kind {
+        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(&t.tensor),
+        _ => None,
+    }
+}
+
 /// The dispatch tensor of a libtorch tensor (without autodiff).
 pub(crate) fn from_tch(t: TchTensor) -> DispatchTensor {
     DispatchTensor {
