@@ -6,23 +6,32 @@
 //! (slow in cuDNN and in oneDNN), attention is decomposed into matmul + masked softmax (no flash
 //! or memory-efficient attention), and GroupNorm, LayerNorm, SiLU and GELU are chains of
 //! elementwise operations, one kernel and one saved tensor each. [`TorchOps`] runs each of these
-//! layers as one libtorch call and takes its backward from torch's autograd: the forward records
-//! a torch graph from leaf copies of the inputs, and the backward asks torch for the
-//! vector-Jacobian product, `grad_i = d(sum(y * dy)) / d input_i` ([`vjp`]). That is the same
-//! backward PyTorch eager runs (cuDNN / oneDNN convolution backward, fused attention backward,
-//! native norm backward), on the CPU and on CUDA, in every dtype libtorch supports (bf16
-//! included).
+//! layers as one libtorch call, and its backward as the call PyTorch's autograd node for it
+//! makes ([`Saved::backward`]): `convolution_backward` (cuDNN / oneDNN),
+//! `native_group_norm_backward`, `native_layer_norm_backward`, `silu_backward`,
+//! `gelu_backward`, and the CPU flash attention's backward (the ones tch does not bind come from
+//! `csrc/torch_backward.cpp`, [`native`]). The forward calls the native operation that PyTorch's
+//! composite one calls (`native_group_norm` for `group_norm`, ...) and keeps what that
+//! backward reads (the input, the mean and rstd, ...): the numbers are PyTorch's, in every
+//! dtype libtorch supports (bf16 included).
 //!
-//! Only the operation's own torch graph lives between forward and backward; burn owns everything
-//! else. Tensors torch saved for the backward are also held as burn tensors in the backward
-//! state, so that burn-tch never updates them in place (it does when it holds the only
-//! reference) before torch reads them.
+//! Attention other than libtorch's CPU flash kernel (on CUDA: flash, memory-efficient or cuDNN
+//! attention, chosen by libtorch) is recorded by torch's autograd from leaf copies of the
+//! inputs, and its backward is `torch.autograd.grad` with the output gradient
+//! ([`Saved::Recorded`]). That was every operation's backward before: about 30 us of host time
+//! per call on the CPU (torch's autograd engine), and on CUDA a hand-off to the engine's device
+//! thread and back.
+//!
+//! Tensors the backward reads are also held as burn tensors in the backward state, so that
+//! burn-tch never updates them in place (it does when it holds the only reference) before the
+//! backward reads them.
 
 // burn 0.22.1 marks burn-tch deprecated in favour of its CubeCL backends, whose CUDA build
 // downloads LLVM and cannot be built on the project's machines: burn-tch is the GPU path here.
 #![allow(deprecated)]
 
 pub(crate) mod flat;
+mod native;
 #[cfg(test)]
 mod tests;
 
@@ -237,80 +246,387 @@ impl TorchOps for LibTorch {
     }
 }
 
-/// What the backward needs: torch's output (still attached to its graph), the leaf copy of each
-/// input whose gradient is wanted, and burn's own handles on the inputs and the output (held so
-/// that burn-tch sees them shared and never writes them in place while torch may read them).
+/// What an operation's backward reads, saved by its forward. The inputs and the output are
+/// kept as burn handles (clones of burn's own `TchTensor`s), so that burn-tch sees them shared
+/// and never writes them in place before the backward has read them.
 #[derive(Clone, Debug)]
-struct VjpState {
-    output: TchTensor,
-    leaves: Vec<Option<TchTensor>>,
-    _held: Vec<TchTensor>,
+enum Saved {
+    Conv2d {
+        x: TchTensor,
+        weight: TchTensor,
+    },
+    /// `normalized` is the group norm's output before the SiLU, when there is one.
+    GroupNorm {
+        x: TchTensor,
+        gamma: TchTensor,
+        mean: TchTensor,
+        rstd: TchTensor,
+        normalized: Option<TchTensor>,
+        sizes: [i64; 4],
+    },
+    LayerNorm {
+        x: TchTensor,
+        gamma: TchTensor,
+        beta: TchTensor,
+        mean: TchTensor,
+        rstd: TchTensor,
+    },
+    /// libtorch's CPU flash attention (what `scaled_dot_product_attention` runs on the CPU).
+    FlashCpu {
+        q: TchTensor,
+        k: TchTensor,
+        v: TchTensor,
+        bias: Option<TchTensor>,
+        out: TchTensor,
+        logsumexp: TchTensor,
+    },
+    Activation {
+        x: TchTensor,
+    },
+    /// Anything else: the operation recorded by torch's autograd from leaf copies of the inputs
+    /// (those whose gradient burn wants), its backward `torch.autograd.grad`.
+    Recorded {
+        output: TchTensor,
+        leaves: Vec<Option<TchTensor>>,
+        _held: Vec<TchTensor>,
+    },
 }
 
-/// The backward step of every [`TorchOps`] operation: torch's vector-Jacobian product.
-#[derive(Debug)]
-struct TorchVjp;
+/// A burn handle on `t` that is contiguous: `t` itself if it is, else a contiguous copy.
+fn contiguous(t: &TchTensor) -> TchTensor {
+    if t.tensor.is_contiguous() {
+        t.clone()
+    } else {
+        TchTensor::new(t.tensor.contiguous())
+    }
+}
 
-impl<const N: usize> Backward<LibTorch, N> for TorchVjp {
-    type State = VjpState;
+impl TorchOp {
+    /// The forward under autodiff: the output and what the backward reads. Each is the native
+    /// operation PyTorch's composite one calls (`group_norm` -> `native_group_norm`, ...), so
+    /// the output is the same, and the backward is the call PyTorch's autograd node makes.
+    fn forward_saving(self, inputs: &[TchTensor], wants: &[bool]) -> (TchTensor, Saved) {
+        match (self, inputs) {
+            (TorchOp::Conv2d { .. }, [x, weight, bias]) => {
+                let y = self.run([x.clone(), weight.clone(), bias.clone()]);
+                let saved = Saved::Conv2d {
+                    x: x.clone(),
+                    weight: weight.clone(),
+                };
+                (y, saved)
+            }
+            (
+                TorchOp::GroupNorm {
+                    groups,
+                    epsilon,
+                    silu,
+                },
+                [x, gamma, beta],
+            ) => {
+                let x = contiguous(x);
+                let size = x.tensor.size();
+                let (n, c) = (size[0], size[1]);
+                let hxw = size[2..].iter().product::<i64>();
+                let sizes = [n, c, hxw, groups as i64];
+                let gamma = contiguous(gamma);
+                let (out, mean, rstd) = x.tensor.native_group_norm(
+                    Some(&gamma.tensor),
+                    Some(&beta.tensor.contiguous()),
+                    n,
+                    c,
+                    hxw,
+                    groups as i64,
+                    epsilon,
+                );
+                let (y, normalized) = if silu {
+                    (out.silu(), Some(TchTensor::new(out)))
+                } else {
+                    (out, None)
+                };
+                let saved = Saved::GroupNorm {
+                    x,
+                    gamma,
+                    mean: TchTensor::new(mean),
+                    rstd: TchTensor::new(rstd),
+                    normalized,
+                    sizes,
+                };
+                (TchTensor::new(y), saved)
+            }
+            (TorchOp::LayerNorm { epsilon }, [x, gamma, beta]) => {
+                let last = *x
+                    .tensor
+                    .size()
+                    .last()
+                    .expect("a tensor with at least one axis");
+                let (y, mean, rstd) = x.tensor.native_layer_norm(
+                    [last],
+                    Some(&gamma.tensor),
+                    Some(&beta.tensor),
+                    epsilon,
+                );
+                let saved = Saved::LayerNorm {
+                    x: x.clone(),
+                    gamma: gamma.clone(),
+                    beta: beta.clone(),
+                    mean: TchTensor::new(mean),
+                    rstd: TchTensor::new(rstd),
+                };
+                (TchTensor::new(y), saved)
+            }
+            // (a mask that wants a gradient goes through torch's autograd)
+            (TorchOp::Attention, [q, k, v, rest @ ..])
+                if !wants.get(3).copied().unwrap_or(false)
+                    && flash_on_cpu(q, k, v, rest.first()) =>
+            {
+                let bias = rest.first();
+                let (out, logsumexp) =
+                    tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
+                        &q.tensor,
+                        &k.tensor,
+                        &v.tensor,
+                        0.0,
+                        false,
+                        bias.map(|b| &b.tensor),
+                        None,
+                    );
+                let y = TchTensor::new(out);
+                let saved = Saved::FlashCpu {
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    bias: bias.cloned(),
+                    out: y.clone(),
+                    logsumexp: TchTensor::new(logsumexp),
+                };
+                (y, saved)
+            }
+            (TorchOp::Activation { .. }, [x]) => {
+                let y = self.run([x.clone()]);
+                (y, Saved::Activation { x: x.clone() })
+            }
+            _ => self.record(inputs, wants),
+        }
+    }
+
+    /// The forward recorded by torch's autograd, from leaf copies of the inputs whose gradient
+    /// is wanted (the backward of [`Saved::Recorded`]).
+    fn record(self, inputs: &[TchTensor], wants: &[bool]) -> (TchTensor, Saved) {
+        let leaves: Vec<Option<TchTensor>> = inputs
+            .iter()
+            .zip(wants)
+            .map(|(t, &wants)| {
+                wants.then(|| TchTensor::new(t.tensor.detach().set_requires_grad(true)))
+            })
+            .collect();
+        let operands: Vec<tch::Tensor> = inputs
+            .iter()
+            .zip(&leaves)
+            .map(|(t, leaf)| leaf.as_ref().unwrap_or(t).tensor.shallow_clone())
+            .collect();
+        let output = tch::with_grad(|| self.apply(&operands));
+        let y = TchTensor::new(output.detach());
+        let mut held = inputs.to_vec();
+        held.push(y.clone());
+        let saved = Saved::Recorded {
+            output: TchTensor::new(output),
+            leaves,
+            _held: held,
+        };
+        (y, saved)
+    }
+}
+
+/// Whether libtorch's `scaled_dot_product_attention` would run these on its CPU flash kernel
+/// (`_fused_sdp_choice` = flash), which [`Saved::FlashCpu`] then calls directly.
+fn flash_on_cpu(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: Option<&TchTensor>) -> bool {
+    const FLASH: i64 = 1;
+    q.tensor.device() == tch::Device::Cpu
+        && tch::Tensor::internal_fused_sdp_choice(
+            &q.tensor,
+            &k.tensor,
+            &v.tensor,
+            bias.map(|b| &b.tensor),
+            0.0,
+            false,
+            None,
+            false,
+        ) == FLASH
+}
+
+impl Saved {
+    /// The gradient of each input whose gradient is `wanted`, for the output gradient `dy`.
+    fn backward(self, op: TorchOp, dy: &tch::Tensor, wanted: &[bool]) -> Vec<Option<tch::Tensor>> {
+        let mask = |i: usize| wanted.get(i).copied().unwrap_or(false);
+        match (self, op) {
+            (
+                Saved::Conv2d { x, weight },
+                TorchOp::Conv2d {
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                },
+            ) => native::convolution_backward(
+                dy,
+                &x.tensor,
+                &weight.tensor,
+                ints(stride),
+                ints(padding),
+                ints(dilation),
+                groups as i64,
+                [mask(0), mask(1), mask(2)],
+            )
+            .into(),
+            (
+                Saved::GroupNorm {
+                    x,
+                    gamma,
+                    mean,
+                    rstd,
+                    normalized,
+                    sizes,
+                },
+                _,
+            ) => {
+                let dy = match &normalized {
+                    Some(out) => out.tensor.silu_backward(dy),
+                    None => dy.shallow_clone(),
+                };
+                native::group_norm_backward(
+                    &dy,
+                    &x.tensor,
+                    &mean.tensor,
+                    &rstd.tensor,
+                    &gamma.tensor,
+                    sizes,
+                    [mask(0), mask(1), mask(2)],
+                )
+                .into()
+            }
+            (
+                Saved::LayerNorm {
+                    x,
+                    gamma,
+                    beta,
+                    mean,
+                    rstd,
+                },
+                _,
+            ) => {
+                let last = *x
+                    .tensor
+                    .size()
+                    .last()
+                    .expect("a tensor with at least one axis");
+                native::layer_norm_backward(
+                    dy,
+                    &x.tensor,
+                    &[last],
+                    &mean.tensor,
+                    &rstd.tensor,
+                    &gamma.tensor,
+                    &beta.tensor,
+                    [mask(0), mask(1), mask(2)],
+                )
+                .into()
+            }
+            (
+                Saved::FlashCpu {
+                    q,
+                    k,
+                    v,
+                    bias,
+                    out,
+                    logsumexp,
+                },
+                _,
+            ) => {
+                let (dq, dk, dv) =
+                    tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                        dy,
+                        &q.tensor,
+                        &k.tensor,
+                        &v.tensor,
+                        &out.tensor,
+                        &logsumexp.tensor,
+                        0.0,
+                        false,
+                        bias.as_ref().map(|b| &b.tensor),
+                        None,
+                    );
+                vec![Some(dq), Some(dk), Some(dv)]
+            }
+            (Saved::Activation { x }, TorchOp::Activation { gelu_tanh }) => {
+                let dx = if gelu_tanh {
+                    x.tensor.gelu_backward(dy, "tanh")
+                } else {
+                    x.tensor.silu_backward(dy)
+                };
+                vec![Some(dx)]
+            }
+            (Saved::Recorded { output, leaves, .. }, _) => {
+                let inputs: Vec<&tch::Tensor> =
+                    leaves.iter().flatten().map(|l| &l.tensor).collect();
+                let mut grads = native::autograd_grad(&output.tensor, dy, &inputs).into_iter();
+                leaves
+                    .iter()
+                    .map(|leaf| leaf.as_ref().and_then(|_| grads.next().flatten()))
+                    .collect()
+            }
+            (saved, op) => {
+                unreachable!("{op:?} with the saved state of another operation: {saved:?}")
+            }
+        }
+    }
+}
+
+/// The backward state of every [`TorchOps`] operation.
+#[derive(Clone, Debug)]
+struct TorchState {
+    op: TorchOp,
+    saved: Saved,
+    /// Whether burn wants each input's gradient.
+    wanted: Vec<bool>,
+}
+
+/// The backward step of every [`TorchOps`] operation: PyTorch's backward kernels
+/// ([`Saved::backward`]).
+#[derive(Debug)]
+struct TorchBackward;
+
+impl<const N: usize> Backward<LibTorch, N> for TorchBackward {
+    type State = TorchState;
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<LibTorch>(&ops.node);
-        let VjpState { output, leaves, .. } = ops.state;
-        let wanted: Vec<(usize, &tch::Tensor)> = leaves
-            .iter()
-            .enumerate()
-            .filter_map(|(i, leaf)| Some((i, &leaf.as_ref()?.tensor)))
-            .collect();
-        // d(sum(y * dy)) / d input = dy^T dy/d input: the gradient torch's backward of y sends
-        // to each input when y's gradient is dy. Grad mode is torch's per thread: the product
-        // must be recorded whichever thread burn runs its backward on.
-        let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, t)| *t).collect();
-        let input_grads = tch::with_grad(|| {
-            let root = (&output.tensor * &dy.tensor).sum(None::<tch::Kind>);
-            tch::Tensor::run_backward(&[root], &inputs, false, false)
-        });
-        for ((i, _), grad) in wanted.into_iter().zip(input_grads) {
-            if let Some(node) = &ops.parents[i] {
+        let TorchState { op, saved, wanted } = ops.state;
+        let input_grads = saved.backward(op, &dy.tensor, &wanted);
+        for ((parent, grad), wanted) in ops.parents.iter().zip(input_grads).zip(wanted) {
+            if let (Some(node), Some(grad), true) = (parent, grad, wanted) {
                 grads.register::<LibTorch>(node.id, TchTensor::new(grad));
             }
         }
     }
 }
 
-/// `op` on autodiff tensors: untracked, the plain libtorch call; tracked, the call on leaf
-/// copies of the inputs (requiring grad where burn wants the input's gradient) inside torch's
-/// autograd, with [`TorchVjp`] as the backward.
-fn vjp<C: CheckpointStrategy, const N: usize>(
+/// `op` on autodiff tensors: untracked, the plain libtorch call; tracked, the call that saves
+/// what [`TorchBackward`] reads.
+fn tracked<C: CheckpointStrategy, const N: usize>(
     op: TorchOp,
     inputs: [FloatTensor<Autodiff<LibTorch, C>>; N],
 ) -> FloatTensor<Autodiff<LibTorch, C>> {
     let nodes = inputs.each_ref().map(|t| t.node());
     let wants_grad = inputs.each_ref().map(|t| t.is_tracked());
     let primitives = inputs.map(|t| t.into_primitive());
-    match TorchVjp.prepare::<C>(nodes).compute_bound().stateful() {
+    match TorchBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::UnTracked(prep) => prep.finish(op.run(primitives)),
         OpsKind::Tracked(prep) => {
-            let leaves: Vec<Option<TchTensor>> = primitives
-                .iter()
-                .zip(wants_grad)
-                .map(|(t, wants)| {
-                    wants.then(|| TchTensor::new(t.tensor.detach().set_requires_grad(true)))
-                })
-                .collect();
-            let operands: Vec<tch::Tensor> = primitives
-                .iter()
-                .zip(&leaves)
-                .map(|(t, leaf)| leaf.as_ref().unwrap_or(t).tensor.shallow_clone())
-                .collect();
-            let output = tch::with_grad(|| op.apply(&operands));
-            let y = TchTensor::new(output.detach());
-            let mut held = primitives.to_vec();
-            held.push(y.clone());
-            let state = VjpState {
-                output: TchTensor::new(output),
-                leaves,
-                _held: held,
+            let (y, saved) = op.forward_saving(&primitives, &wants_grad);
+            let state = TorchState {
+                op,
+                saved,
+                wanted: wants_grad.to_vec(),
             };
             prep.finish(state, y)
         }
@@ -333,7 +649,7 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
             dilation,
             groups,
         };
-        vjp::<C, _>(op, [x, weight, bias])
+        tracked::<C, _>(op, [x, weight, bias])
     }
 
     fn torch_group_norm(
@@ -349,7 +665,7 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
             epsilon,
             silu,
         };
-        vjp::<C, _>(op, [x, gamma, beta])
+        tracked::<C, _>(op, [x, gamma, beta])
     }
 
     fn torch_layer_norm(
@@ -358,7 +674,7 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> FloatTensor<Self> {
-        vjp::<C, _>(TorchOp::LayerNorm { epsilon }, [x, gamma, beta])
+        tracked::<C, _>(TorchOp::LayerNorm { epsilon }, [x, gamma, beta])
     }
 
     fn torch_attention(
@@ -367,7 +683,7 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         v: FloatTensor<Self>,
         bias: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        vjp::<C, _>(TorchOp::Attention, [q, k, v, bias])
+        tracked::<C, _>(TorchOp::Attention, [q, k, v, bias])
     }
 
     fn torch_attention_unmasked(
@@ -375,11 +691,11 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        vjp::<C, _>(TorchOp::Attention, [q, k, v])
+        tracked::<C, _>(TorchOp::Attention, [q, k, v])
     }
 
     fn torch_activation(x: FloatTensor<Self>, gelu_tanh: bool) -> FloatTensor<Self> {
-        vjp::<C, _>(TorchOp::Activation { gelu_tanh }, [x])
+        tracked::<C, _>(TorchOp::Activation { gelu_tanh }, [x])
     }
 }
 

@@ -1,5 +1,6 @@
 //! Each operation against burn's own on burn-tch's CPU, forward and every gradient: burn's
-//! generic formulas are the reference for torch's backward as [`super::vjp`] calls it.
+//! generic formulas are the reference for the backward kernels [`super::Saved::backward`] calls;
+//! and each direct backward against torch's autograd on the same forward.
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -14,6 +15,7 @@ use crate::activation::{gelu_tanh, silu};
 use crate::gemm_conv::{conv2d, layer_kinds};
 use crate::group_norm::group_norm;
 use crate::layers::{attention, layer_norm};
+use burn::backend::libtorch::TchTensor;
 
 fn device() -> Device {
     Device::libtorch().autodiff()
@@ -226,8 +228,8 @@ fn activations_match_burn() {
 
 /// Residual connections and an attention output updated afterwards: burn-tch adds in place
 /// into a tensor it holds the only handle on, and torch saved the input of the GroupNorm and
-/// the output of the attention for their backward. Unless [`super::vjp`] holds them, torch's
-/// backward fails on a version mismatch.
+/// the output of the attention for their backward. Unless [`super::Saved`] holds them, the
+/// backward reads the updated values.
 #[test]
 fn residual_updates_keep_torchs_saved_tensors() {
     let device = device();
@@ -271,4 +273,150 @@ fn works_with_torchs_grad_mode_off() {
     let ours = tch::no_grad(|| conv2d(&conv, x.clone()));
     let [grads, grads_ref] = tch::no_grad(|| forward_agrees("no grad", ours, reference));
     gradient_agrees("no grad", &x, &[grads, grads_ref]);
+}
+
+fn tch_random(shape: &[i64]) -> TchTensor {
+    TchTensor::new(tch::Tensor::randn(
+        shape,
+        (tch::Kind::Float, tch::Device::Cpu),
+    ))
+}
+
+fn tch_max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Every operation's direct backward (PyTorch's backward kernels called as its autograd nodes
+/// call them) against torch's autograd recording the composite forward
+/// ([`super::TorchOp::record`], the path for anything without a direct backward): the same
+/// output, and the same gradient for each input whose gradient is wanted, none for the others.
+#[test]
+fn direct_backward_matches_torchs_autograd() {
+    use super::TorchOp;
+    let conv = TorchOp::Conv2d {
+        stride: [2, 1],
+        padding: [1, 0],
+        dilation: [1, 1],
+        groups: 1,
+    };
+    // a transposed (non-contiguous) input for the GroupNorm, which works on a contiguous copy
+    let transposed = TchTensor::new(tch_random(&[3, 6, 4, 5]).tensor.transpose(2, 3));
+    let mask = tch::Tensor::zeros([2, 1, 1, 6], (tch::Kind::Float, tch::Device::Cpu));
+    let _ = mask.narrow(3, 4, 2).fill_(f64::NEG_INFINITY);
+    let cases: Vec<(&str, TorchOp, Vec<TchTensor>, Vec<bool>)> = vec![
+        (
+            "conv",
+            conv,
+            vec![
+                tch_random(&[2, 3, 7, 6]),
+                tch_random(&[4, 3, 3, 3]),
+                tch_random(&[4]),
+            ],
+            vec![true, true, true],
+        ),
+        (
+            "conv, constant x",
+            conv,
+            vec![
+                tch_random(&[2, 3, 7, 6]),
+                tch_random(&[4, 3, 3, 3]),
+                tch_random(&[4]),
+            ],
+            vec![false, true, true],
+        ),
+        (
+            "group norm + silu",
+            TorchOp::GroupNorm {
+                groups: 3,
+                epsilon: 1e-6,
+                silu: true,
+            },
+            vec![transposed, tch_random(&[6]), tch_random(&[6])],
+            vec![true, true, true],
+        ),
+        (
+            "group norm",
+            TorchOp::GroupNorm {
+                groups: 2,
+                epsilon: 1e-5,
+                silu: false,
+            },
+            vec![
+                tch_random(&[2, 4, 3, 3]),
+                tch_random(&[4]),
+                tch_random(&[4]),
+            ],
+            vec![true, false, true],
+        ),
+        (
+            "layer norm",
+            TorchOp::LayerNorm { epsilon: 1e-6 },
+            vec![tch_random(&[2, 5, 8]), tch_random(&[8]), tch_random(&[8])],
+            vec![true, true, true],
+        ),
+        (
+            "attention",
+            TorchOp::Attention,
+            vec![
+                tch_random(&[2, 3, 5, 4]),
+                tch_random(&[2, 3, 6, 4]),
+                tch_random(&[2, 3, 6, 4]),
+            ],
+            vec![true, true, true],
+        ),
+        (
+            "attention, padded keys",
+            TorchOp::Attention,
+            vec![
+                tch_random(&[2, 3, 5, 4]),
+                tch_random(&[2, 3, 6, 4]),
+                tch_random(&[2, 3, 6, 4]),
+                TchTensor::new(mask),
+            ],
+            vec![true, true, true, false],
+        ),
+        (
+            "silu",
+            TorchOp::Activation { gelu_tanh: false },
+            vec![tch_random(&[3, 7])],
+            vec![true],
+        ),
+        (
+            "gelu",
+            TorchOp::Activation { gelu_tanh: true },
+            vec![tch_random(&[3, 7])],
+            vec![true],
+        ),
+    ];
+    for (what, op, inputs, wants) in cases {
+        let (y, saved) = op.forward_saving(&inputs, &wants);
+        assert!(
+            !matches!(saved, super::Saved::Recorded { .. }),
+            "{what}: no direct backward on the CPU"
+        );
+        let (y_ref, recorded) = op.record(&inputs, &wants);
+        assert_eq!(y.tensor.size(), y_ref.tensor.size(), "{what}: shape");
+        let forward = tch_max_diff(&y.tensor, &y_ref.tensor);
+        assert!(forward < 1e-5, "{what}: forward differs by {forward}");
+        let dy = tch::Tensor::randn(y.tensor.size(), (tch::Kind::Float, tch::Device::Cpu));
+        let ours = saved.backward(op, &dy, &wants);
+        let reference = recorded.backward(op, &dy, &wants);
+        for (i, wanted) in wants.iter().enumerate() {
+            let (a, b) = (ours.get(i).and_then(Option::as_ref), reference[i].as_ref());
+            if !wanted {
+                assert!(
+                    b.is_none(),
+                    "{what}: input {i} has a gradient in torch's autograd"
+                );
+                continue;
+            }
+            let (a, b) = (a.expect("a gradient"), b.expect("a reference gradient"));
+            assert_eq!(a.size(), b.size(), "{what}: input {i}'s gradient shape");
+            let diff = tch_max_diff(a, b);
+            assert!(
+                diff < 1e-4,
+                "{what}: input {i}'s gradient differs by {diff}"
+            );
+        }
+    }
 }

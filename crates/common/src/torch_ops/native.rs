@@ -1,0 +1,208 @@
+//! PyTorch's backward kernels that tch does not bind (its generator skips operators with a
+//! `bool[N]` output mask), from `csrc/torch_backward.cpp`: the calls PyTorch's own autograd
+//! nodes make, so a [`super::TorchOps`] backward is PyTorch's without going through torch's
+//! autograd engine (about 30 us of host time per call on the CPU, and on CUDA a hand-off to the
+//! engine's device thread and back).
+
+use std::ffi::{CStr, c_char};
+use std::ptr;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn ldm_convolution_backward(
+        grad: *const C_tensor,
+        input: *const C_tensor,
+        weight: *const C_tensor,
+        bias_size: i64,
+        stride: *const i64,
+        padding: *const i64,
+        dilation: *const i64,
+        groups: i64,
+        mask: *const bool,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
+    fn ldm_group_norm_backward(
+        grad: *const C_tensor,
+        input: *const C_tensor,
+        mean: *const C_tensor,
+        rstd: *const C_tensor,
+        gamma: *const C_tensor,
+        n: i64,
+        c: i64,
+        hxw: i64,
+        groups: i64,
+        mask: *const bool,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
+    fn ldm_layer_norm_backward(
+        grad: *const C_tensor,
+        input: *const C_tensor,
+        shape: *const i64,
+        ndims: i64,
+        mean: *const C_tensor,
+        rstd: *const C_tensor,
+        gamma: *const C_tensor,
+        beta: *const C_tensor,
+        mask: *const bool,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
+    fn ldm_autograd_grad(
+        outputs: *const *const C_tensor,
+        grad_outputs: *const *const C_tensor,
+        n_outputs: i64,
+        inputs: *const *const C_tensor,
+        n_inputs: i64,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+}
+
+/// Takes ownership of the C side's results: panics with libtorch's message on an error (as
+/// tch's own non-`f_` calls do), else one tensor per result handle that is not null.
+fn finish<const N: usize>(
+    what: &str,
+    error: *mut c_char,
+    out: [*mut C_tensor; N],
+) -> [Option<Tensor>; N] {
+    // SAFETY: the C side returns null or a handle it allocated with `new at::Tensor`, which
+    // tch's `Tensor` owns and frees on drop; and null or a strdup'ed message.
+    let tensors = out.map(|p| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) }));
+    if !error.is_null() {
+        let message = unsafe { CStr::from_ptr(error) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { libc::free(error.cast()) };
+        panic!("libtorch {what}: {message}");
+    }
+    tensors
+}
+
+/// d(x), d(weight), d(bias) of `conv2d(x, weight) + bias` for output gradient `grad`, those
+/// with `mask` set (PyTorch's `convolution_backward`: cuDNN / oneDNN).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn convolution_backward(
+    grad: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    stride: [i64; 2],
+    padding: [i64; 2],
+    dilation: [i64; 2],
+    groups: i64,
+    mask: [bool; 3],
+) -> [Option<Tensor>; 3] {
+    let mut out = [ptr::null_mut(); 3];
+    let bias_size = weight.size()[0];
+    // SAFETY: every pointer is valid for the call; the arrays have the lengths the C side reads.
+    let error = unsafe {
+        ldm_convolution_backward(
+            grad.as_ptr(),
+            x.as_ptr(),
+            weight.as_ptr(),
+            bias_size,
+            stride.as_ptr(),
+            padding.as_ptr(),
+            dilation.as_ptr(),
+            groups,
+            mask.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
+    finish("convolution_backward", error, out)
+}
+
+/// d(x), d(gamma), d(beta) of `native_group_norm(x, gamma, beta, n, c, hxw, groups)` for
+/// output gradient `grad`, from the forward's `mean` and `rstd`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn group_norm_backward(
+    grad: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+    [n, c, hxw, groups]: [i64; 4],
+    mask: [bool; 3],
+) -> [Option<Tensor>; 3] {
+    let mut out = [ptr::null_mut(); 3];
+    // SAFETY: as in `convolution_backward`.
+    let error = unsafe {
+        ldm_group_norm_backward(
+            grad.as_ptr(),
+            x.as_ptr(),
+            mean.as_ptr(),
+            rstd.as_ptr(),
+            gamma.as_ptr(),
+            n,
+            c,
+            hxw,
+            groups,
+            mask.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
+    finish("native_group_norm_backward", error, out)
+}
+
+/// d(x), d(gamma), d(beta) of `native_layer_norm(x, shape, gamma, beta)` for output gradient
+/// `grad`, from the forward's `mean` and `rstd`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_backward(
+    grad: &Tensor,
+    x: &Tensor,
+    shape: &[i64],
+    mean: &Tensor,
+    rstd: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mask: [bool; 3],
+) -> [Option<Tensor>; 3] {
+    let mut out = [ptr::null_mut(); 3];
+    // SAFETY: as in `convolution_backward`.
+    let error = unsafe {
+        ldm_layer_norm_backward(
+            grad.as_ptr(),
+            x.as_ptr(),
+            shape.as_ptr(),
+            shape.len() as i64,
+            mean.as_ptr(),
+            rstd.as_ptr(),
+            gamma.as_ptr(),
+            beta.as_ptr(),
+            mask.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
+    finish("native_layer_norm_backward", error, out)
+}
+
+/// `torch.autograd.grad([output], inputs, [grad])`: the gradient the recorded graph from the
+/// leaves `inputs` to `output` sends to each input when `output`'s gradient is `grad` (`None`
+/// for an input the output does not depend on).
+pub(crate) fn autograd_grad(
+    output: &Tensor,
+    grad: &Tensor,
+    inputs: &[&Tensor],
+) -> Vec<Option<Tensor>> {
+    let mut out = vec![ptr::null_mut(); inputs.len()];
+    let input_ptrs: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
+    // SAFETY: as in `convolution_backward`; `out` has one slot per input.
+    let error = unsafe {
+        ldm_autograd_grad(
+            &output.as_ptr(),
+            &grad.as_ptr(),
+            1,
+            input_ptrs.as_ptr(),
+            inputs.len() as i64,
+            out.as_mut_ptr(),
+        )
+    };
+    let tensors: Vec<Option<Tensor>> = out
+        .into_iter()
+        .map(|p| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) }))
+        .collect();
+    finish::<0>("autograd.grad", error, []);
+    tensors
+}
