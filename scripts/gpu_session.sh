@@ -4,11 +4,14 @@
 # (`bash scripts/setup_libtorch.sh --build` -> gpu-bin/pipeline) and data/animal-mnist carried
 # over (both git-ignored; together about 37 MB):
 #
-#   bash scripts/gpu_session.sh env         # the machine, the binary, torch, and one DiT step with train.foreach on
+#   bash scripts/gpu_session.sh env         # the machine, the binary, torch; two steps of each training row (the direct
+#                                           # backward kernels) and of the DiT with train.foreach on
 #   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
 #   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
-#   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step,
-#                                           # then the recipe's batches with the other train.foreach mode
+#   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
+#                                           # (recipe batches, the tiny host-cost rows at batch 1, batch $BIG_BATCH),
+#                                           # then the recipe's batches with the other train.foreach mode and, burn
+#                                           # only, with LDM_TORCH_BACKWARD=autograd
 #   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #   bash scripts/gpu_session.sh all         # env, bench, phases, train, bench-bf16, eval within $BUDGET_S
@@ -52,6 +55,13 @@ case "$DEVICE" in
   libtorch) compare=(--device cpu --libtorch) ;;
   *) echo "error: DEVICE=$DEVICE: expected cuda, cuda:N or libtorch" >&2; exit 2 ;;
 esac
+# The direct backward kernels (ldm_common::torch_ops, csrc/torch_backward.cpp) have not run on
+# a GPU before: `env` trains two steps of every row with them, and if that fails but torch's
+# autograd path works, the later steps run with LDM_TORCH_BACKWARD=autograd.
+if [[ -f $OUT/backward.txt && $(cat "$OUT/backward.txt") == autograd ]]; then
+  export LDM_TORCH_BACKWARD=autograd
+  echo "note: the direct backward failed its check in env ($OUT/backward-check.log): running with LDM_TORCH_BACKWARD=autograd" >&2
+fi
 # train.foreach (AdamW and the EMA over all parameters at once, `auto` = on for CUDA) has
 # not run on a GPU before: `env` checks it with one DiT step, and if that fails the later
 # steps turn it off (--foreach off, --set *.train.foreach=off) instead of failing too.
@@ -115,6 +125,19 @@ case "$step" in
     { date -u; nvidia-smi 2>&1 || echo "(no nvidia-smi)"; "$PIPELINE" --version
       "$PYTHON" -W ignore -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
       nproc; free -g | head -2; } | tee "$OUT/env.txt"
+    check=("$PIPELINE" bench --config animals --rows vae-train,ldm-train-unet,ldm-train-dit
+      --iters 2 --warmup 1 --device "$DEVICE" --foreach off)
+    if timeout 180 "${check[@]}" > "$OUT/backward-check.log" 2>&1; then
+      echo direct > "$OUT/backward.txt"
+    elif LDM_TORCH_BACKWARD=autograd timeout 180 "${check[@]}" >> "$OUT/backward-check.log" 2>&1; then
+      echo autograd > "$OUT/backward.txt"
+      export LDM_TORCH_BACKWARD=autograd
+      echo "warning: the direct backward failed ($OUT/backward-check.log); the later steps run with LDM_TORCH_BACKWARD=autograd" >&2
+    else
+      echo failed > "$OUT/backward.txt"
+      echo "warning: two training steps failed with either backward ($OUT/backward-check.log)" >&2
+    fi
+    echo "backward check: $(cat "$OUT/backward.txt")" | tee -a "$OUT/env.txt"
     if timeout 120 "$PIPELINE" bench --config animals --rows ldm-train-dit --iters 2 --warmup 1 \
       --device "$DEVICE" --foreach on > "$OUT/foreach-check.log" 2>&1; then
       echo ok > "$OUT/foreach.txt"
@@ -135,6 +158,14 @@ case "$step" in
     # where a training step's time goes on each side: the device synced after every part
     train_rows=(--rows vae-train,ldm-train-unet,ldm-train-dit --phases)
     runs=1 bench phases-recipe "${train_rows[@]}"
+    # the host cost: the recipe's networks with every width cut down, at batch 1, so that a
+    # step is almost all per-operation cost (launches)
+    tiny=(--config scripts/bench/tiny/recipe.toml --unet scripts/bench/tiny/unet.toml --batch-size 1)
+    tiny_iters=(--iters "${TINY_ITERS:-100}")
+    ((${#short[@]} == 0)) || tiny_iters=("${short[@]}")
+    timed host-tiny env PIPELINE="$PIPELINE" PYTHON="$PYTHON" OUT="$OUT/host-tiny" \
+      bash scripts/bench/compare.sh "${compare[@]}" --runs 1 -- "${tiny[@]}" --phases \
+      "${foreach_bench[@]}" "${tiny_iters[@]}"
     runs=1 bench phases-big --batch-size "$big" "${train_rows[@]}"
     # the other train.foreach mode at the recipe's batches (auto is on for CUDA, off on a
     # CPU): what the all-at-once AdamW and EMA change, on both sides
@@ -143,6 +174,17 @@ case "$step" in
     [[ $DEVICE == cuda* ]] && other=off
     if ((${#foreach_bench[@]} == 0)); then
       runs=1 bench "phases-recipe-foreach-$other" "${train_rows[@]}" --foreach "$other"
+    fi
+    # burn's side with every backward through torch's autograd, as before the direct kernels:
+    # at the recipe's batches and on the host-cost rows (the twin does not change)
+    if [[ ${LDM_TORCH_BACKWARD:-direct} == direct ]]; then
+      timed phases-recipe-autograd env LDM_TORCH_BACKWARD=autograd "$PIPELINE" bench --config animals \
+        "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${short[@]}" \
+        --json "$OUT/phases-recipe-autograd.json"
+      timed host-tiny-autograd env LDM_TORCH_BACKWARD=autograd "$PIPELINE" bench "${tiny[@]}" \
+        --rows vae-train,ldm-train-unet,ldm-train-dit --phases "${foreach_bench[@]}" \
+        --device "$DEVICE" "${tiny_iters[@]}" \
+        --json "$OUT/host-tiny-autograd.json"
     fi
     ;;
   train)

@@ -306,6 +306,9 @@ impl TorchOp {
     /// operation PyTorch's composite one calls (`group_norm` -> `native_group_norm`, ...), so
     /// the output is the same, and the backward is the call PyTorch's autograd node makes.
     fn forward_saving(self, inputs: &[TchTensor], wants: &[bool]) -> (TchTensor, Saved) {
+        if backward_through_autograd() {
+            return self.record(inputs, wants);
+        }
         match (self, inputs) {
             (TorchOp::Conv2d { .. }, [x, weight, bias]) => {
                 let y = self.run([x.clone(), weight.clone(), bias.clone()]);
@@ -435,6 +438,24 @@ impl TorchOp {
         };
         (y, saved)
     }
+}
+
+/// `LDM_TORCH_BACKWARD=autograd`: every operation's backward through torch's autograd
+/// ([`Saved::Recorded`]) instead of the direct kernels, to measure the difference on a device
+/// (`scripts/gpu_session.sh phases`) or to step around a backward kernel that fails there.
+/// Read once; `direct` (the default) or unset keeps the direct kernels.
+fn backward_through_autograd() -> bool {
+    static AUTOGRAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AUTOGRAD.get_or_init(|| match std::env::var("LDM_TORCH_BACKWARD").as_deref() {
+        Ok("autograd") => true,
+        Ok("direct") | Err(_) => false,
+        Ok(other) => {
+            eprintln!(
+                "warning: LDM_TORCH_BACKWARD={other}: expected direct or autograd; using direct"
+            );
+            false
+        }
+    })
 }
 
 /// Whether libtorch's `scaled_dot_product_attention` would run these on its CPU flash kernel
