@@ -8,7 +8,8 @@
 //! profile of the DiT's training step put 6% of its time in that copy and 3% in the zeroing.
 //! [`linear`] writes y = x W + b with one product onto the bias, into a vector that becomes
 //! the tensor as it is, and its backward does dx = dy W^T, dW = x^T dy and db in one call
-//! ([`kernels`]). Other backends and dtypes take burn's `Linear::forward`.
+//! ([`kernels`]). On burn-tch a layer with a bias is one `addmm` with PyTorch's backward for it
+//! ([`crate::torch_ops`]); other backends and dtypes take burn's `Linear::forward`.
 
 pub mod kernels;
 
@@ -109,27 +110,54 @@ impl<C: CheckpointStrategy> FlexLinear for Autodiff<Flex, C> {
     }
 }
 
-/// `layer.forward(x)`: through [`FlexLinear`] for f32 burn-flex tensors, else burn's own.
+/// `layer.forward(x)`: through [`FlexLinear`] for f32 burn-flex tensors, through one
+/// libtorch `addmm` for a layer with a bias on burn-tch ([`crate::torch_ops`]), else burn's own.
 ///
 /// # Shapes
 /// - `x`: `[..., d_in]` -> `[..., d_out]`
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let weight = layer.weight.val();
+    let d_out = weight.dims()[1];
+    #[cfg(feature = "tch")]
+    if let (true, Some(bias)) = (crate::torch_ops::on_libtorch(&x), &layer.bias) {
+        use crate::torch_ops::TorchOps;
+        let bias = bias.val();
+        if D >= 2 && x.dtype() == weight.dtype() && bias.dtype() == weight.dtype() {
+            return on_rows(x, d_out, |x| {
+                Tensor::from_dispatch(<Dispatch as TorchOps>::torch_linear(
+                    x.into_dispatch(),
+                    weight.into_dispatch(),
+                    bias.into_dispatch(),
+                ))
+            });
+        }
+    }
     if D < 2 || !on_flex_f32(&x) || weight.dtype() != DType::F32 {
         return layer.forward(x);
     }
-    let [d_in, d_out] = weight.dims();
-    let dims = x.dims();
-    let rows = dims[..D - 1].iter().product::<usize>();
     let bias = match &layer.bias {
         Some(bias) => bias.val(),
         None => Tensor::zeros([d_out], &x.device()),
     };
-    let y = Tensor::<2>::from_dispatch(<Dispatch as FlexLinear>::flex_linear(
-        x.reshape([rows, d_in]).into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
-    ));
+    on_rows(x, d_out, |x| {
+        Tensor::from_dispatch(<Dispatch as FlexLinear>::flex_linear(
+            x.into_dispatch(),
+            weight.into_dispatch(),
+            bias.into_dispatch(),
+        ))
+    })
+}
+
+/// `f` on the rows of x `[..., d_in]` as `[rows, d_in]`, its `[rows, d_out]` back as
+/// `[..., d_out]`.
+fn on_rows<const D: usize>(
+    x: Tensor<D>,
+    d_out: usize,
+    f: impl FnOnce(Tensor<2>) -> Tensor<2>,
+) -> Tensor<D> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let y = f(x.reshape([rows, dims[D - 1]]));
     let mut out = dims;
     out[D - 1] = d_out;
     y.reshape(out)

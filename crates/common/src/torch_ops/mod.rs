@@ -94,6 +94,14 @@ pub trait TorchOps: Backend {
 
     /// x sigmoid(x), or with `gelu_tanh` PyTorch's `gelu(x, approximate="tanh")`.
     fn torch_activation(x: FloatTensor<Self>, gelu_tanh: bool) -> FloatTensor<Self>;
+
+    /// x W + b for x [rows, d_in], W [d_in, d_out], b [d_out]: one `addmm`, as PyTorch's
+    /// `nn.Linear` (burn's linear is a product and then an addition).
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// One of [`TorchOps`] with its parameters: what [`TorchOp::apply`] computes from its inputs.
@@ -118,6 +126,8 @@ enum TorchOp {
     Attention,
     /// input x
     Activation { gelu_tanh: bool },
+    /// inputs x, weight, bias
+    Linear,
 }
 
 fn ints<const N: usize>(v: [usize; N]) -> [i64; N] {
@@ -178,6 +188,7 @@ impl TorchOp {
                     x.silu()
                 }
             }
+            (TorchOp::Linear, [x, weight, bias]) => bias.addmm(x, weight),
             (op, inputs) => unreachable!("{op:?} called with {} inputs", inputs.len()),
         }
     }
@@ -244,6 +255,10 @@ impl TorchOps for LibTorch {
     fn torch_activation(x: TchTensor, gelu_tanh: bool) -> TchTensor {
         TorchOp::Activation { gelu_tanh }.run([x])
     }
+
+    fn torch_linear(x: TchTensor, weight: TchTensor, bias: TchTensor) -> TchTensor {
+        TorchOp::Linear.run([x, weight, bias])
+    }
 }
 
 /// What an operation's backward reads, saved by its forward. The inputs and the output are
@@ -282,6 +297,10 @@ enum Saved {
     },
     Activation {
         x: TchTensor,
+    },
+    Linear {
+        x: TchTensor,
+        weight: TchTensor,
     },
     /// Anything else: the operation recorded by torch's autograd from leaf copies of the inputs
     /// (those whose gradient burn wants), its backward `torch.autograd.grad`.
@@ -407,6 +426,14 @@ impl TorchOp {
             (TorchOp::Activation { .. }, [x]) => {
                 let y = self.run([x.clone()]);
                 (y, Saved::Activation { x: x.clone() })
+            }
+            (TorchOp::Linear, [x, weight, bias]) => {
+                let y = self.run([x.clone(), weight.clone(), bias.clone()]);
+                let saved = Saved::Linear {
+                    x: x.clone(),
+                    weight: weight.clone(),
+                };
+                (y, saved)
             }
             _ => self.record(inputs, wants),
         }
@@ -586,6 +613,12 @@ impl Saved {
                 };
                 vec![Some(dx)]
             }
+            // as PyTorch's AddmmBackward0: dx = dy W^T, dW = x^T dy, db = the sum of dy's rows
+            (Saved::Linear { x, weight }, _) => vec![
+                mask(0).then(|| dy.mm(&weight.tensor.tr())),
+                mask(1).then(|| x.tensor.tr().mm(dy)),
+                mask(2).then(|| dy.sum_dim_intlist([0i64].as_slice(), false, None::<tch::Kind>)),
+            ],
             (Saved::Recorded { output, leaves, .. }, _) => {
                 let inputs: Vec<&tch::Tensor> =
                     leaves.iter().flatten().map(|l| &l.tensor).collect();
@@ -717,6 +750,14 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
 
     fn torch_activation(x: FloatTensor<Self>, gelu_tanh: bool) -> FloatTensor<Self> {
         tracked::<C, _>(TorchOp::Activation { gelu_tanh }, [x])
+    }
+
+    fn torch_linear(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        tracked::<C, _>(TorchOp::Linear, [x, weight, bias])
     }
 }
 

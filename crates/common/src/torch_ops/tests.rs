@@ -209,6 +209,28 @@ fn inference_matches_too() {
     assert!(max_diff(conv2d(&conv, x.clone()), conv.forward(x)) < 1e-5);
 }
 
+/// A linear layer with a bias on a 3-D input (one `addmm` on its rows) and one without
+/// (burn's own), output and every gradient against burn's `Linear`.
+#[test]
+fn linear_matches_burn() {
+    let device = device();
+    for bias in [true, false] {
+        let layer: burn::nn::Linear = burn::nn::LinearConfig::new(6, 5)
+            .with_bias(bias)
+            .init(&device);
+        let x = random([3, 4, 6], &device).require_grad();
+        let ours = crate::linear::linear(&layer, x.clone());
+        let reference = layer.forward(x.clone());
+        let what = format!("linear, bias {bias}");
+        let grads = forward_agrees(&what, ours, reference);
+        gradient_agrees(&what, &x, &grads);
+        gradient_agrees(&what, &layer.weight.val(), &grads);
+        if let Some(b) = &layer.bias {
+            gradient_agrees(&what, &b.val(), &grads);
+        }
+    }
+}
+
 #[test]
 fn activations_match_burn() {
     let device = device();
@@ -374,6 +396,18 @@ fn direct_backward_matches_torchs_autograd() {
                 TchTensor::new(mask),
             ],
             vec![true, true, true, false],
+        ),
+        (
+            "linear",
+            TorchOp::Linear,
+            vec![tch_random(&[5, 3]), tch_random(&[3, 4]), tch_random(&[4])],
+            vec![true, true, true],
+        ),
+        (
+            "linear, constant x",
+            TorchOp::Linear,
+            vec![tch_random(&[5, 3]), tch_random(&[3, 4]), tch_random(&[4])],
+            vec![false, true, true],
         ),
         (
             "silu",
