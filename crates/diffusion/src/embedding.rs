@@ -23,10 +23,7 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
     let [b] = t.dims();
     let device = t.device();
     let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-max_period.ln() * i as f64 / half as f64).exp() as f32)
-        .collect();
-    let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &device);
+    let freqs = frequencies(half, max_period, &device);
     // [b, 1] * [1, half] -> [b, half]
     let args = t.reshape([b, 1]) * freqs.reshape([1, half]);
     let mut parts = vec![args.clone().cos(), args.sin()];
@@ -34,6 +31,32 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
         parts.push(Tensor::zeros([b, 1], &device));
     }
     Tensor::cat(parts, 1)
+}
+
+/// f_i = max_period^(-i/h), i < h, on `device`: computed in f64 on the host and uploaded once
+/// per thread, device, h and max_period. The embedding runs in every forward pass (every
+/// sampling step), and on CUDA an upload from pageable host memory first waits for everything
+/// queued on the device, which would serialise the host with the previous step's kernels.
+fn frequencies(half: usize, max_period: f64, device: &Device) -> Tensor<1> {
+    type Cached = (Device, usize, u64, Tensor<1>);
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<Cached>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let key = max_period.to_bits();
+    CACHE.with_borrow_mut(|cache| {
+        if let Some((.., freqs)) = cache
+            .iter()
+            .find(|(d, h, p, _)| d == device && *h == half && *p == key)
+        {
+            return freqs.clone();
+        }
+        let values: Vec<f32> = (0..half)
+            .map(|i| (-max_period.ln() * i as f64 / half as f64).exp() as f32)
+            .collect();
+        let freqs = Tensor::<1>::from_data(TensorData::new(values, [half]), device);
+        cache.push((device.clone(), half, key, freqs.clone()));
+        freqs
+    })
 }
 
 /// t -> Linear(SiLU(Linear(timestep_embedding(t)))): DiT's `TimestepEmbedder`, ADM's `time_embed`.
@@ -127,27 +150,31 @@ mod tests {
     use ldm_common::rng::{randn, stream};
     use ldm_common::tensor::to_vec_f32;
 
+    /// Odd and even widths, two periods, two devices, each asked twice: the second call takes
+    /// the frequencies made by the first, and no two settings share them.
     #[test]
     fn sinusoid_matches_the_formula() {
-        let device = Device::flex();
-        let t = Tensor::<1>::from_floats([0.0, 3.0, 999.0], &device);
-        let dim = 7;
-        let emb = to_vec_f32(timestep_embedding(t, dim, MAX_PERIOD));
-        for (row, &tv) in [0.0f64, 3.0, 999.0].iter().enumerate() {
-            for i in 0..3 {
-                let f = 10_000f64.powf(-(i as f64) / 3.0);
-                let cos = emb[row * dim + i];
-                let sin = emb[row * dim + 3 + i];
-                assert!(
-                    (f64::from(cos) - (tv * f).cos()).abs() < 1e-4,
-                    "cos t={tv} i={i}"
-                );
-                assert!(
-                    (f64::from(sin) - (tv * f).sin()).abs() < 1e-4,
-                    "sin t={tv} i={i}"
-                );
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            for _ in 0..2 {
+                for (dim, period) in [(7, MAX_PERIOD), (6, MAX_PERIOD), (7, 100.0)] {
+                    let t = Tensor::<1>::from_floats([0.0, 3.0, 999.0], &device);
+                    let emb = to_vec_f32(timestep_embedding(t, dim, period));
+                    let half = dim / 2;
+                    for (row, &tv) in [0.0f64, 3.0, 999.0].iter().enumerate() {
+                        for i in 0..half {
+                            let f = period.powf(-(i as f64) / half as f64);
+                            let cos = emb[row * dim + i];
+                            let sin = emb[row * dim + half + i];
+                            let what = format!("dim {dim} period {period} t={tv} i={i}");
+                            assert!((f64::from(cos) - (tv * f).cos()).abs() < 1e-4, "cos {what}");
+                            assert!((f64::from(sin) - (tv * f).sin()).abs() < 1e-4, "sin {what}");
+                        }
+                        if dim % 2 == 1 {
+                            assert_eq!(emb[row * dim + dim - 1], 0.0, "odd dim pads with zero");
+                        }
+                    }
+                }
             }
-            assert_eq!(emb[row * dim + 6], 0.0, "odd dim pads with zero");
         }
     }
 

@@ -535,10 +535,13 @@ pub(crate) fn ldm_loss(
         ),
         &device,
     );
-    let output = model.forward(z_t, t_float, cond);
+    // The target's and the weights' per-sample coefficients come from the host: uploaded
+    // before the network's kernels are queued, since on CUDA an upload from pageable memory
+    // waits for the device's queue (after the forward it would wait for the whole forward).
     let p = settings.parameterization;
     let target = p.target(schedule, z0, eps, t);
     let weights = settings.loss.weights(schedule, p, t, &device);
+    let output = model.forward(z_t, t_float, cond);
     diffusion_loss(output, target, weights)
 }
 
