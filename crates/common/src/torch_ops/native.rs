@@ -61,24 +61,36 @@ unsafe extern "C" {
     ) -> *mut c_char;
 }
 
-/// Takes ownership of the C side's results: panics with libtorch's message on an error (as
-/// tch's own non-`f_` calls do), else one tensor per result handle that is not null.
+/// Takes ownership of the C side's results: one tensor per result handle that is not null;
+/// then panics with libtorch's message if there was an error (as tch's own non-`f_` calls do).
 fn finish<const N: usize>(
     what: &str,
     error: *mut c_char,
     out: [*mut C_tensor; N],
 ) -> [Option<Tensor>; N] {
-    // SAFETY: the C side returns null or a handle it allocated with `new at::Tensor`, which
-    // tch's `Tensor` owns and frees on drop; and null or a strdup'ed message.
-    let tensors = out.map(|p| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) }));
-    if !error.is_null() {
-        let message = unsafe { CStr::from_ptr(error) }
-            .to_string_lossy()
-            .into_owned();
-        unsafe { libc::free(error.cast()) };
-        panic!("libtorch {what}: {message}");
-    }
+    let tensors = out.map(owned);
+    check(what, error);
     tensors
+}
+
+/// A result handle of the C side as a tensor (`None` for null).
+fn owned(handle: *mut C_tensor) -> Option<Tensor> {
+    // SAFETY: the C side returns null or a handle it allocated with `new at::Tensor`, which
+    // tch's `Tensor` owns and frees on drop.
+    (!handle.is_null()).then(|| unsafe { Tensor::from_ptr(handle) })
+}
+
+/// Panics with the C side's error message, if any (a strdup'ed string, freed here).
+fn check(what: &str, error: *mut c_char) {
+    if error.is_null() {
+        return;
+    }
+    // SAFETY: a NUL-terminated string from strdup, read once and freed once.
+    let message = unsafe { CStr::from_ptr(error) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { libc::free(error.cast()) };
+    panic!("libtorch {what}: {message}");
 }
 
 /// d(x), d(weight), d(bias) of `conv2d(x, weight) + bias` for output gradient `grad`, those
@@ -199,10 +211,7 @@ pub(crate) fn autograd_grad(
             out.as_mut_ptr(),
         )
     };
-    let tensors: Vec<Option<Tensor>> = out
-        .into_iter()
-        .map(|p| (!p.is_null()).then(|| unsafe { Tensor::from_ptr(p) }))
-        .collect();
-    finish::<0>("autograd.grad", error, []);
+    let tensors: Vec<Option<Tensor>> = out.into_iter().map(owned).collect();
+    check("autograd.grad", error);
     tensors
 }

@@ -454,3 +454,24 @@ fn direct_backward_matches_torchs_autograd() {
         }
     }
 }
+
+/// libtorch's error in a backward kernel reaches Rust as a panic naming the kernel (the C
+/// side's exception, its message freed after reading), not an abort.
+#[test]
+#[should_panic(expected = "libtorch convolution_backward")]
+fn a_failing_backward_kernel_names_itself() {
+    let x = tch_random(&[1, 3, 5, 5]).tensor;
+    // a weight with 2 input channels for an input with 3
+    let weight = tch_random(&[4, 2, 3, 3]).tensor;
+    let dy = tch_random(&[1, 4, 3, 3]).tensor;
+    let _ = super::native::convolution_backward(
+        &dy,
+        &x,
+        &weight,
+        [1, 1],
+        [0, 0],
+        [1, 1],
+        1,
+        [true, true, true],
+    );
+}
