@@ -182,7 +182,7 @@ case "$step" in
         "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${short[@]}" \
         --json "$OUT/phases-recipe-autograd.json"
       timed host-tiny-autograd env LDM_TORCH_BACKWARD=autograd "$PIPELINE" bench "${tiny[@]}" \
-        --rows vae-train,ldm-train-unet,ldm-train-dit --phases "${foreach_bench[@]}" \
+        "${train_rows[@]}" "${foreach_bench[@]}" \
         --device "$DEVICE" "${tiny_iters[@]}" \
         --json "$OUT/host-tiny-autograd.json"
     fi

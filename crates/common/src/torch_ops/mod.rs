@@ -640,8 +640,6 @@ impl Saved {
 struct TorchState {
     op: TorchOp,
     saved: Saved,
-    /// Whether burn wants each input's gradient.
-    wanted: Vec<bool>,
 }
 
 /// The backward step of every [`TorchOps`] operation: PyTorch's backward kernels
@@ -654,10 +652,12 @@ impl<const N: usize> Backward<LibTorch, N> for TorchBackward {
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<LibTorch>(&ops.node);
-        let TorchState { op, saved, wanted } = ops.state;
+        let TorchState { op, saved } = ops.state;
+        // burn wants the gradient of exactly the inputs that have a parent node (tracked ones)
+        let wanted = ops.parents.each_ref().map(|parent| parent.is_some());
         let input_grads = saved.backward(op, &dy.tensor, &wanted);
-        for ((parent, grad), wanted) in ops.parents.iter().zip(input_grads).zip(wanted) {
-            if let (Some(node), Some(grad), true) = (parent, grad, wanted) {
+        for (parent, grad) in ops.parents.iter().zip(input_grads) {
+            if let (Some(node), Some(grad)) = (parent, grad) {
                 grads.register::<LibTorch>(node.id, TchTensor::new(grad));
             }
         }
@@ -677,12 +677,7 @@ fn tracked<C: CheckpointStrategy, const N: usize>(
         OpsKind::UnTracked(prep) => prep.finish(op.run(primitives)),
         OpsKind::Tracked(prep) => {
             let (y, saved) = op.forward_saving(&primitives, &wants_grad);
-            let state = TorchState {
-                op,
-                saved,
-                wanted: wants_grad.to_vec(),
-            };
-            prep.finish(state, y)
+            prep.finish(TorchState { op, saved }, y)
         }
     }
 }
