@@ -5,7 +5,8 @@
 # over (both git-ignored; together about 37 MB):
 #
 #   bash scripts/gpu_session.sh env         # the machine, the binary, torch; two steps of each training row (the direct
-#                                           # backward kernels) and of the DiT with train.foreach on
+#                                           # backward kernels; whether attention's memory-efficient kernel is called
+#                                           # directly) and of the DiT with train.foreach on
 #   bash scripts/gpu_session.sh bench       # compare.sh: burn-tch vs PyTorch, recipe batches and batch $BIG_BATCH (1024)
 #   bash scripts/gpu_session.sh bench-bf16  # the same at batch $BIG_BATCH with train.precision = bf16 (autocast in the twin)
 #   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
@@ -138,6 +139,11 @@ case "$step" in
       echo "warning: two training steps failed with either backward ($OUT/backward-check.log)" >&2
     fi
     echo "backward check: $(cat "$OUT/backward.txt")" | tee -a "$OUT/env.txt"
+    # attention's memory-efficient kernel (CUDA, f32) is called directly once a check against
+    # torch's autograd passes on its first inputs; `bench` says how that went
+    attention=$(grep -m1 '^attention on libtorch:' "$OUT/backward-check.log" || true)
+    echo "${attention:-attention on libtorch: the memory-efficient kernel was not picked (no direct path)}" \
+      | tee -a "$OUT/env.txt"
     if timeout 120 "$PIPELINE" bench --config animals --rows ldm-train-dit --iters 2 --warmup 1 \
       --device "$DEVICE" --foreach on > "$OUT/foreach-check.log" 2>&1; then
       echo ok > "$OUT/foreach.txt"

@@ -1,7 +1,10 @@
 // The backward kernels of `ldm_common::torch_ops` that tch does not bind (its generator skips
 // operators with a `bool[N]` output mask): PyTorch's own `convolution_backward`,
-// `native_group_norm_backward` and `native_layer_norm_backward`, the same calls PyTorch's
-// autograd nodes make, and `torch::autograd::grad` with explicit output gradients.
+// `native_group_norm_backward`, `native_layer_norm_backward` and
+// `_scaled_dot_product_efficient_attention_backward`, the same calls PyTorch's autograd nodes
+// make, and `torch::autograd::grad` with explicit output gradients. The memory-efficient
+// attention's forward is here too, with the mask preparation `scaled_dot_product_attention`
+// does before it, so that the backward sees the same bias tensor.
 //
 // Tensors cross as tch's handles (`at::Tensor*`, owned by the caller). Each function returns
 // nullptr on success, else a malloc'ed message the caller frees; results are new handles
@@ -35,6 +38,22 @@ char* guarded(F&& body) {
     } catch (const std::exception& e) {
         return strdup(e.what());
     }
+}
+
+// The additive mask as `scaled_dot_product_attention` hands it to the memory-efficient kernel
+// (ATen's attention.cpp, `preprocess_mask`): the kernel wants every stride but the last a
+// multiple of 8 and the last 1, else the mask is padded to a multiple of 8 keys and sliced back;
+// then it is expanded to [batch, heads, queries, keys].
+Tensor efficient_mask(const Tensor& mask, const Tensor& query, const Tensor& key) {
+    constexpr int64_t alignment = 8;
+    bool aligned = mask.stride(-1) == 1;
+    for (int64_t i = 0; i + 1 < mask.dim(); ++i) aligned = aligned && mask.stride(i) % alignment == 0;
+    Tensor result = mask;
+    if (!aligned) {
+        const int64_t keys = mask.size(-1);
+        result = at::pad(mask, {0, alignment - keys % alignment}).slice(-1, 0, keys);
+    }
+    return result.expand({query.size(0), query.size(1), query.size(2), key.size(2)});
 }
 
 }  // namespace
@@ -83,6 +102,42 @@ char* ldm_layer_norm_backward(const Tensor* grad, const Tensor* input, const int
         auto r = at::native_layer_norm_backward(
             *grad, *input, at::IntArrayRef(shape, ndims), *mean, *rstd, optional(gamma),
             optional(beta), {mask[0], mask[1], mask[2]});
+        out[0] = handle(std::get<0>(r));
+        out[1] = handle(std::get<1>(r));
+        out[2] = handle(std::get<2>(r));
+    });
+}
+
+// softmax(q k^T / sqrt(d) + bias) v on the memory-efficient kernel, as
+// scaled_dot_product_attention runs it when `_fused_sdp_choice` picks it: out = [output,
+// logsumexp, philox seed, philox offset, the prepared bias (nullptr without a mask)], what
+// ldm_efficient_attention_backward reads.
+char* ldm_efficient_attention(const Tensor* query, const Tensor* key, const Tensor* value,
+                              const Tensor* bias, Tensor** out) {
+    return guarded([&] {
+        std::optional<Tensor> mask;
+        if (bias != nullptr) mask = efficient_mask(*bias, *query, *key);
+        auto r = at::_scaled_dot_product_efficient_attention(*query, *key, *value, mask,
+                                                             /*compute_log_sumexp=*/true);
+        out[0] = handle(std::get<0>(r));
+        out[1] = handle(std::get<1>(r));
+        out[2] = handle(std::get<2>(r));
+        out[3] = handle(std::get<3>(r));
+        out[4] = mask ? handle(*mask) : nullptr;
+    });
+}
+
+// d(query), d(key), d(value) of ldm_efficient_attention, as
+// ScaledDotProductEfficientAttentionBackward0 (the mask takes no gradient).
+char* ldm_efficient_attention_backward(const Tensor* grad, const Tensor* query, const Tensor* key,
+                                       const Tensor* value, const Tensor* bias,
+                                       const Tensor* output, const Tensor* logsumexp,
+                                       const Tensor* philox_seed, const Tensor* philox_offset,
+                                       Tensor** out) {
+    return guarded([&] {
+        auto r = at::_scaled_dot_product_efficient_attention_backward(
+            *grad, *query, *key, *value, bias != nullptr ? *bias : Tensor(), *output, *logsumexp,
+            *philox_seed, *philox_offset, /*dropout_p=*/0.0, {true, true, true, false});
         out[0] = handle(std::get<0>(r));
         out[1] = handle(std::get<1>(r));
         out[2] = handle(std::get<2>(r));

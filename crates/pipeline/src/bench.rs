@@ -141,6 +141,10 @@ pub struct BenchReport {
     pub iters: usize,
     pub warmup: usize,
     pub rows: Vec<BenchRow>,
+    /// On libtorch CUDA: whether attention's memory-efficient kernel was called directly
+    /// (with its backward) or, failing the check against torch's autograd, why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<String>,
     /// Everything the PyTorch twin needs to build the same networks and steps.
     pub spec: BenchSpec,
 }
@@ -765,6 +769,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         iters: o.iters,
         warmup: o.warmup,
         rows,
+        attention: attention_path(),
         spec: BenchSpec {
             seed: o.seed,
             iters: o.iters,
@@ -898,6 +903,25 @@ pub fn thousands(n: usize) -> String {
     out
 }
 
+/// What became of the direct memory-efficient attention path in this process, if it was
+/// considered (libtorch on CUDA, f32; `ldm_common::torch_ops`).
+fn attention_path() -> Option<String> {
+    #[cfg(feature = "tch")]
+    {
+        ldm_common::torch_ops::efficient_attention_check().map(|check| match check {
+            Ok(worst) => format!(
+                "memory-efficient kernel and its backward called directly (checked against \
+                 torch's autograd: largest relative difference {worst:.1e})"
+            ),
+            Err(why) => format!("through torch's autograd ({why})"),
+        })
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        None
+    }
+}
+
 /// The table `pipeline bench` prints.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
@@ -931,6 +955,9 @@ pub fn table(r: &BenchReport) -> String {
                 row.batch
             );
         }
+    }
+    if let Some(attention) = &r.attention {
+        out += &format!("attention on libtorch: {attention}\n");
     }
     if r.rows.iter().any(|row| row.phases.is_some()) {
         out += &phase_table(r);

@@ -15,12 +15,16 @@
 //! backward reads (the input, the mean and rstd, ...): the numbers are PyTorch's, in every
 //! dtype libtorch supports (bf16 included).
 //!
-//! Attention other than libtorch's CPU flash kernel (on CUDA: flash, memory-efficient or cuDNN
-//! attention, chosen by libtorch) is recorded by torch's autograd from leaf copies of the
-//! inputs, and its backward is `torch.autograd.grad` with the output gradient
-//! ([`Saved::Recorded`]). That was every operation's backward before: about 30 us of host time
-//! per call on the CPU (torch's autograd engine), and on CUDA a hand-off to the engine's device
-//! thread and back.
+//! Attention runs on the kernel libtorch's `scaled_dot_product_attention` picks. Two are called
+//! directly with their backward: the CPU flash kernel, and on CUDA the memory-efficient one
+//! (f32), whose forward (with SDPA's mask preparation) and backward come from the C++ file. The
+//! CUDA one cannot run on a CPU, so the first time a process would call it, [`check_attention`]
+//! compares it with torch's autograd on those inputs; if it fails, a warning says why and
+//! attention stays recorded. The others (flash and cuDNN attention on CUDA, in bf16) are
+//! recorded by torch's autograd from leaf copies of the inputs, and their backward is
+//! `torch.autograd.grad` with the output gradient ([`Saved::Recorded`]). That was every
+//! operation's backward before: about 30 us of host time per call on the CPU (torch's autograd
+//! engine), and on CUDA a hand-off to the engine's device thread and back.
 //!
 //! Tensors the backward reads are also held as burn tensors in the backward state, so that
 //! burn-tch never updates them in place (it does when it holds the only reference) before the
@@ -295,6 +299,18 @@ enum Saved {
         out: TchTensor,
         logsumexp: TchTensor,
     },
+    /// libtorch's memory-efficient attention (what `scaled_dot_product_attention` runs on CUDA
+    /// in f32), called directly once [`efficient_checked`] has compared it with autograd.
+    Efficient {
+        q: TchTensor,
+        k: TchTensor,
+        v: TchTensor,
+        /// the mask as burn holds it (held only), and as the kernel read it (aligned, expanded)
+        _bias: Option<TchTensor>,
+        prepared: Option<TchTensor>,
+        /// output (burn's handle on it), logsumexp, philox seed and offset
+        saved: [TchTensor; 4],
+    },
     Activation {
         x: TchTensor,
     },
@@ -399,6 +415,30 @@ impl TorchOp {
             // (a mask that wants a gradient goes through torch's autograd)
             (TorchOp::Attention, [q, k, v, rest @ ..])
                 if !wants.get(3).copied().unwrap_or(false)
+                    && efficient_on_cuda(q, k, v, rest.first()) =>
+            {
+                let bias = rest.first();
+                let (saved, prepared) = native::efficient_attention(
+                    [&q.tensor, &k.tensor, &v.tensor],
+                    bias.map(|b| &b.tensor),
+                )
+                .unwrap_or_else(|e| {
+                    panic!("libtorch _scaled_dot_product_efficient_attention: {e}")
+                });
+                let saved = saved.map(TchTensor::new);
+                let y = saved[0].clone();
+                let saved = Saved::Efficient {
+                    q: q.clone(),
+                    k: k.clone(),
+                    v: v.clone(),
+                    _bias: bias.cloned(),
+                    prepared: prepared.map(TchTensor::new),
+                    saved,
+                };
+                (y, saved)
+            }
+            (TorchOp::Attention, [q, k, v, rest @ ..])
+                if !wants.get(3).copied().unwrap_or(false)
                     && flash_on_cpu(q, k, v, rest.first()) =>
             {
                 let bias = rest.first();
@@ -485,21 +525,147 @@ fn backward_through_autograd() -> bool {
     })
 }
 
-/// Whether libtorch's `scaled_dot_product_attention` would run these on its CPU flash kernel
-/// (`_fused_sdp_choice` = flash), which [`Saved::FlashCpu`] then calls directly.
+/// The kernel libtorch's `scaled_dot_product_attention` picks for these inputs
+/// (`_fused_sdp_choice`: ATen's `SDPBackend`, 0 math, 1 flash, 2 memory-efficient, 3 cuDNN).
+fn sdp_choice(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: Option<&TchTensor>) -> i64 {
+    tch::Tensor::internal_fused_sdp_choice(
+        &q.tensor,
+        &k.tensor,
+        &v.tensor,
+        bias.map(|b| &b.tensor),
+        0.0,
+        false,
+        None,
+        false,
+    )
+}
+
+/// Whether libtorch's `scaled_dot_product_attention` would run these on its CPU flash kernel,
+/// which [`Saved::FlashCpu`] then calls directly.
 fn flash_on_cpu(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: Option<&TchTensor>) -> bool {
     const FLASH: i64 = 1;
-    q.tensor.device() == tch::Device::Cpu
-        && tch::Tensor::internal_fused_sdp_choice(
-            &q.tensor,
-            &k.tensor,
-            &v.tensor,
-            bias.map(|b| &b.tensor),
-            0.0,
-            false,
-            None,
-            false,
-        ) == FLASH
+    q.tensor.device() == tch::Device::Cpu && sdp_choice(q, k, v, bias) == FLASH
+}
+
+/// Whether libtorch's `scaled_dot_product_attention` would run these on its memory-efficient
+/// kernel (CUDA), and calling that kernel directly passed [`efficient_checked`]: then
+/// [`Saved::Efficient`] calls it and its backward directly.
+fn efficient_on_cuda(
+    q: &TchTensor,
+    k: &TchTensor,
+    v: &TchTensor,
+    bias: Option<&TchTensor>,
+) -> bool {
+    const EFFICIENT: i64 = 2;
+    q.tensor.device().is_cuda()
+        && sdp_choice(q, k, v, bias) == EFFICIENT
+        && efficient_checked(q, k, v, bias)
+}
+
+/// The first time the memory-efficient kernel would be called directly in this process:
+/// whether [`check_attention`] passes on those inputs. Its forward and backward run no kernel
+/// on a CPU, so this is where the direct path first meets the kernel; if it fails (an error
+/// or a mismatch), a warning names why and attention stays on torch's autograd
+/// ([`Saved::Recorded`]). [`efficient_attention_check`] reports the outcome.
+fn efficient_checked(
+    q: &TchTensor,
+    k: &TchTensor,
+    v: &TchTensor,
+    bias: Option<&TchTensor>,
+) -> bool {
+    EFFICIENT_CHECK
+        .get_or_init(|| {
+            let inputs: Vec<TchTensor> = [q, k, v].into_iter().chain(bias).cloned().collect();
+            let outcome = check_attention(&efficient_direct, &inputs);
+            if let Err(why) = &outcome {
+                eprintln!(
+                    "warning: libtorch's memory-efficient attention called directly: {why}; \
+                     attention's backward goes through torch's autograd instead"
+                );
+            }
+            outcome
+        })
+        .is_ok()
+}
+
+static EFFICIENT_CHECK: std::sync::OnceLock<Result<f64, String>> = std::sync::OnceLock::new();
+
+/// The outcome of the check of the direct memory-efficient attention path in this process, if
+/// it ran (on CUDA, at the first attention libtorch runs on that kernel): the largest relative
+/// difference to torch's autograd, or why the path is not used.
+pub fn efficient_attention_check() -> Option<Result<f64, String>> {
+    EFFICIENT_CHECK.get().cloned()
+}
+
+/// A direct attention path on q, k, v and an optional mask (`inputs`): the output, and d(q),
+/// d(k), d(v) for the output gradient `dy`.
+type DirectAttention<'a> =
+    &'a dyn Fn(&[TchTensor], &tch::Tensor) -> Result<(tch::Tensor, [tch::Tensor; 3]), String>;
+
+/// [`DirectAttention`] on the memory-efficient kernel, as [`Saved::Efficient`] runs it.
+fn efficient_direct(
+    inputs: &[TchTensor],
+    dy: &tch::Tensor,
+) -> Result<(tch::Tensor, [tch::Tensor; 3]), String> {
+    let qkv = [0, 1, 2].map(|i| &inputs[i].tensor);
+    let (saved, prepared) = native::efficient_attention(qkv, inputs.get(3).map(|b| &b.tensor))?;
+    let grads = native::efficient_attention_backward(dy, qkv, prepared.as_ref(), saved.each_ref())?;
+    let [output, ..] = saved;
+    Ok((output, grads))
+}
+
+/// `direct` against torch's autograd ([`TorchOp::record`]) on `inputs` (q, k, v and an
+/// optional mask), with a fixed output gradient (sin 0, sin 1, ...): the output and the three
+/// gradients must each lie within a tolerance (2e-3 in f32 and f64, 5e-2 in 16-bit types) of
+/// autograd's, relative to the largest magnitude of autograd's. Ok with the largest relative
+/// difference; else the first quantity that differs, or the kernel's error.
+fn check_attention(direct: DirectAttention, inputs: &[TchTensor]) -> Result<f64, String> {
+    let wants = &[true, true, true, false][..inputs.len()];
+    let (reference, saved) = TorchOp::Attention.record(inputs, wants);
+    let reference = reference.tensor;
+    let numel = reference.numel() as i64;
+    let dy = tch::Tensor::arange(numel, (tch::Kind::Float, reference.device()))
+        .sin()
+        .to_kind(reference.kind())
+        .view(reference.size().as_slice());
+    let expected = saved.backward(TorchOp::Attention, &dy, wants);
+    // (libtorch's messages run to several sentences and lines: the first says what failed)
+    let (output, grads) = direct(inputs, &dy).map_err(|e| {
+        let line = e.lines().next().unwrap_or_default();
+        line.split(". ").next().unwrap_or_default().to_owned()
+    })?;
+    let tolerance = match reference.kind() {
+        tch::Kind::Float | tch::Kind::Double => 2e-3,
+        _ => 5e-2,
+    };
+    let mut worst = 0.0f64;
+    let pairs = [(&output, Some(&reference))]
+        .into_iter()
+        .chain(grads.iter().zip(expected.iter().map(Option::as_ref)));
+    for ((ours, theirs), name) in pairs.zip(["output", "d(query)", "d(key)", "d(value)"]) {
+        let theirs = theirs.ok_or_else(|| format!("torch's autograd gave no {name}"))?;
+        if ours.size() != theirs.size() {
+            return Err(format!(
+                "{name} of shape {:?}, expected {:?}",
+                ours.size(),
+                theirs.size()
+            ));
+        }
+        let (ours, theirs) = (
+            ours.to_kind(tch::Kind::Double),
+            theirs.to_kind(tch::Kind::Double),
+        );
+        let scale = theirs.abs().max().double_value(&[]).max(1e-12);
+        let relative = (ours - theirs).abs().max().double_value(&[]) / scale;
+        if relative.is_nan() || relative > tolerance {
+            return Err(format!(
+                "{name} differs from torch's autograd by {relative:.2e} of its largest magnitude \
+                 (tolerance {tolerance:.0e})"
+            ));
+        }
+        worst = worst.max(relative);
+    }
+    Ok(worst)
 }
 
 impl Saved {
@@ -605,6 +771,28 @@ impl Saved {
                     );
                 vec![Some(dq), Some(dk), Some(dv)]
             }
+            // (dy as a contiguous tensor, as in the check that admitted this path)
+            (
+                Saved::Efficient {
+                    q,
+                    k,
+                    v,
+                    prepared,
+                    saved,
+                    ..
+                },
+                _,
+            ) => native::efficient_attention_backward(
+                &dy.contiguous(),
+                [&q.tensor, &k.tensor, &v.tensor],
+                prepared.as_ref().map(|b| &b.tensor),
+                saved.each_ref().map(|t| &t.tensor),
+            )
+            .unwrap_or_else(|e| {
+                panic!("libtorch _scaled_dot_product_efficient_attention_backward: {e}")
+            })
+            .map(Some)
+            .into(),
             (Saved::Activation { x }, TorchOp::Activation { gelu_tanh }) => {
                 let dx = if gelu_tanh {
                     x.tensor.gelu_backward(dy, "tanh")

@@ -51,6 +51,28 @@ unsafe extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
 
+    fn ldm_efficient_attention(
+        query: *const C_tensor,
+        key: *const C_tensor,
+        value: *const C_tensor,
+        bias: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
+    #[allow(clippy::too_many_arguments)]
+    fn ldm_efficient_attention_backward(
+        grad: *const C_tensor,
+        query: *const C_tensor,
+        key: *const C_tensor,
+        value: *const C_tensor,
+        bias: *const C_tensor,
+        output: *const C_tensor,
+        logsumexp: *const C_tensor,
+        philox_seed: *const C_tensor,
+        philox_offset: *const C_tensor,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
     fn ldm_autograd_grad(
         outputs: *const *const C_tensor,
         grad_outputs: *const *const C_tensor,
@@ -73,6 +95,18 @@ fn finish<const N: usize>(
     tensors
 }
 
+/// [`finish`] with libtorch's message as the error instead of a panic.
+fn try_finish<const N: usize>(
+    error: *mut c_char,
+    out: [*mut C_tensor; N],
+) -> Result<[Option<Tensor>; N], String> {
+    let tensors = out.map(owned);
+    match message(error) {
+        None => Ok(tensors),
+        Some(message) => Err(message),
+    }
+}
+
 /// A result handle of the C side as a tensor (`None` for null).
 fn owned(handle: *mut C_tensor) -> Option<Tensor> {
     // SAFETY: the C side returns null or a handle it allocated with `new at::Tensor`, which
@@ -80,17 +114,24 @@ fn owned(handle: *mut C_tensor) -> Option<Tensor> {
     (!handle.is_null()).then(|| unsafe { Tensor::from_ptr(handle) })
 }
 
-/// Panics with the C side's error message, if any (a strdup'ed string, freed here).
+/// Panics with the C side's error message, if any.
 fn check(what: &str, error: *mut c_char) {
+    if let Some(message) = message(error) {
+        panic!("libtorch {what}: {message}");
+    }
+}
+
+/// The C side's error message, if any (a strdup'ed string, freed here).
+fn message(error: *mut c_char) -> Option<String> {
     if error.is_null() {
-        return;
+        return None;
     }
     // SAFETY: a NUL-terminated string from strdup, read once and freed once.
     let message = unsafe { CStr::from_ptr(error) }
         .to_string_lossy()
         .into_owned();
     unsafe { libc::free(error.cast()) };
-    panic!("libtorch {what}: {message}");
+    Some(message)
 }
 
 /// d(x), d(weight), d(bias) of `conv2d(x, weight) + bias` for output gradient `grad`, those
@@ -188,6 +229,64 @@ pub(crate) fn layer_norm_backward(
         )
     };
     finish("native_layer_norm_backward", error, out)
+}
+
+/// What [`efficient_attention`] returns and [`efficient_attention_backward`] reads:
+/// [output, logsumexp, philox seed, philox offset], and the mask as the kernel read it
+/// (aligned and expanded to [batch, heads, queries, keys]).
+pub(crate) type Efficient = ([Tensor; 4], Option<Tensor>);
+
+/// softmax(q k^T / sqrt(d) + bias) v on libtorch's memory-efficient attention kernel (CUDA),
+/// with the mask prepared as `scaled_dot_product_attention` prepares it; libtorch's message
+/// where the kernel cannot run (on the CPU it has no implementation).
+pub(crate) fn efficient_attention(
+    [q, k, v]: [&Tensor; 3],
+    bias: Option<&Tensor>,
+) -> Result<Efficient, String> {
+    let mut out = [ptr::null_mut(); 5];
+    let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
+    // SAFETY: as in `convolution_backward`; a null `bias` is read as no mask.
+    let error = unsafe {
+        ldm_efficient_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), bias, out.as_mut_ptr())
+    };
+    let [output, logsumexp, seed, offset, bias] = try_finish(error, out)?;
+    let saved = [output, logsumexp, seed, offset];
+    if saved.iter().any(Option::is_none) {
+        return Err("the memory-efficient attention returned an undefined tensor".to_owned());
+    }
+    Ok((saved.map(Option::unwrap), bias))
+}
+
+/// d(q), d(k), d(v) of [`efficient_attention`] for output gradient `grad`
+/// (`_scaled_dot_product_efficient_attention_backward`, as PyTorch's autograd node calls it).
+pub(crate) fn efficient_attention_backward(
+    grad: &Tensor,
+    [q, k, v]: [&Tensor; 3],
+    bias: Option<&Tensor>,
+    [output, logsumexp, seed, offset]: [&Tensor; 4],
+) -> Result<[Tensor; 3], String> {
+    let mut out = [ptr::null_mut(); 3];
+    let bias = bias.map_or(ptr::null(), |b| b.as_ptr());
+    // SAFETY: as in `efficient_attention`.
+    let error = unsafe {
+        ldm_efficient_attention_backward(
+            grad.as_ptr(),
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            bias,
+            output.as_ptr(),
+            logsumexp.as_ptr(),
+            seed.as_ptr(),
+            offset.as_ptr(),
+            out.as_mut_ptr(),
+        )
+    };
+    let grads = try_finish(error, out)?;
+    if grads.iter().any(Option::is_none) {
+        return Err("the memory-efficient attention's backward returned no gradient".to_owned());
+    }
+    Ok(grads.map(Option::unwrap))
 }
 
 /// `torch.autograd.grad([output], inputs, [grad])`: the gradient the recorded graph from the

@@ -475,3 +475,76 @@ fn a_failing_backward_kernel_names_itself() {
         [true, true, true],
     );
 }
+
+/// q, k, v of a cross-attention with 6 keys, and a mask that leaves out the last two.
+fn padded_attention_inputs() -> Vec<TchTensor> {
+    let mask = tch::Tensor::zeros([2, 1, 1, 6], (tch::Kind::Float, tch::Device::Cpu));
+    let _ = mask.narrow(3, 4, 2).fill_(f64::NEG_INFINITY);
+    vec![
+        tch_random(&[2, 3, 5, 4]),
+        tch_random(&[2, 3, 6, 4]),
+        tch_random(&[2, 3, 6, 4]),
+        TchTensor::new(mask),
+    ]
+}
+
+/// A [`super::DirectAttention`] on libtorch's CPU flash kernel, the mask passed on or not, with
+/// d(key) scaled by `dk_scale`: the right one and two wrong ones for [`super::check_attention`].
+fn flash_cpu(
+    inputs: &[TchTensor],
+    dy: &tch::Tensor,
+    with_mask: bool,
+    dk_scale: f64,
+) -> Result<(tch::Tensor, [tch::Tensor; 3]), String> {
+    let [q, k, v] = [0, 1, 2].map(|i| &inputs[i].tensor);
+    let mask = inputs.get(3).filter(|_| with_mask).map(|m| &m.tensor);
+    let (out, lse) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, false, mask, None,
+    );
+    let (dq, dk, dv) = tch::Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(
+        dy, q, k, v, &out, &lse, 0.0, false, mask, None,
+    );
+    Ok((out, [dq, dk * dk_scale, dv]))
+}
+
+/// The check that admits a direct attention kernel (on CUDA, the memory-efficient one) passes
+/// a right one (the CPU flash kernel, with and without a mask) and names what differs in a
+/// wrong one: a mask left out changes the output, a scaled d(key) only that gradient, and NaN
+/// fails too.
+#[test]
+fn the_attention_check_passes_a_right_kernel_and_names_a_wrong_one() {
+    use super::check_attention;
+    let padded = padded_attention_inputs();
+    let worst = check_attention(&|i, dy| flash_cpu(i, dy, true, 1.0), &padded).unwrap();
+    assert!(worst < 1e-5, "{worst}");
+    check_attention(&|i, dy| flash_cpu(i, dy, true, 1.0), &padded[..3]).unwrap();
+    let no_mask = check_attention(&|i, dy| flash_cpu(i, dy, false, 1.0), &padded).unwrap_err();
+    assert!(no_mask.starts_with("output differs"), "{no_mask}");
+    let scaled = check_attention(&|i, dy| flash_cpu(i, dy, true, 1.01), &padded).unwrap_err();
+    assert!(scaled.starts_with("d(key) differs"), "{scaled}");
+    let nan = check_attention(&|i, dy| flash_cpu(i, dy, true, f64::NAN), &padded).unwrap_err();
+    assert!(nan.starts_with("d(key) differs"), "{nan}");
+}
+
+/// The memory-efficient kernel has no CPU implementation: called directly on the CPU, its
+/// error comes back as the check's message (one line, naming the operator), not a panic, which
+/// is what turns a kernel that fails on a device into a warning and torch's autograd.
+#[test]
+fn the_efficient_kernels_error_fails_the_check() {
+    let why =
+        super::check_attention(&super::efficient_direct, &padded_attention_inputs()).unwrap_err();
+    assert!(
+        why.contains("_scaled_dot_product_efficient_attention"),
+        "{why}"
+    );
+    assert!(!why.contains('\n'), "{why}");
+    // and on the CPU the direct path never picks it
+    let inputs = padded_attention_inputs();
+    assert!(!super::efficient_on_cuda(
+        &inputs[0],
+        &inputs[1],
+        &inputs[2],
+        inputs.get(3)
+    ));
+    assert!(super::efficient_attention_check().is_none());
+}
