@@ -20,7 +20,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Distribution, Tensor};
 use ldm_common::adamw::FusedAdamW;
 use ldm_common::device::{DeviceChoice, select};
-use ldm_common::lerp::lerp_all;
+use ldm_common::lerp::{lerp_all, lerp_all_in_place};
 
 /// 26 linear layers: 52 parameter tensors, as the DiT-M/2 of the recipe has.
 #[derive(Module, Debug)]
@@ -92,6 +92,17 @@ fn blend_all(
     lerp_all(a.0, b.0, w)
 }
 
+/// The EMA's update in place (pipeline's `ema::update` with `foreach`, after its first
+/// update): `false` where it does not apply.
+fn blend_in_place(ema: &Stack, model: &Stack, w: f64) -> bool {
+    let mut a = Collect(Vec::new());
+    ema.visit(&mut a);
+    let mut b = Collect(Vec::new());
+    model.visit(&mut b);
+    // handles on each EMA parameter: the module's and the list's
+    lerp_all_in_place(&a.0, &b.0, w, 2)
+}
+
 struct Collect(Vec<burn::backend::tensor::FloatTensor<burn::backend::Dispatch>>);
 
 impl ModuleVisitor for Collect {
@@ -154,14 +165,16 @@ fn main() {
         for _ in 0..iters + 5 {
             sync(&device);
             let t = Instant::now();
-            let blended = if foreach {
-                blend_all(&ema, &plain, 0.01)
-            } else {
-                None
-            };
-            match blended {
-                Some(blended) => ema = ema.map(&mut Put(&mut blended.into_iter())),
-                None => ema = ema.map(&mut Blend(&plain, 0.01)),
+            if !(foreach && blend_in_place(&ema, &plain, 0.01)) {
+                let blended = if foreach {
+                    blend_all(&ema, &plain, 0.01)
+                } else {
+                    None
+                };
+                match blended {
+                    Some(blended) => ema = ema.map(&mut Put(&mut blended.into_iter())),
+                    None => ema = ema.map(&mut Blend(&plain, 0.01)),
+                }
             }
             sync(&device);
             ema_times.push(t.elapsed().as_secs_f64());

@@ -91,6 +91,67 @@ pub fn lerp_all(
     }
 }
 
+/// [`lerp_all`] into the `a_i` themselves (as PyTorch's `_foreach_lerp_`), without new
+/// tensors: on burn-tch, when the `a_i` are the views of one buffer that a previous
+/// [`lerp_all`] left, and nothing holds that buffer but `handles` handles on each `a_i` (the
+/// caller's list and its module's parameters: 2). Writing in place changes every handle on
+/// the `a_i`, which is why any other (a copy of the module kept elsewhere) makes it `false`,
+/// as does anything else [`lerp_all`] would refuse: then nothing is written.
+pub fn lerp_all_in_place(
+    a: &[FloatTensor<Dispatch>],
+    b: &[FloatTensor<Dispatch>],
+    weight: f64,
+    handles: usize,
+) -> bool {
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "lerp_all_in_place: as many tensors on each side"
+    );
+    #[cfg(feature = "tch")]
+    {
+        torch_lerp_all_in_place(a, b, weight, handles)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = (weight, handles);
+        false
+    }
+}
+
+/// [`lerp_all_in_place`] on libtorch.
+#[cfg(feature = "tch")]
+fn torch_lerp_all_in_place(
+    a: &[FloatTensor<Dispatch>],
+    b: &[FloatTensor<Dispatch>],
+    weight: f64,
+    handles: usize,
+) -> bool {
+    use crate::torch_ops::flat::{as_tch, as_tch_tensor, exclusive_flat, flatten};
+    let Some(a) = a.iter().map(as_tch_tensor).collect::<Option<Vec<_>>>() else {
+        return false;
+    };
+    let Some(b) = b.iter().map(as_tch).collect::<Option<Vec<_>>>() else {
+        return false;
+    };
+    let Some(kind) = a.first().map(|t| t.tensor.kind()) else {
+        return false;
+    };
+    if a.iter()
+        .map(|t| &t.tensor)
+        .chain(b.iter().copied())
+        .any(|t| t.kind() != kind)
+        || a.iter().zip(&b).any(|(a, b)| a.tensor.size() != b.size())
+    {
+        return false;
+    }
+    let Some(mut flat) = exclusive_flat(&a, handles) else {
+        return false;
+    };
+    let _ = flat.lerp_(&flatten(&b), weight);
+    true
+}
+
 /// [`lerp_all`] on libtorch, or `None` if some tensor is elsewhere or of another dtype.
 #[cfg(feature = "tch")]
 fn torch_lerp_all(

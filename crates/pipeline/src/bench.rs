@@ -632,7 +632,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             },
             |model, step| {
                 let decay = ema::warmed_decay(settings.ema_decay, step);
-                ema_model = ema::update(ema_model.clone(), model, decay, foreach);
+                ema::update(&mut ema_model, model, decay, foreach);
             },
         )?;
         let seconds = timed.seconds;

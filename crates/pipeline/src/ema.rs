@@ -14,7 +14,8 @@ struct Current(HashMap<ParamId, Primitive>);
 
 impl ModuleVisitor for Current {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val().detach().inner().into_dispatch();
+        // (`inner`: the value without autodiff)
+        let t = param.val().inner().into_dispatch();
         self.0.insert(param.id, t);
     }
 }
@@ -38,8 +39,13 @@ impl ModuleMapper for Blend {
 
 /// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`;
 /// with `foreach`, all parameters in one operation where [`ldm_common::lerp::lerp_all`] can
-/// (libtorch), else one operation per parameter.
-pub fn update<M: Module>(ema: M, model: &M, decay: f64, foreach: bool) -> M {
+/// (libtorch): in place once the EMA's parameters are the views of one buffer that the
+/// previous update left and no other tensor handle holds them
+/// ([`ldm_common::lerp::lerp_all_in_place`], PyTorch's `_foreach_lerp_`), else into a new
+/// buffer; without, one operation per parameter. In place, clones of the EMA module see the
+/// update, as references to a PyTorch EMA do: burn's module clones share their parameters'
+/// tensors, which no handle count shows (the callers keep none across updates).
+pub fn update<M: Module>(ema: &mut M, model: &M, decay: f64, foreach: bool) {
     let mut current = Current(HashMap::new());
     model.visit(&mut current);
     let current = current.0;
@@ -54,11 +60,18 @@ pub fn update<M: Module>(ema: M, model: &M, decay: f64, foreach: bool) -> M {
         let Pairs {
             ids, ema: e, theta, ..
         } = pairs;
+        // handles on each EMA parameter: the module's and the list's
+        if ldm_common::lerp::lerp_all_in_place(&e, &theta, 1.0 - decay, 2) {
+            return;
+        }
         if let Some(blended) = ldm_common::lerp::lerp_all(e, theta, 1.0 - decay) {
-            return ema.map(&mut Replace(ids.into_iter().zip(blended).collect()));
+            *ema = ema
+                .clone()
+                .map(&mut Replace(ids.into_iter().zip(blended).collect()));
+            return;
         }
     }
-    ema.map(&mut Blend { current, decay })
+    *ema = ema.clone().map(&mut Blend { current, decay });
 }
 
 /// The EMA's parameters that have a counterpart in the model, in visiting order, with it.
@@ -114,7 +127,8 @@ mod tests {
         let moved = model.clone().map(&mut Shift);
         let bias = |m: &burn::nn::Linear| to_vec_f32(m.bias.as_ref().unwrap().val());
         for foreach in [false, true] {
-            let updated = update(ema.clone(), &moved, 0.75, foreach);
+            let mut updated = ema.clone();
+            update(&mut updated, &moved, 0.75, foreach);
             for (before, after, target) in [
                 (
                     to_vec_f32(ema.weight.val()),
@@ -145,6 +159,46 @@ mod tests {
     #[allow(deprecated)] // burn-tch: the project's GPU path (see ldm_common::torch_ops)
     fn blends_each_parameter_by_id_on_libtorch() {
         blends_each_parameter_by_id(Device::libtorch());
+    }
+
+    /// With `foreach` on libtorch, the first update leaves the EMA's parameters as views of one
+    /// new buffer and the next ones write into it (the same storage, the values of the
+    /// formula); a parameter's tensor held elsewhere turns that off (it keeps its values).
+    #[cfg(feature = "tch")]
+    #[test]
+    #[allow(deprecated)] // burn-tch: the project's GPU path (see ldm_common::torch_ops)
+    fn updates_in_place_unless_shared_on_libtorch() {
+        let device = Device::libtorch();
+        device.seed(0);
+        let model = LinearConfig::new(3, 2).init(&device.clone().autodiff());
+        let moved = model.clone().map(&mut Shift);
+        let mut ema = model.valid();
+        let address = |m: &burn::nn::Linear| {
+            ldm_common::torch_ops::data_address(&m.weight.val()).expect("a libtorch tensor")
+        };
+        let weights = |m: &burn::nn::Linear| to_vec_f32(m.weight.val());
+        let mut expected = weights(&ema);
+        let target = weights(&moved);
+        let blend = |e: &mut Vec<f32>| {
+            for (e, t) in e.iter_mut().zip(&target) {
+                *e = 0.75 * *e + 0.25 * t;
+            }
+        };
+        update(&mut ema, &moved, 0.75, true);
+        blend(&mut expected);
+        let first = address(&ema);
+        update(&mut ema, &moved, 0.75, true);
+        blend(&mut expected);
+        assert_eq!(address(&ema), first, "in place");
+        let held = ema.weight.val();
+        let held_values = to_vec_f32(held.clone());
+        update(&mut ema, &moved, 0.75, true);
+        blend(&mut expected);
+        assert_ne!(address(&ema), first, "not in place while a tensor is held");
+        assert_eq!(to_vec_f32(held), held_values);
+        for (a, b) in weights(&ema).iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 
     struct Shift;

@@ -633,7 +633,7 @@ impl TrainTask for LdmTask {
 
     fn after_update(&mut self, model: &LdmModel, step: u64) {
         let decay = ema::warmed_decay(self.settings.ema_decay, step);
-        self.ema = ema::update(self.ema.clone(), model, decay, self.foreach);
+        ema::update(&mut self.ema, model, decay, self.foreach);
     }
 
     fn write_samples(&mut self, _model: &LdmModel, step: u64) -> Result<()> {

@@ -52,6 +52,23 @@ fn consecutive_view(parts: &[&tch::Tensor]) -> Option<tch::Tensor> {
     first.f_as_strided([total as i64], [1], None).ok()
 }
 
+/// `parts` as one flat tensor that may be written in place: each part a view of one buffer
+/// (as [`split`] leaves them), side by side, and that buffer held by no other handle than
+/// `handles` on each part (a module's and the caller's copy, say); `None` otherwise. Writing
+/// through it changes every handle on the parts, so the caller must know them all.
+pub(crate) fn exclusive_flat(parts: &[&TchTensor], handles: usize) -> Option<tch::Tensor> {
+    let Storage::View { buffer_ref, .. } = &parts.first()?.storage else {
+        return None;
+    };
+    let one_buffer = parts.iter().all(
+        |t| matches!(&t.storage, Storage::View { buffer_ref: b, .. } if Arc::ptr_eq(b, buffer_ref)),
+    );
+    if !one_buffer || Arc::strong_count(buffer_ref) != parts.len() * handles {
+        return None;
+    }
+    consecutive_view(&parts.iter().map(|t| &t.tensor).collect::<Vec<_>>())
+}
+
 /// `flat`'s elements as tensors of `shapes`, in order, each a view of `flat` that burn-tch
 /// knows shares its buffer (so it is never updated in place while another piece is alive).
 pub(crate) fn split(flat: &tch::Tensor, shapes: &[Vec<i64>]) -> Vec<TchTensor> {
@@ -87,8 +104,13 @@ pub(crate) fn to_tch(t: DispatchTensor) -> TchTensor {
 
 /// The libtorch tensor inside a dispatch tensor on burn-tch without autodiff, if it is one.
 pub(crate) fn as_tch(t: &DispatchTensor) -> Option<&tch::Tensor> {
+    as_tch_tensor(t).map(|t| &t.tensor)
+}
+
+/// [`as_tch`] with burn-tch's handle on its storage.
+pub(crate) fn as_tch_tensor(t: &DispatchTensor) -> Option<&TchTensor> {
     match &t.kind {
-        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(&t.tensor),
+        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
         _ => None,
     }
 }

@@ -944,6 +944,13 @@ impl<C: CheckpointStrategy> TorchOps for Autodiff<LibTorch, C> {
     }
 }
 
+/// Where the elements of `x` start in memory, if it is a libtorch tensor without autodiff:
+/// two tensors with the same address share their storage (an update in place shows).
+pub fn data_address<const D: usize>(x: &Tensor<D>) -> Option<usize> {
+    let t = x.clone().into_dispatch();
+    flat::as_tch(&t).map(|t| t.data_ptr() as usize)
+}
+
 /// Whether `x` lives on burn-tch (libtorch, CPU or CUDA; with or without autodiff): where
 /// [`TorchOps`] runs.
 pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {

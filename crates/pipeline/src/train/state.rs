@@ -29,11 +29,11 @@ pub fn dir(run: &Path) -> PathBuf {
 
 /// Saves model, optimizer and state; `state.json` is written last, so a checkpoint is
 /// complete exactly when its state file names its step.
-pub fn save<M: Module>(run: &Path, model: &M, optim: &AdamW, state: &TrainState) -> Result<()> {
+pub fn save<M: Module>(run: &Path, model: &M, optim: &mut AdamW, state: &TrainState) -> Result<()> {
     let dir = dir(run);
     save_record(model, &dir.join("model.bpk"))?;
     let bytes = optim
-        .into_bytes()
+        .into_bytes(model)
         .context("cannot serialise the optimizer state")?;
     atomic_write(&dir.join("optimizer.bpk"), &bytes)?;
     write_json(&dir.join("state.json"), state)?;

@@ -193,7 +193,7 @@ fn run<T: TrainTask>(
     for step in start..config.steps {
         if interrupt::requested() {
             bar.abandon_with_message("interrupted");
-            return save_checkpoint(task, &model, &optim, &mut state, run_dir, step)
+            return save_checkpoint(task, &model, &mut optim, &mut state, run_dir, step)
                 .map(|()| Outcome::Interrupted(step));
         }
         let (loss, scalars, grads) = forward_backward(task, &model, step)?;
@@ -251,7 +251,7 @@ fn run<T: TrainTask>(
             task.write_samples(&model.valid(), done)?;
         }
         if checkpointing {
-            save_checkpoint(task, &model, &optim, &mut state, run_dir, done)?;
+            save_checkpoint(task, &model, &mut optim, &mut state, run_dir, done)?;
             last_good = Some(done);
         }
     }
@@ -262,7 +262,7 @@ fn run<T: TrainTask>(
 fn save_checkpoint<T: TrainTask>(
     task: &T,
     model: &T::Model,
-    optim: &AdamW,
+    optim: &mut AdamW,
     state: &mut TrainState,
     run_dir: &Path,
     step: u64,
