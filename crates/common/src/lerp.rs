@@ -94,9 +94,9 @@ pub fn lerp_all(
 /// [`lerp_all`] into the `a_i` themselves (as PyTorch's `_foreach_lerp_`), without new
 /// tensors: on burn-tch, when the `a_i` are the views of one buffer that a previous
 /// [`lerp_all`] left, and nothing holds that buffer but `handles` handles on each `a_i` (the
-/// caller's list and its module's parameters: 2). Writing in place changes every handle on
-/// the `a_i`, which is why any other (a copy of the module kept elsewhere) makes it `false`,
-/// as does anything else [`lerp_all`] would refuse: then nothing is written.
+/// caller's list and its module's parameters: 2), and no `b_i` lies in it. Writing in place
+/// changes every handle on the `a_i`, which is why any other makes it `false`, as does
+/// anything else [`lerp_all`] would refuse: then nothing is written.
 pub fn lerp_all_in_place(
     a: &[FloatTensor<Dispatch>],
     b: &[FloatTensor<Dispatch>],
@@ -127,27 +127,27 @@ fn torch_lerp_all_in_place(
     weight: f64,
     handles: usize,
 ) -> bool {
-    use crate::torch_ops::flat::{as_tch, as_tch_tensor, exclusive_flat, flatten};
-    let Some(a) = a.iter().map(as_tch_tensor).collect::<Option<Vec<_>>>() else {
-        return false;
-    };
-    let Some(b) = b.iter().map(as_tch).collect::<Option<Vec<_>>>() else {
+    use crate::torch_ops::flat::{as_tch_tensor, exclusive_flat, flatten};
+    let a: Option<Vec<_>> = a.iter().map(as_tch_tensor).collect();
+    let b: Option<Vec<_>> = b.iter().map(as_tch_tensor).collect();
+    let (Some(a), Some(b)) = (a, b) else {
         return false;
     };
     let Some(kind) = a.first().map(|t| t.tensor.kind()) else {
         return false;
     };
-    if a.iter()
-        .map(|t| &t.tensor)
-        .chain(b.iter().copied())
-        .any(|t| t.kind() != kind)
-        || a.iter().zip(&b).any(|(a, b)| a.tensor.size() != b.size())
+    if a.iter().chain(&b).any(|t| t.tensor.kind() != kind)
+        || a.iter()
+            .zip(&b)
+            .any(|(a, b)| a.tensor.size() != b.tensor.size())
     {
         return false;
     }
-    let Some(mut flat) = exclusive_flat(&a, handles) else {
+    // (not when some b_i lies in the buffer: an EMA just copied from the model, say)
+    let Some(mut flat) = exclusive_flat(&a, handles, &b) else {
         return false;
     };
+    let b: Vec<&tch::Tensor> = b.iter().map(|t| &t.tensor).collect();
     let _ = flat.lerp_(&flatten(&b), weight);
     true
 }
@@ -240,5 +240,35 @@ mod tests {
     #[test]
     fn lerp_all_matches_the_formula_on_libtorch() {
         assert!(check_all(Device::libtorch()));
+    }
+
+    /// In place only into the views of one buffer that a previous `lerp_all` left, held by no
+    /// other handle than the ones named, and not while the other side lies in that buffer.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn lerp_all_in_place_writes_only_into_a_buffer_of_its_own() {
+        let device = Device::libtorch();
+        let draw = |name: &str, dims: [usize; 2]| {
+            randn(&mut stream(4, name, 0), dims, &device).into_dispatch()
+        };
+        let values = |t: &FloatTensor<Dispatch>| to_vec_f32(Tensor::<2>::from_dispatch(t.clone()));
+        let a = vec![draw("a0", [3, 5]), draw("a1", [1, 7])];
+        let b = vec![draw("b0", [3, 5]), draw("b1", [1, 7])];
+        // tensors of their own, not views of one buffer
+        assert!(!lerp_all_in_place(&a, &b, 0.5, 1));
+        let a = lerp_all(a, b.clone(), 0.25).expect("libtorch");
+        let before: Vec<Vec<f32>> = a.iter().map(values).collect();
+        assert!(lerp_all_in_place(&a, &b, 0.5, 1));
+        for ((a, before), b) in a.iter().zip(&before).zip(&b) {
+            for ((x, y), z) in values(a).iter().zip(before).zip(values(b)) {
+                assert!((x - (0.5 * y + 0.5 * z)).abs() < 1e-6);
+            }
+        }
+        // the other side in the buffer, or a handle held elsewhere
+        assert!(!lerp_all_in_place(&a, &a, 0.5, 1));
+        let held = a[1].clone();
+        assert!(!lerp_all_in_place(&a, &b, 0.5, 1));
+        drop(held);
+        assert!(lerp_all_in_place(&a, &b, 0.5, 1));
     }
 }

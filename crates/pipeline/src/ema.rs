@@ -40,8 +40,8 @@ impl ModuleMapper for Blend {
 /// Updates `ema` (a copy of `model` without autodiff: same parameter ids) toward `model`;
 /// with `foreach`, all parameters in one operation where [`ldm_common::lerp::lerp_all`] can
 /// (libtorch): in place once the EMA's parameters are the views of one buffer that the
-/// previous update left and no other tensor handle holds them
-/// ([`ldm_common::lerp::lerp_all_in_place`], PyTorch's `_foreach_lerp_`), else into a new
+/// previous update left, no other tensor handle holds them and the model's parameters do not
+/// lie in them ([`ldm_common::lerp::lerp_all_in_place`], PyTorch's `_foreach_lerp_`), else into a new
 /// buffer; without, one operation per parameter. In place, clones of the EMA module see the
 /// update, as references to a PyTorch EMA do: burn's module clones share their parameters'
 /// tensors, which no handle count shows (the callers keep none across updates).

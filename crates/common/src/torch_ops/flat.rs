@@ -53,17 +53,26 @@ fn consecutive_view(parts: &[&tch::Tensor]) -> Option<tch::Tensor> {
 }
 
 /// `parts` as one flat tensor that may be written in place: each part a view of one buffer
-/// (as [`split`] leaves them), side by side, and that buffer held by no other handle than
-/// `handles` on each part (a module's and the caller's copy, say); `None` otherwise. Writing
-/// through it changes every handle on the parts, so the caller must know them all.
-pub(crate) fn exclusive_flat(parts: &[&TchTensor], handles: usize) -> Option<tch::Tensor> {
+/// (as [`split`] leaves them), side by side, that buffer held by no other handle than
+/// `handles` on each part (a module's and the caller's copy, say), and none of `others` (the
+/// tensors to be read) on it; `None` otherwise. Writing through it changes every handle on the
+/// parts, so the caller must know them all.
+pub(crate) fn exclusive_flat(
+    parts: &[&TchTensor],
+    handles: usize,
+    others: &[&TchTensor],
+) -> Option<tch::Tensor> {
     let Storage::View { buffer_ref, .. } = &parts.first()?.storage else {
         return None;
     };
-    let one_buffer = parts.iter().all(
-        |t| matches!(&t.storage, Storage::View { buffer_ref: b, .. } if Arc::ptr_eq(b, buffer_ref)),
-    );
-    if !one_buffer || Arc::strong_count(buffer_ref) != parts.len() * handles {
+    let on_it = |t: &&TchTensor| Arc::ptr_eq(t.storage.buffer_ref(), buffer_ref);
+    let one_buffer = parts
+        .iter()
+        .all(|t| matches!(t.storage, Storage::View { .. }) && on_it(t));
+    if !one_buffer
+        || others.iter().any(on_it)
+        || Arc::strong_count(buffer_ref) != parts.len() * handles
+    {
         return None;
     }
     consecutive_view(&parts.iter().map(|t| &t.tensor).collect::<Vec<_>>())
