@@ -34,19 +34,24 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
 }
 
 /// f_i = max_period^(-i/h), i < h, on `device`: computed in f64 on the host and uploaded once
-/// per thread, device, h and max_period. The embedding runs in every forward pass (every
+/// per thread, device (with its autodiff context), h and max_period. The embedding runs in every forward pass (every
 /// sampling step), and on CUDA an upload from pageable host memory first waits for everything
 /// queued on the device, which would serialise the host with the previous step's kernels.
 fn frequencies(half: usize, max_period: f64, device: &Device) -> Tensor<1> {
-    type Cached = (Device, usize, u64, Tensor<1>);
+    type Cached = (Device, Option<Strategy>, usize, u64, Tensor<1>);
+    type Strategy = burn::tensor::GradientCheckpointingStrategy;
     thread_local! {
         static CACHE: std::cell::RefCell<Vec<Cached>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let key = max_period.to_bits();
+    // burn's device equality ignores autodiff: a tensor made on a device's autodiff twin would
+    // make every operation it meets on the plain device an autodiff one (a sampler run after
+    // training recorded graphs), so the autodiff context is part of the key
+    let context = device.gradient_checkpointing_strategy();
     CACHE.with_borrow_mut(|cache| {
         if let Some((.., freqs)) = cache
             .iter()
-            .find(|(d, h, p, _)| d == device && *h == half && *p == key)
+            .find(|(d, c, h, p, _)| d == device && *c == context && *h == half && *p == key)
         {
             return freqs.clone();
         }
@@ -54,7 +59,7 @@ fn frequencies(half: usize, max_period: f64, device: &Device) -> Tensor<1> {
             .map(|i| (-max_period.ln() * i as f64 / half as f64).exp() as f32)
             .collect();
         let freqs = Tensor::<1>::from_data(TensorData::new(values, [half]), device);
-        cache.push((device.clone(), half, key, freqs.clone()));
+        cache.push((device.clone(), context, half, key, freqs.clone()));
         freqs
     })
 }
@@ -174,6 +179,22 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// The frequencies are kept per autodiff context too (burn's device equality ignores it):
+    /// an embedding on a plain device after one on its autodiff twin is a plain tensor, not
+    /// one that turns the sampler's operations into autodiff ones.
+    #[test]
+    fn frequencies_follow_the_autodiff_context() {
+        let plain = Device::flex();
+        let autodiff = plain.clone().autodiff();
+        for (first, second) in [(&autodiff, &plain), (&plain, &autodiff)] {
+            for device in [first, second] {
+                let t = Tensor::<1>::from_floats([1.0, 2.0], device);
+                let emb = timestep_embedding(t, 8, MAX_PERIOD);
+                assert_eq!(emb.is_autodiff(), device.is_autodiff());
             }
         }
     }
