@@ -34,9 +34,10 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
 }
 
 /// f_i = max_period^(-i/h), i < h, on `device`: computed in f64 on the host and uploaded once
-/// per thread, device (with its autodiff context), h and max_period. The embedding runs in every forward pass (every
-/// sampling step), and on CUDA an upload from pageable host memory first waits for everything
-/// queued on the device, which would serialise the host with the previous step's kernels.
+/// per thread, device (with its autodiff context), h and max_period. The embedding runs in
+/// every forward pass (every sampling step), and on CUDA an upload from pageable host memory
+/// first waits for everything queued on the device, which would serialise the host with the
+/// previous step's kernels.
 fn frequencies(half: usize, max_period: f64, device: &Device) -> Tensor<1> {
     type Cached = (Device, Option<Strategy>, usize, u64, Tensor<1>);
     type Strategy = burn::tensor::GradientCheckpointingStrategy;

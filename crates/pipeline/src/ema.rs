@@ -41,10 +41,10 @@ impl ModuleMapper for Blend {
 /// with `foreach`, all parameters in one operation where [`ldm_common::lerp::lerp_all`] can
 /// (libtorch): in place once the EMA's parameters are the views of one buffer that the
 /// previous update left, no other tensor handle holds them and the model's parameters do not
-/// lie in them ([`ldm_common::lerp::lerp_all_in_place`], PyTorch's `_foreach_lerp_`), else into a new
-/// buffer; without, one operation per parameter. In place, clones of the EMA module see the
-/// update, as references to a PyTorch EMA do: burn's module clones share their parameters'
-/// tensors, which no handle count shows (the callers keep none across updates).
+/// lie in them ([`ldm_common::lerp::lerp_all_in_place`], PyTorch's `_foreach_lerp_`), else
+/// into a new buffer; without, one operation per parameter. In place, clones of the EMA module
+/// see the update, as references to a PyTorch EMA do: burn's module clones share their
+/// parameters' tensors, which no handle count shows (the callers keep none across updates).
 pub fn update<M: Module>(ema: &mut M, model: &M, decay: f64, foreach: bool) {
     let mut current = Current(HashMap::new());
     model.visit(&mut current);
