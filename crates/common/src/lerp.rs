@@ -264,8 +264,18 @@ mod tests {
                 assert!((x - (0.5 * y + 0.5 * z)).abs() < 1e-6);
             }
         }
-        // the other side in the buffer, or a handle held elsewhere
+        // the other side in the buffer (the same handles, or others on the same memory), or a
+        // handle held elsewhere
         assert!(!lerp_all_in_place(&a, &a, 0.5, 1));
+        let alias: Vec<FloatTensor<Dispatch>> = a
+            .iter()
+            .map(|t| {
+                let view = crate::torch_ops::flat::as_tch(t).unwrap().shallow_clone();
+                crate::torch_ops::flat::from_tch(burn::backend::libtorch::TchTensor::new(view))
+            })
+            .collect();
+        assert!(!lerp_all_in_place(&a, &alias, 0.5, 1));
+        drop(alias);
         let held = a[1].clone();
         assert!(!lerp_all_in_place(&a, &b, 0.5, 1));
         drop(held);

@@ -55,8 +55,8 @@ fn consecutive_view(parts: &[&tch::Tensor]) -> Option<tch::Tensor> {
 /// `parts` as one flat tensor that may be written in place: each part a view of one buffer
 /// (as [`split`] leaves them), side by side, that buffer held by no other handle than
 /// `handles` on each part (a module's and the caller's copy, say), and none of `others` (the
-/// tensors to be read) on it; `None` otherwise. Writing through it changes every handle on the
-/// parts, so the caller must know them all.
+/// tensors to be read; contiguous ones only) in its memory; `None` otherwise. Writing through
+/// it changes every handle on the parts, so the caller must know them all.
 pub(crate) fn exclusive_flat(
     parts: &[&TchTensor],
     handles: usize,
@@ -65,17 +65,22 @@ pub(crate) fn exclusive_flat(
     let Storage::View { buffer_ref, .. } = &parts.first()?.storage else {
         return None;
     };
-    let on_it = |t: &&TchTensor| Arc::ptr_eq(t.storage.buffer_ref(), buffer_ref);
-    let one_buffer = parts
-        .iter()
-        .all(|t| matches!(t.storage, Storage::View { .. }) && on_it(t));
-    if !one_buffer
-        || others.iter().any(on_it)
-        || Arc::strong_count(buffer_ref) != parts.len() * handles
-    {
+    let one_buffer = parts.iter().all(
+        |t| matches!(&t.storage, Storage::View { buffer_ref: b, .. } if Arc::ptr_eq(b, buffer_ref)),
+    );
+    if !one_buffer || Arc::strong_count(buffer_ref) != parts.len() * handles {
         return None;
     }
-    consecutive_view(&parts.iter().map(|t| &t.tensor).collect::<Vec<_>>())
+    let flat = consecutive_view(&parts.iter().map(|t| &t.tensor).collect::<Vec<_>>())?;
+    // the others' memory, whoever holds it, must lie outside
+    let start = flat.data_ptr() as usize;
+    let end = start + flat.numel() * flat.kind().elt_size_in_bytes();
+    let outside = |t: &&TchTensor| {
+        let at = t.tensor.data_ptr() as usize;
+        let size = t.tensor.numel() * t.tensor.kind().elt_size_in_bytes();
+        t.tensor.is_contiguous() && (at + size <= start || at >= end)
+    };
+    others.iter().all(outside).then_some(flat)
 }
 
 /// `flat`'s elements as tensors of `shapes`, in order, each a view of `flat` that burn-tch
