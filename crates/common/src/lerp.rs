@@ -127,22 +127,10 @@ fn torch_lerp_all_in_place(
     weight: f64,
     handles: usize,
 ) -> bool {
-    use crate::torch_ops::flat::{as_tch_tensor, exclusive_flat, flatten};
-    let a: Option<Vec<_>> = a.iter().map(as_tch_tensor).collect();
-    let b: Option<Vec<_>> = b.iter().map(as_tch_tensor).collect();
-    let (Some(a), Some(b)) = (a, b) else {
+    use crate::torch_ops::flat::{exclusive_flat, flatten};
+    let Some((a, b)) = libtorch_pairs(a, b) else {
         return false;
     };
-    let Some(kind) = a.first().map(|t| t.tensor.kind()) else {
-        return false;
-    };
-    if a.iter().chain(&b).any(|t| t.tensor.kind() != kind)
-        || a.iter()
-            .zip(&b)
-            .any(|(a, b)| a.tensor.size() != b.tensor.size())
-    {
-        return false;
-    }
     // (not when some b_i lies in the buffer: an EMA just copied from the model, say)
     let Some(mut flat) = exclusive_flat(&a, handles, &b) else {
         return false;
@@ -152,6 +140,27 @@ fn torch_lerp_all_in_place(
     true
 }
 
+/// The burn-tch tensors of `a` and `b`, if every one is a libtorch tensor, all of one dtype,
+/// `a_i` and `b_i` of one shape (what [`lerp_all`] and [`lerp_all_in_place`] blend).
+#[cfg(feature = "tch")]
+fn libtorch_pairs<'a>(
+    a: &'a [FloatTensor<Dispatch>],
+    b: &'a [FloatTensor<Dispatch>],
+) -> Option<(
+    Vec<&'a burn::backend::libtorch::TchTensor>,
+    Vec<&'a burn::backend::libtorch::TchTensor>,
+)> {
+    use crate::torch_ops::flat::as_tch_tensor;
+    let a: Vec<_> = a.iter().map(as_tch_tensor).collect::<Option<_>>()?;
+    let b: Vec<_> = b.iter().map(as_tch_tensor).collect::<Option<_>>()?;
+    let kind = a.first()?.tensor.kind();
+    let matched = a.iter().chain(&b).all(|t| t.tensor.kind() == kind)
+        && a.iter()
+            .zip(&b)
+            .all(|(a, b)| a.tensor.size() == b.tensor.size());
+    matched.then_some((a, b))
+}
+
 /// [`lerp_all`] on libtorch, or `None` if some tensor is elsewhere or of another dtype.
 #[cfg(feature = "tch")]
 fn torch_lerp_all(
@@ -159,15 +168,12 @@ fn torch_lerp_all(
     b: &[FloatTensor<Dispatch>],
     weight: f64,
 ) -> Option<Vec<FloatTensor<Dispatch>>> {
-    use crate::torch_ops::flat::{as_tch, flatten, from_tch, split};
-    let a: Vec<&tch::Tensor> = a.iter().map(as_tch).collect::<Option<_>>()?;
-    let b: Vec<&tch::Tensor> = b.iter().map(as_tch).collect::<Option<_>>()?;
-    let kind = a.first()?.kind();
-    if a.iter().chain(&b).any(|t| t.kind() != kind)
-        || a.iter().zip(&b).any(|(a, b)| a.size() != b.size())
-    {
-        return None;
-    }
+    use crate::torch_ops::flat::{flatten, from_tch, split};
+    let (a, b) = libtorch_pairs(a, b)?;
+    let (a, b): (Vec<&tch::Tensor>, Vec<&tch::Tensor>) = (
+        a.iter().map(|t| &t.tensor).collect(),
+        b.iter().map(|t| &t.tensor).collect(),
+    );
     let shapes: Vec<Vec<i64>> = a.iter().map(|t| t.size()).collect();
     let out = flatten(&a).lerp(&flatten(&b), weight);
     Some(split(&out, &shapes).into_iter().map(from_tch).collect())
