@@ -90,12 +90,11 @@ fn finish<const N: usize>(
     error: *mut c_char,
     out: [*mut C_tensor; N],
 ) -> [Option<Tensor>; N] {
-    let tensors = out.map(owned);
-    check(what, error);
-    tensors
+    try_finish(error, out).unwrap_or_else(|message| panic!("libtorch {what}: {message}"))
 }
 
-/// [`finish`] with libtorch's message as the error instead of a panic.
+/// Takes ownership of the C side's results as [`finish`] does, with libtorch's message as the
+/// error instead of a panic.
 fn try_finish<const N: usize>(
     error: *mut c_char,
     out: [*mut C_tensor; N],
@@ -105,6 +104,17 @@ fn try_finish<const N: usize>(
         None => Ok(tensors),
         Some(message) => Err(message),
     }
+}
+
+/// Every tensor of `tensors`, or `missing` as the error if one is undefined.
+fn defined<const N: usize>(
+    tensors: [Option<Tensor>; N],
+    missing: &str,
+) -> Result<[Tensor; N], String> {
+    if tensors.iter().any(Option::is_none) {
+        return Err(missing.to_owned());
+    }
+    Ok(tensors.map(Option::unwrap))
 }
 
 /// A result handle of the C side as a tensor (`None` for null).
@@ -250,11 +260,11 @@ pub(crate) fn efficient_attention(
         ldm_efficient_attention(q.as_ptr(), k.as_ptr(), v.as_ptr(), bias, out.as_mut_ptr())
     };
     let [output, logsumexp, seed, offset, bias] = try_finish(error, out)?;
-    let saved = [output, logsumexp, seed, offset];
-    if saved.iter().any(Option::is_none) {
-        return Err("the memory-efficient attention returned an undefined tensor".to_owned());
-    }
-    Ok((saved.map(Option::unwrap), bias))
+    let saved = defined(
+        [output, logsumexp, seed, offset],
+        "the memory-efficient attention returned an undefined tensor",
+    )?;
+    Ok((saved, bias))
 }
 
 /// d(q), d(k), d(v) of [`efficient_attention`] for output gradient `grad`
@@ -282,11 +292,10 @@ pub(crate) fn efficient_attention_backward(
             out.as_mut_ptr(),
         )
     };
-    let grads = try_finish(error, out)?;
-    if grads.iter().any(Option::is_none) {
-        return Err("the memory-efficient attention's backward returned no gradient".to_owned());
-    }
-    Ok(grads.map(Option::unwrap))
+    defined(
+        try_finish(error, out)?,
+        "the memory-efficient attention's backward returned no gradient",
+    )
 }
 
 /// `torch.autograd.grad([output], inputs, [grad])`: the gradient the recorded graph from the
