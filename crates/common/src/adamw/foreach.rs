@@ -202,15 +202,10 @@ impl AdamW {
     }
 
     /// Writes the flat state into the module optimizer's record with one scatter pass over
-    /// `module` (whose parameters come back unchanged).
+    /// `module` (each parameter keeps its value: [`Slot::Done`] without one).
     #[cfg(feature = "tch")]
     fn put_state<M: Module>(&mut self, module: M, flat: &tch_step::Flat) -> M {
         let (ids, time, m, v) = flat.states();
-        let mut current = Current {
-            ids,
-            values: Vec::with_capacity(ids.len()),
-        };
-        module.visit(&mut current);
         {
             let mut exchange = self
                 .exchange
@@ -219,10 +214,10 @@ impl AdamW {
                 .lock()
                 .expect("exchange");
             exchange.slots.clear();
-            for ((p, m), v) in current.values.into_iter().zip(m).zip(v) {
+            for (m, v) in m.into_iter().zip(v) {
                 exchange.slots.push_back(Slot::Done {
                     time,
-                    p,
+                    p: None,
                     m: tch_step::from_tch(m),
                     v: tch_step::from_tch(v),
                 });
@@ -265,22 +260,6 @@ impl AdamW {
         #[cfg(feature = "tch")]
         {
             self.flat = None;
-        }
-    }
-}
-
-/// The current values of the parameters of `ids`, in visiting order.
-#[cfg(feature = "tch")]
-struct Current<'a> {
-    ids: &'a [ParamId],
-    values: Vec<Primitive>,
-}
-
-#[cfg(feature = "tch")]
-impl ModuleVisitor for Current<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if self.ids.get(self.values.len()) == Some(&param.id) {
-            self.values.push(param.val().inner().into_dispatch());
         }
     }
 }
@@ -347,10 +326,11 @@ enum Slot {
         m: Primitive,
         v: Primitive,
     },
-    /// The new parameter and state.
+    /// The new parameter (`None`: it keeps its value, as when the flat moments are handed back
+    /// to the record) and state.
     Done {
         time: usize,
-        p: Primitive,
+        p: Option<Primitive>,
         m: Primitive,
         v: Primitive,
     },
@@ -393,7 +373,7 @@ impl Exchange {
             for (((i, p), m), v) in members.into_iter().zip(p).zip(m).zip(v) {
                 self.slots[i] = Slot::Done {
                     time: key.time,
-                    p,
+                    p: Some(p),
                     m,
                     v,
                 };
@@ -430,7 +410,8 @@ impl Optimizer for Exchanging {
                 Tensor::from_dispatch(m),
                 Tensor::from_dispatch(v),
             );
-            return (Tensor::from_dispatch(p), Some(AdamWState::new(state)));
+            let p = p.map_or(tensor, Tensor::from_dispatch);
+            return (p, Some(AdamWState::new(state)));
         }
         let (time, m, v) = next_step(&tensor, state);
         let constants = self.hyper.constants(lr, time);
@@ -438,7 +419,7 @@ impl Optimizer for Exchanging {
             let (p, m, v) = adamw_step(tensor, grad, m, v, constants);
             exchange.slots.push_back(Slot::Done {
                 time,
-                p: p.clone().into_dispatch(),
+                p: Some(p.clone().into_dispatch()),
                 m: m.into_dispatch(),
                 v: v.into_dispatch(),
             });
