@@ -301,16 +301,7 @@ enum Saved {
     },
     /// libtorch's memory-efficient attention (what `scaled_dot_product_attention` runs on CUDA
     /// in f32), called directly once [`efficient_checked`] has compared it with autograd.
-    Efficient {
-        q: TchTensor,
-        k: TchTensor,
-        v: TchTensor,
-        /// the mask as burn holds it (held only), and as the kernel read it (aligned, expanded)
-        _bias: Option<TchTensor>,
-        prepared: Option<TchTensor>,
-        /// output (burn's handle on it), logsumexp, philox seed and offset
-        saved: [TchTensor; 4],
-    },
+    Efficient(EfficientSaved),
     Activation {
         x: TchTensor,
     },
@@ -417,25 +408,11 @@ impl TorchOp {
                 if !wants.get(3).copied().unwrap_or(false)
                     && efficient_on_cuda(q, k, v, rest.first()) =>
             {
-                let bias = rest.first();
-                let (saved, prepared) = native::efficient_attention(
-                    [&q.tensor, &k.tensor, &v.tensor],
-                    bias.map(|b| &b.tensor),
-                )
-                .unwrap_or_else(|e| {
-                    panic!("libtorch _scaled_dot_product_efficient_attention: {e}")
-                });
-                let saved = saved.map(TchTensor::new);
-                let y = saved[0].clone();
-                let saved = Saved::Efficient {
-                    q: q.clone(),
-                    k: k.clone(),
-                    v: v.clone(),
-                    _bias: bias.cloned(),
-                    prepared: prepared.map(TchTensor::new),
-                    saved,
-                };
-                (y, saved)
+                let (y, saved) =
+                    EfficientSaved::forward([q, k, v], rest.first()).unwrap_or_else(|e| {
+                        panic!("libtorch _scaled_dot_product_efficient_attention: {e}")
+                    });
+                (y, Saved::Efficient(saved))
             }
             (TorchOp::Attention, [q, k, v, rest @ ..])
                 if !wants.get(3).copied().unwrap_or(false)
@@ -602,16 +579,64 @@ pub fn efficient_attention_check() -> Option<Result<f64, String>> {
 type DirectAttention<'a> =
     &'a dyn Fn(&[TchTensor], &tch::Tensor) -> Result<(tch::Tensor, [tch::Tensor; 3]), String>;
 
-/// [`DirectAttention`] on the memory-efficient kernel, as [`Saved::Efficient`] runs it.
+/// [`DirectAttention`] on the memory-efficient kernel: [`Saved::Efficient`]'s own forward
+/// and backward.
 fn efficient_direct(
     inputs: &[TchTensor],
     dy: &tch::Tensor,
 ) -> Result<(tch::Tensor, [tch::Tensor; 3]), String> {
-    let qkv = [0, 1, 2].map(|i| &inputs[i].tensor);
-    let (saved, prepared) = native::efficient_attention(qkv, inputs.get(3).map(|b| &b.tensor))?;
-    let grads = native::efficient_attention_backward(dy, qkv, prepared.as_ref(), saved.each_ref())?;
-    let [output, ..] = saved;
-    Ok((output, grads))
+    let [q, k, v] = [0, 1, 2].map(|i| &inputs[i]);
+    let (output, saved) = EfficientSaved::forward([q, k, v], inputs.get(3))?;
+    Ok((output.tensor, saved.backward(dy)?))
+}
+
+/// What the memory-efficient attention's backward reads (and holds, so that burn-tch never
+/// updates it in place).
+#[derive(Clone, Debug)]
+struct EfficientSaved {
+    q: TchTensor,
+    k: TchTensor,
+    v: TchTensor,
+    /// the mask as burn holds it (held only), and as the kernel read it (aligned, expanded)
+    _bias: Option<TchTensor>,
+    prepared: Option<TchTensor>,
+    /// output (burn's handle on it), logsumexp, philox seed and offset
+    saved: [TchTensor; 4],
+}
+
+impl EfficientSaved {
+    /// The output of the memory-efficient kernel on q, k, v and an optional mask, and what its
+    /// backward reads; libtorch's message if the kernel cannot run.
+    fn forward(
+        [q, k, v]: [&TchTensor; 3],
+        bias: Option<&TchTensor>,
+    ) -> Result<(TchTensor, Self), String> {
+        let (saved, prepared) = native::efficient_attention(
+            [&q.tensor, &k.tensor, &v.tensor],
+            bias.map(|b| &b.tensor),
+        )?;
+        let saved = saved.map(TchTensor::new);
+        let y = saved[0].clone();
+        let state = Self {
+            q: q.clone(),
+            k: k.clone(),
+            v: v.clone(),
+            _bias: bias.cloned(),
+            prepared: prepared.map(TchTensor::new),
+            saved,
+        };
+        Ok((y, state))
+    }
+
+    /// d(q), d(k), d(v) for the output gradient `dy` (made contiguous first).
+    fn backward(&self, dy: &tch::Tensor) -> Result<[tch::Tensor; 3], String> {
+        native::efficient_attention_backward(
+            &dy.contiguous(),
+            [&self.q.tensor, &self.k.tensor, &self.v.tensor],
+            self.prepared.as_ref().map(|b| &b.tensor),
+            self.saved.each_ref().map(|t| &t.tensor),
+        )
+    }
 }
 
 /// `direct` against torch's autograd ([`TorchOp::record`]) on `inputs` (q, k, v and an
@@ -771,28 +796,13 @@ impl Saved {
                     );
                 vec![Some(dq), Some(dk), Some(dv)]
             }
-            // (dy as a contiguous tensor, as in the check that admitted this path)
-            (
-                Saved::Efficient {
-                    q,
-                    k,
-                    v,
-                    prepared,
-                    saved,
-                    ..
-                },
-                _,
-            ) => native::efficient_attention_backward(
-                &dy.contiguous(),
-                [&q.tensor, &k.tensor, &v.tensor],
-                prepared.as_ref().map(|b| &b.tensor),
-                saved.each_ref().map(|t| &t.tensor),
-            )
-            .unwrap_or_else(|e| {
-                panic!("libtorch _scaled_dot_product_efficient_attention_backward: {e}")
-            })
-            .map(Some)
-            .into(),
+            (Saved::Efficient(saved), _) => saved
+                .backward(dy)
+                .unwrap_or_else(|e| {
+                    panic!("libtorch _scaled_dot_product_efficient_attention_backward: {e}")
+                })
+                .map(Some)
+                .into(),
             (Saved::Activation { x }, TorchOp::Activation { gelu_tanh }) => {
                 let dx = if gelu_tanh {
                     x.tensor.gelu_backward(dy, "tanh")
