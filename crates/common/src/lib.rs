@@ -19,6 +19,7 @@ pub mod lerp;
 pub mod linear;
 pub mod matmul;
 pub mod nn;
+pub mod per_device;
 pub mod precision;
 pub mod rng;
 pub mod tensor;

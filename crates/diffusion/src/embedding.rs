@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::{Bool, Int, TensorData};
 use ldm_common::activation::silu;
 use ldm_common::linear::linear;
+use ldm_common::per_device::PerDevice;
 use ldm_common::precision::to_dtype;
 
 /// Period of the slowest sinusoid of the timestep embedding (ADM, DiT).
@@ -39,29 +40,16 @@ pub fn timestep_embedding(t: Tensor<1>, dim: usize, max_period: f64) -> Tensor<2
 /// first waits for everything queued on the device, which would serialise the host with the
 /// previous step's kernels.
 fn frequencies(half: usize, max_period: f64, device: &Device) -> Tensor<1> {
-    type Cached = (Device, Option<Strategy>, usize, u64, Tensor<1>);
-    type Strategy = burn::tensor::GradientCheckpointingStrategy;
     thread_local! {
-        static CACHE: std::cell::RefCell<Vec<Cached>> = const { std::cell::RefCell::new(Vec::new()) };
+        static CACHE: PerDevice<(usize, u64), Tensor<1>> = PerDevice::default();
     }
-    let key = max_period.to_bits();
-    // burn's device equality ignores autodiff: a tensor made on a device's autodiff twin would
-    // make every operation it meets on the plain device an autodiff one (a sampler run after
-    // training recorded graphs), so the autodiff context is part of the key
-    let context = device.gradient_checkpointing_strategy();
-    CACHE.with_borrow_mut(|cache| {
-        if let Some((.., freqs)) = cache
-            .iter()
-            .find(|(d, c, h, p, _)| d == device && *c == context && *h == half && *p == key)
-        {
-            return freqs.clone();
-        }
-        let values: Vec<f32> = (0..half)
-            .map(|i| (-max_period.ln() * i as f64 / half as f64).exp() as f32)
-            .collect();
-        let freqs = Tensor::<1>::from_data(TensorData::new(values, [half]), device);
-        cache.push((device.clone(), context, half, key, freqs.clone()));
-        freqs
+    CACHE.with(|cache| {
+        cache.get_or_make(device, (half, max_period.to_bits()), || {
+            let values: Vec<f32> = (0..half)
+                .map(|i| (-max_period.ln() * i as f64 / half as f64).exp() as f32)
+                .collect();
+            Tensor::<1>::from_data(TensorData::new(values, [half]), device)
+        })
     })
 }
 

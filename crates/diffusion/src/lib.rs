@@ -18,6 +18,7 @@ pub mod process;
 pub mod sampler;
 pub mod schedule;
 pub mod spacing;
+pub mod training_table;
 
 // -- networks (embeddings, U-Net, DiT, text encoder) --
 pub mod attention;

@@ -73,11 +73,23 @@ impl Parameterization {
         eps: Tensor<4>,
         t: &[usize],
     ) -> Tensor<4> {
+        let device = z0.device();
+        self.target_with(z0, eps, || coefficients(schedule, t, &device))
+    }
+
+    /// [`Self::target`] with the per-sample sqrt(alphabar_t) and sqrt(1 - alphabar_t) from
+    /// `coefficients`, called only for v.
+    pub fn target_with(
+        self,
+        z0: Tensor<4>,
+        eps: Tensor<4>,
+        coefficients: impl FnOnce() -> (Tensor<4>, Tensor<4>),
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => eps,
             Self::Sample => z0,
             Self::Velocity => {
-                let (a, s) = coefficients(schedule, t, &z0.device());
+                let (a, s) = coefficients();
                 eps * a - z0 * s
             }
         }

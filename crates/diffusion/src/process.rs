@@ -44,6 +44,12 @@ pub fn q_sample(schedule: &Schedule, z0: Tensor<4>, t: &[usize], noise: Tensor<4
     let device = z0.device();
     let a = per_sample(t, &device, |t| schedule.sqrt_alphas_cumprod[t]);
     let s = per_sample(t, &device, |t| schedule.sqrt_one_minus_alphas_cumprod[t]);
+    q_sample_with(z0, noise, a, s)
+}
+
+/// [`q_sample`] with the per-sample coefficients given: z_t = a z_0 + s eps, with
+/// a = sqrt(alphabar_t), s = sqrt(1 - alphabar_t), each `[batch, 1, 1, 1]`.
+pub fn q_sample_with(z0: Tensor<4>, noise: Tensor<4>, a: Tensor<4>, s: Tensor<4>) -> Tensor<4> {
     z0 * a + noise * s
 }
 

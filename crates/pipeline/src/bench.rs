@@ -31,6 +31,7 @@ use ldm_diffusion::denoiser::Conditioning;
 use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::sampler::{SamplerKind, SamplerOptions};
 use ldm_diffusion::schedule::Schedule;
+use ldm_diffusion::training_table::TrainingTable;
 use ldm_vae::Vae;
 
 use crate::ldm_stage::{ConditioningKind, DiffusionSettings, LdmRunConfig, ldm_loss};
@@ -607,6 +608,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         let latents = host_batch(o.seed, "bench-latents", b * lc * ls * ls, 1.0);
         let settings = &setup.config.diffusion;
         let big_t = setup.schedule.num_timesteps();
+        let table = TrainingTable::new(&setup.schedule, settings.parameterization, &settings.loss);
         let mut ema_model = model.valid();
         let foreach = setup.config.train.foreach_on(&ad);
         let timed = time_training(
@@ -628,7 +630,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
                     class: labels(setup.num_classes, settings.p_uncond, b, o.seed, step, &ad),
                     text: None,
                 };
-                ldm_loss(model, &setup.schedule, settings, z0, &t, eps, &cond)
+                ldm_loss(model, &table, z0, &t, eps, &cond)
             },
             |model, step| {
                 let decay = ema::warmed_decay(settings.ema_decay, step);

@@ -27,6 +27,7 @@ use ldm_diffusion::loss::{LossWeighting, diffusion_loss};
 use ldm_diffusion::parameterization::Parameterization;
 use ldm_diffusion::process::q_sample;
 use ldm_diffusion::schedule::{Schedule, ScheduleConfig};
+use ldm_diffusion::training_table::TrainingTable;
 use rand::RngExt;
 
 use crate::latents::{self, LatentSet, LatentSource};
@@ -509,46 +510,36 @@ impl ShardedTask for LdmTask {
             class: self.labels(indices, &rows, step, device),
             text: self.text(model, indices, &rows, step, device),
         };
-        let loss = ldm_loss(model, &self.schedule, &self.settings, z0, &t, eps, &cond);
+        let loss = ldm_loss(model, &self.table, z0, &t, eps, &cond);
         (loss.clone(), vec![loss])
     }
 }
 
 /// The LDM training loss of one batch (`train-ldm`'s step, and `pipeline bench`'s):
 /// z_t = q_sample(z_0, t, eps), output = model(z_t, t, cond), loss = weighted MSE to the
-/// parameterization's target.
+/// parameterization's target. The per-sample coefficients are gathered on the device from
+/// `table` (one upload of `t`; see [`TrainingTable`]).
 pub(crate) fn ldm_loss(
     model: &LdmModel,
-    schedule: &Schedule,
-    settings: &DiffusionSettings,
+    table: &TrainingTable,
     z0: Tensor<4>,
     t: &[usize],
     eps: Tensor<4>,
     cond: &Conditioning,
 ) -> Tensor<1> {
-    let device = z0.device();
-    let z_t = q_sample(schedule, z0.clone(), t, eps.clone());
-    let t_float = Tensor::<1>::from_data(
-        TensorData::new(
-            t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-            Shape::new([t.len()]),
-        ),
-        &device,
-    );
-    // The target's and the weights' per-sample coefficients come from the host: uploaded
-    // before the network's kernels are queued, since on CUDA an upload from pageable memory
-    // waits for the device's queue (after the forward it would wait for the whole forward).
-    let p = settings.parameterization;
-    let target = p.target(schedule, z0, eps, t);
-    let weights = settings.loss.weights(schedule, p, t, &device);
-    let output = model.forward(z_t, t_float, cond);
-    diffusion_loss(output, target, weights)
+    let c = table.gather(t, &z0.device());
+    let z_t = c.q_sample(z0.clone(), eps.clone());
+    let target = c.target(z0, eps);
+    let output = model.forward(z_t, c.t, cond);
+    diffusion_loss(output, target, c.weights)
 }
 
 struct LdmTask {
     latents: LatentSet,
     order: BatchOrder,
     schedule: Schedule,
+    /// The training step's per-timestep coefficients (from `schedule` and `settings`).
+    table: TrainingTable,
     settings: DiffusionSettings,
     spec: ConditioningSpec,
     seed: u64,
@@ -783,6 +774,11 @@ pub fn train_ldm(
             config.train.batch_size,
         ),
         latents,
+        table: TrainingTable::new(
+            &schedule,
+            config.diffusion.parameterization,
+            &config.diffusion.loss,
+        ),
         schedule,
         settings: config.diffusion.clone(),
         spec,

@@ -1,0 +1,91 @@
+//! Times what a training step does before its network: the noised latent z_t, v's target, the
+//! min-SNR weights and the float timesteps, with the per-sample coefficients uploaded one by
+//! one from the host (`per_sample`: six uploads besides the latents) or gathered from the
+//! [`TrainingTable`] (one upload of the timesteps). On a CPU the difference is the host cost
+//! of the calls; on CUDA each upload from pageable memory also waits for the device's queue.
+//! The measurement behind docs/PERFORMANCE.md's "The training step's coefficients".
+//!
+//! ```sh
+//! cargo run --release -p ldm-diffusion --features ldm-common/tch --example step_coefficients \
+//!     -- [cpu|libtorch|cuda] [iters]
+//! ```
+//!
+//! Prints, per batch size and path, the median time of one step's coefficients and the
+//! element-wise work on them, followed by a device sync.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+use ldm_common::device::{DeviceChoice, select};
+use ldm_common::rng::{randn, stream};
+use ldm_diffusion::loss::LossWeighting;
+use ldm_diffusion::parameterization::Parameterization;
+use ldm_diffusion::process::{per_sample, q_sample};
+use ldm_diffusion::schedule::{Schedule, ScheduleConfig};
+use ldm_diffusion::training_table::TrainingTable;
+
+fn median_ms(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2] * 1e3
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let choice: DeviceChoice = args.first().map_or("cpu", String::as_str).parse()?;
+    let iters: usize = args.get(1).map_or(Ok(2000), |s| s.parse())?;
+    let device = select(choice)?.device;
+    let schedule = Schedule::new(&ScheduleConfig::default())?;
+    let p = Parameterization::Velocity;
+    let weighting = LossWeighting::MinSnr { gamma: 5.0 };
+    let table = TrainingTable::new(&schedule, p, &weighting);
+    println!("device {device:?}, {iters} iterations; ms per step (median)");
+    println!("batch   per-sample uploads   table gather");
+    for b in [1usize, 64, 256] {
+        let shape = [b, 4, 8, 8];
+        let z0 = randn(&mut stream(1, "z0", 0), shape, &device);
+        let eps = randn(&mut stream(1, "eps", 0), shape, &device);
+        let t: Vec<usize> = (0..b).map(|i| (i * 37) % 1000).collect();
+        let uploads = |z0: Tensor<4>, eps: Tensor<4>| {
+            let z_t = q_sample(&schedule, z0.clone(), &t, eps.clone());
+            let target = p.target(&schedule, z0, eps, &t);
+            let weights = weighting.weights(&schedule, p, &t, &device);
+            let t_float = per_sample(&t, &device, |t| t as f64).reshape([b]);
+            (z_t, target, weights, t_float)
+        };
+        let gather = |z0: Tensor<4>, eps: Tensor<4>| {
+            let c = table.gather(&t, &device);
+            let z_t = c.q_sample(z0.clone(), eps.clone());
+            let target = c.target(z0, eps);
+            (z_t, target, c.weights, c.t)
+        };
+        let mut times = [Vec::new(), Vec::new()];
+        for i in 0..iters {
+            // alternate, so that a slow moment of the machine falls on both
+            for (k, times) in times.iter_mut().enumerate() {
+                let start = Instant::now();
+                let (z_t, target, weights, t_float) = if (i + k) % 2 == 0 {
+                    uploads(z0.clone(), eps.clone())
+                } else {
+                    gather(z0.clone(), eps.clone())
+                };
+                drop((z_t, target, weights, t_float));
+                device.sync()?;
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+        // times[k] holds path (i + k) % 2 at iteration i: split them back per path
+        let [a, bb] = times;
+        let (mut up, mut ga) = (Vec::new(), Vec::new());
+        for (i, (x, y)) in a.into_iter().zip(bb).enumerate() {
+            if i % 2 == 0 {
+                up.push(x);
+                ga.push(y);
+            } else {
+                ga.push(x);
+                up.push(y);
+            }
+        }
+        println!("{b:5}   {:18.4}   {:12.4}", median_ms(up), median_ms(ga));
+    }
+    Ok(())
+}
