@@ -12,7 +12,7 @@
 #   bash scripts/gpu_session.sh phases      # one run per tool with --phases: forward / backward / optimizer / EMA per step
 #                                           # (recipe batches, the tiny host-cost rows at batch 1, batch $BIG_BATCH),
 #                                           # then the recipe's batches with the other train.foreach mode and, burn
-#                                           # only, with LDM_TORCH_BACKWARD=autograd
+#                                           # only, with LDM_TORCH_BACKWARD=autograd and with LDM_UPLOADS=pageable
 #   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
 #   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5
 #   bash scripts/gpu_session.sh all         # env, bench, phases, train, bench-bf16, eval within $BUDGET_S
@@ -144,6 +144,9 @@ case "$step" in
     attention=$(grep -m1 '^attention on libtorch:' "$OUT/backward-check.log" || true)
     echo "${attention:-attention on libtorch: the memory-efficient kernel was not picked (no direct path)}" \
       | tee -a "$OUT/env.txt"
+    # uploads go through page-locked memory without waiting once a check reads them back
+    uploads=$(grep -m1 '^uploads to CUDA:' "$OUT/backward-check.log" || true)
+    echo "${uploads:-uploads to CUDA: none (not a CUDA device)}" | tee -a "$OUT/env.txt"
     if timeout 120 "$PIPELINE" bench --config animals --rows ldm-train-dit --iters 2 --warmup 1 \
       --device "$DEVICE" --foreach on > "$OUT/foreach-check.log" 2>&1; then
       echo ok > "$OUT/foreach.txt"
@@ -192,6 +195,15 @@ case "$step" in
         --device "$DEVICE" "${tiny_iters[@]}" \
         --json "$OUT/host-tiny-autograd.json"
     fi
+    # burn's side with every upload from pageable memory (each waits for the device), as
+    # before the page-locked uploads: against phases-recipe and host-tiny
+    timed phases-recipe-pageable env LDM_UPLOADS=pageable "$PIPELINE" bench --config animals \
+      "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${short[@]}" \
+      --json "$OUT/phases-recipe-pageable.json"
+    timed host-tiny-pageable env LDM_UPLOADS=pageable "$PIPELINE" bench "${tiny[@]}" \
+      "${train_rows[@]}" "${foreach_bench[@]}" \
+      --device "$DEVICE" "${tiny_iters[@]}" \
+      --json "$OUT/host-tiny-pageable.json"
     ;;
   train)
     [[ -d data/animal-mnist ]] || {

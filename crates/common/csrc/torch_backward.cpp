@@ -6,6 +6,10 @@
 // attention's forward is here too, with the mask preparation `scaled_dot_product_attention`
 // does before it, so that the backward sees the same bias tensor.
 //
+// One more call is not a backward: `ldm_pinned_upload`, a host buffer copied to a CUDA device
+// from page-locked memory without waiting for the device (tch binds `pin_memory` only with its
+// deprecated device argument).
+//
 // Tensors cross as tch's handles (`at::Tensor*`, owned by the caller). Each function returns
 // nullptr on success, else a malloc'ed message the caller frees; results are new handles
 // (nullptr where a gradient was not asked for), freed by tch's `Tensor` on drop.
@@ -159,6 +163,24 @@ char* ldm_autograd_grad(const Tensor* const* outputs, const Tensor* const* grad_
         auto r = torch::autograd::grad(outs, ins, grads, /*retain_graph=*/false,
                                        /*create_graph=*/false, /*allow_unused=*/true);
         for (int64_t i = 0; i < n_inputs; ++i) out[i] = handle(r[i]);
+    });
+}
+
+// `bytes` (row-major, `ndim` sizes, ATen scalar type `dtype`) on CUDA device `device_index`:
+// copied into page-locked memory from PyTorch's caching host allocator, then copied to the
+// device asynchronously on the current stream, as `tensor.pin_memory().to(device,
+// non_blocking=True)`. The host returns without waiting for the device's queue. The
+// allocator records the copy on the page-locked block, so the block is not reused before the
+// copy has run (ATen's copy_kernel_cuda, `CachingHostAllocator_recordEvent`).
+char* ldm_pinned_upload(const void* bytes, const int64_t* sizes, int64_t ndim, int dtype,
+                        int device_index, Tensor** out) {
+    return guarded([&] {
+        auto options = at::TensorOptions()
+                           .dtype(static_cast<at::ScalarType>(dtype))
+                           .pinned_memory(true);
+        Tensor host = at::empty(at::IntArrayRef(sizes, ndim), options);
+        std::memcpy(host.data_ptr(), bytes, host.nbytes());
+        out[0] = handle(host.to(at::Device(at::kCUDA, device_index), /*non_blocking=*/true));
     });
 }
 

@@ -28,6 +28,7 @@ mod testing;
 pub mod threads;
 #[cfg(feature = "tch")]
 pub mod torch_ops;
+pub mod upload;
 pub mod upsample;
 pub mod weights;
 

@@ -3,9 +3,11 @@
 //! Noise is drawn on the host and uploaded, so a seed gives the same numbers on every backend
 //! (flex, libtorch CPU, CUDA) and a resumed run continues exactly where it stopped.
 
-use burn::tensor::{Device, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
+
+use crate::upload;
 
 /// A generator for one purpose at one step: `seed`, a purpose tag and a counter are mixed
 /// (SplitMix64) so streams never overlap and need no saved state to resume.
@@ -30,7 +32,7 @@ pub fn randn<const D: usize>(rng: &mut StdRng, shape: [usize; D], device: &Devic
     let values: Vec<f32> = (0..n)
         .map(|_| rng.sample::<f32, _>(StandardNormal))
         .collect();
-    Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
+    upload::float(values, shape, device)
 }
 
 /// Uniform samples in `[0, 1)` of the given shape, drawn from `rng` on the host.
@@ -41,7 +43,7 @@ pub fn rand_uniform<const D: usize>(
 ) -> Tensor<D> {
     let n: usize = shape.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.random::<f32>()).collect();
-    Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
+    upload::float(values, shape, device)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! one from the host (`per_sample`: six uploads besides the latents) or gathered from the
 //! [`TrainingTable`] (one upload of the timesteps). On a CPU the difference is the host cost
 //! of the calls; on CUDA each upload from pageable memory also waits for the device's queue.
-//! The measurement behind docs/PERFORMANCE.md's "The training step's coefficients".
+//! The measurement behind docs/PERFORMANCE.md's "Fewer uploads, and uploads that do not wait".
 //!
 //! ```sh
 //! cargo run --release -p ldm-diffusion --features ldm-common/tch --example step_coefficients \

@@ -2,7 +2,8 @@
 //! "Denoising Diffusion Probabilistic Models", eqs. 4, 6 and 7).
 //!
 //! Every function takes one timestep index per sample: the coefficients are gathered on the host
-//! and uploaded as a `[batch, 1, 1, 1]` tensor that broadcasts over the latent.
+//! and uploaded as a `[batch, 1, 1, 1]` tensor that broadcasts over the latent. (The training
+//! step gathers them on the device instead: [`crate::training_table`].)
 
 use burn::prelude::*;
 

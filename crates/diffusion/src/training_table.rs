@@ -20,8 +20,9 @@
 //! is exact), so a step computes the same numbers as with per-sample uploads.
 
 use burn::prelude::*;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::TensorData;
 use ldm_common::per_device::PerDevice;
+use ldm_common::upload;
 
 use crate::loss::LossWeighting;
 use crate::parameterization::Parameterization;
@@ -96,7 +97,7 @@ impl TrainingTable {
                 t as i64
             })
             .collect();
-        let indices = Tensor::<1, Int>::from_data(TensorData::new(indices, [b]), device);
+        let indices = upload::int(indices, [b], device);
         let table = self.uploaded.get_or_make(device, (), || {
             Tensor::from_data(
                 TensorData::new(self.values.clone(), [COLUMNS, big_t]),

@@ -19,13 +19,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use rand::RngExt;
 use serde::Serialize;
 
 use ldm_common::device::SelectedDevice;
 use ldm_common::rng::{randn, stream};
 use ldm_common::tensor::scalar;
+use ldm_common::upload;
 use ldm_diffusion::backbone::{BackboneConfig, ConditioningSpec};
 use ldm_diffusion::denoiser::Conditioning;
 use ldm_diffusion::ldm_model::LdmModel;
@@ -146,6 +147,10 @@ pub struct BenchReport {
     /// (with its backward) or, failing the check against torch's autograd, why not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attention: Option<String>,
+    /// On libtorch CUDA: whether uploads went through page-locked memory without waiting for
+    /// the device or, failing their check (or with `LDM_UPLOADS=pageable`), why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads: Option<String>,
     /// Everything the PyTorch twin needs to build the same networks and steps.
     pub spec: BenchSpec,
 }
@@ -431,7 +436,7 @@ fn host_batch(seed: u64, purpose: &str, n: usize, scale: f32) -> Vec<f32> {
 }
 
 fn upload(values: &[f32], shape: [usize; 4], device: &Device) -> Tensor<4> {
-    Tensor::from_data(TensorData::new(values.to_vec(), Shape::new(shape)), device)
+    upload::float(values.to_vec(), shape, device)
 }
 
 /// Class labels of a batch with a fraction `p_uncond` replaced by the null class, as in
@@ -455,10 +460,7 @@ fn labels(
             }
         })
         .collect();
-    Some(Tensor::from_data(
-        TensorData::new(ids, Shape::new([b])),
-        device,
-    ))
+    Some(upload::int(ids, [b], device))
 }
 
 /// `pipeline bench`: resolves the recipe, measures every row, returns the report.
@@ -772,6 +774,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         warmup: o.warmup,
         rows,
         attention: attention_path(),
+        uploads: upload_path(),
         spec: BenchSpec {
             seed: o.seed,
             iters: o.iters,
@@ -924,6 +927,21 @@ fn attention_path() -> Option<String> {
     }
 }
 
+/// How this process uploaded to CUDA, if it did (`ldm_common::torch_ops::upload`).
+fn upload_path() -> Option<String> {
+    #[cfg(feature = "tch")]
+    {
+        ldm_common::torch_ops::upload::pinned_upload_check().map(|check| match check {
+            Ok(()) => "page-locked, without waiting for the device (checked)".to_owned(),
+            Err(why) => format!("pageable, each waits for the device ({why})"),
+        })
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        None
+    }
+}
+
 /// The table `pipeline bench` prints.
 pub fn table(r: &BenchReport) -> String {
     let mut out = format!(
@@ -960,6 +978,9 @@ pub fn table(r: &BenchReport) -> String {
     }
     if let Some(attention) = &r.attention {
         out += &format!("attention on libtorch: {attention}\n");
+    }
+    if let Some(uploads) = &r.uploads {
+        out += &format!("uploads to CUDA: {uploads}\n");
     }
     if r.rows.iter().any(|row| row.phases.is_some()) {
         out += &phase_table(r);

@@ -5,13 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use ldm_common::checkpoint::{atomic_write, read_json, write_json};
 use ldm_common::data::ImageSet;
 use ldm_common::rng::{randn, stream};
 use ldm_common::tensor::to_vec_f32;
+use ldm_common::upload;
 
 use crate::vae_stage::VaeRun;
 
@@ -54,10 +55,7 @@ impl LatentSet {
         for &i in indices {
             out.extend_from_slice(&self.values[i * per..(i + 1) * per]);
         }
-        Tensor::from_data(
-            TensorData::new(out, Shape::new([indices.len(), c, h, w])),
-            device,
-        )
+        upload::float(out, [indices.len(), c, h, w], device)
     }
 }
 

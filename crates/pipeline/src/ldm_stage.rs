@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
 use ldm_common::data::{self, BatchOrder, Splits};
 use ldm_common::rng::{randn, stream};
+use ldm_common::upload;
 use ldm_common::weights::{
     load_record, load_safetensors_renamed, save_record, save_safetensors_renamed,
 };
@@ -329,10 +330,7 @@ impl LdmRun {
                 (ConditioningKind::Class, _) => {
                     let nulls = vec![self.info.class_names.len() as i64; n];
                     Conditioning {
-                        class: Some(Tensor::from_data(
-                            TensorData::new(nulls, Shape::new([n])),
-                            device,
-                        )),
+                        class: Some(upload::int(nulls, [n], device)),
                         text: None,
                     }
                 }
@@ -581,10 +579,7 @@ impl LdmTask {
             })
             .collect();
         let labels = labels[rows.clone()].to_vec();
-        Some(Tensor::from_data(
-            TensorData::new(labels, Shape::new([rows.len()])),
-            device,
-        ))
+        Some(upload::int(labels, [rows.len()], device))
     }
 
     /// A text model's conditioning of rows `rows` of a batch: tau_theta of the captions drawn

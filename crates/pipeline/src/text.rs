@@ -12,7 +12,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
-use burn::tensor::{Bool, Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Shape, Tensor, TensorData};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokenizers::models::TrainerWrapper;
@@ -26,6 +26,7 @@ use tokenizers::{
 
 use ldm_common::checkpoint::atomic_write;
 use ldm_common::rng::stream;
+use ldm_common::upload;
 use ldm_diffusion::denoiser::TextConditioning;
 use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::text_encoder::TextEncoderConfig;
@@ -326,7 +327,7 @@ pub fn encode_batch(model: &LdmModel, batch: &[&Tokens], device: &Device) -> Tex
         .flat_map(|t| t.padding.iter().copied())
         .collect();
     let shape = Shape::new([batch.len(), len]);
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, shape.clone()), device);
+    let ids = upload::int(ids, [batch.len(), len], device);
     let pad = Tensor::<2, Bool>::from_data(TensorData::new(pad, shape), device);
     model
         .encode_text(ids, pad)

@@ -3,11 +3,12 @@
 use std::path::Path;
 
 use burn::data::dataset::{Dataset, DatasetError};
-use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 
 use super::config::{DataConfig, DataSource, FASHION_MNIST_CLASSES, read_classes_txt};
 use super::idx::read_idx_u8;
 use crate::error::{CommonError, Result};
+use crate::upload;
 
 /// One image with its label and optional caption.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,13 +78,13 @@ impl ImageSet {
             self.resolution,
             self.resolution,
         ];
-        Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
+        upload::float(values, shape, device)
     }
 
     /// The labels at `indices`. Shape `[indices.len()]`.
     pub fn batch_labels(&self, indices: &[usize], device: &Device) -> Tensor<1, Int> {
         let labels: Vec<i64> = indices.iter().map(|&i| self.labels[i] as i64).collect();
-        Tensor::from_data(TensorData::new(labels, Shape::new([indices.len()])), device)
+        upload::int(labels, [indices.len()], device)
     }
 
     /// Keeps the first `n` images (all if `n` is 0 or larger than the set).

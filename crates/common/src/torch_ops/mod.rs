@@ -38,6 +38,7 @@ pub(crate) mod flat;
 mod native;
 #[cfg(test)]
 mod tests;
+pub mod upload;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -51,6 +51,15 @@ unsafe extern "C" {
         out: *mut *mut C_tensor,
     ) -> *mut c_char;
 
+    fn ldm_pinned_upload(
+        bytes: *const std::ffi::c_void,
+        sizes: *const i64,
+        ndim: i64,
+        dtype: std::ffi::c_int,
+        device_index: std::ffi::c_int,
+        out: *mut *mut C_tensor,
+    ) -> *mut c_char;
+
     fn ldm_efficient_attention(
         query: *const C_tensor,
         key: *const C_tensor,
@@ -245,6 +254,48 @@ pub(crate) fn layer_norm_backward(
 /// [output, logsumexp, philox seed, philox offset], and the mask as the kernel read it
 /// (aligned and expanded to [batch, heads, queries, keys]).
 pub(crate) type Efficient = ([Tensor; 4], Option<Tensor>);
+
+/// ATen's `ScalarType` number of `kind` (c10/core/ScalarType.h), for the kinds uploaded.
+fn scalar_type(kind: tch::Kind) -> std::ffi::c_int {
+    match kind {
+        tch::Kind::Int64 => 4,
+        tch::Kind::Float => 6,
+        _ => unreachable!("pinned_upload of {kind:?}: only f32 and i64 are uploaded"),
+    }
+}
+
+/// `bytes` (elements of `kind`, row-major with `sizes`) on CUDA device `device_index`, copied
+/// through page-locked memory without waiting for the device (`ldm_pinned_upload`), or
+/// libtorch's one-line error.
+pub(crate) fn pinned_upload(
+    bytes: &[u8],
+    sizes: &[i64],
+    kind: tch::Kind,
+    device_index: usize,
+) -> Result<Tensor, String> {
+    let elements: i64 = sizes.iter().product();
+    assert_eq!(
+        bytes.len() as i64,
+        elements * kind.elt_size_in_bytes() as i64,
+        "pinned_upload: {} bytes for {sizes:?} of {kind:?}",
+        bytes.len()
+    );
+    let mut out = [ptr::null_mut(); 1];
+    // SAFETY: `bytes` holds exactly the tensor's bytes (checked above); `sizes` has `ndim`
+    // entries; `out` has the one slot the C side writes.
+    let error = unsafe {
+        ldm_pinned_upload(
+            bytes.as_ptr().cast(),
+            sizes.as_ptr(),
+            sizes.len() as i64,
+            scalar_type(kind),
+            device_index as std::ffi::c_int,
+            out.as_mut_ptr(),
+        )
+    };
+    let [t] = defined(try_finish(error, out)?, "pinned_upload returned no tensor")?;
+    Ok(t)
+}
 
 /// softmax(q k^T / sqrt(d) + bias) v on libtorch's memory-efficient attention kernel (CUDA),
 /// with the mask prepared as `scaled_dot_product_attention` prepares it; libtorch's message

@@ -1,0 +1,183 @@
+//! Uploads to CUDA through page-locked memory, without waiting for the device.
+//!
+//! burn-tch uploads a host tensor with `Tensor::to(device)`: from pageable memory, libtorch
+//! copies it and synchronises the stream, so the host waits for every kernel already queued.
+//! The first upload of a training step therefore waits for the previous step's optimizer, and
+//! the host cannot queue one step while the device runs the last. PyTorch's data loaders pin
+//! the batch and copy it with `non_blocking=True`; [`pinned_float`] and [`pinned_int`] do the
+//! same (`ldm_pinned_upload` in `csrc/torch_backward.cpp`).
+//!
+//! Neither runs on a CPU, so the first call in a process checks the path once: a few values
+//! of each kind are uploaded and read back. If that fails, a warning gives libtorch's reason
+//! and every upload of the process goes through burn's `from_data`. `LDM_UPLOADS=pageable`
+//! chooses that without a check (to measure what the path changes).
+
+use std::sync::OnceLock;
+
+use burn::backend::libtorch::TchTensor;
+use burn::backend::{
+    BackendTensor, DispatchAutodiffContext, DispatchDevice, DispatchTensor, DispatchTensorKind,
+};
+use burn::tensor::{Device, Int, Tensor};
+
+use super::native;
+
+/// The outcome of the first use's check (`None` before any CUDA upload).
+static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
+
+/// The CUDA device index of `device`, if it is burn-tch on CUDA.
+fn cuda_index(device: &Device) -> Option<usize> {
+    match device.as_dispatch().clone().inner() {
+        DispatchDevice::LibTorch(d) => match tch::Device::from(d) {
+            tch::Device::Cuda(index) => Some(index),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// `values` as a `shape` tensor on `device` through page-locked memory, when `device` is CUDA
+/// and the first use's check passed; `None` otherwise (the caller uploads with `from_data`).
+pub fn pinned_float<const D: usize>(
+    values: &[f32],
+    shape: [usize; D],
+    device: &Device,
+) -> Option<Tensor<D>> {
+    let index = usable(device)?;
+    let t = native::pinned_upload(bytes_of(values), &sizes(shape), tch::Kind::Float, index).ok()?;
+    Some(wrap(t, float_kind, device))
+}
+
+/// [`pinned_float`] for integer values (labels, timesteps).
+pub fn pinned_int<const D: usize>(
+    values: &[i64],
+    shape: [usize; D],
+    device: &Device,
+) -> Option<Tensor<D, Int>> {
+    let index = usable(device)?;
+    let t = native::pinned_upload(bytes_of(values), &sizes(shape), tch::Kind::Int64, index).ok()?;
+    Some(wrap(t, int_kind, device))
+}
+
+/// The outcome of the pinned-upload check, if a process has made a CUDA upload: `Ok` when
+/// uploads go through page-locked memory, else libtorch's reason.
+pub fn pinned_upload_check() -> Option<Result<(), String>> {
+    CHECK.get().cloned()
+}
+
+/// The CUDA index of `device` when uploads to it may go through page-locked memory.
+fn usable(device: &Device) -> Option<usize> {
+    let index = cuda_index(device)?;
+    CHECK.get_or_init(|| check(index)).as_ref().ok()?;
+    Some(index)
+}
+
+/// Uploads a few values of each kind to CUDA device `index` and reads them back.
+fn check(index: usize) -> Result<(), String> {
+    if std::env::var("LDM_UPLOADS").as_deref() == Ok("pageable") {
+        return Err("LDM_UPLOADS=pageable".to_owned());
+    }
+    let outcome = check_on(index);
+    if let Err(reason) = &outcome {
+        eprintln!(
+            "warning: uploads to cuda:{index} wait for the device (page-locked uploads failed their check: {reason})"
+        );
+    }
+    outcome
+}
+
+fn check_on(index: usize) -> Result<(), String> {
+    let floats = [0.5f32, -1.25, 3.0e-30, 7.0e20, -0.0];
+    let ints = [3i64, -2, 1 << 40];
+    let f = native::pinned_upload(bytes_of(&floats), &[5], tch::Kind::Float, index)
+        .map_err(|e| first_sentence(&e))?;
+    let i = native::pinned_upload(bytes_of(&ints), &[3], tch::Kind::Int64, index)
+        .map_err(|e| first_sentence(&e))?;
+    let back_f = Vec::<f32>::try_from(f.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+    let back_i = Vec::<i64>::try_from(i.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+    let same_floats = back_f
+        .iter()
+        .zip(&floats)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    if !same_floats || back_i != ints {
+        return Err(format!(
+            "read back {back_f:?} / {back_i:?} for {floats:?} / {ints:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// libtorch's message up to its first line (its errors carry a C++ backtrace after it).
+fn first_sentence(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim().to_owned()
+}
+
+fn sizes<const D: usize>(shape: [usize; D]) -> [i64; D] {
+    shape.map(|n| n as i64)
+}
+
+fn bytes_of<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
+    bytemuck::cast_slice(values)
+}
+
+fn float_kind(t: TchTensor) -> DispatchTensorKind {
+    DispatchTensorKind::LibTorch(BackendTensor::Float(t))
+}
+
+fn int_kind(t: TchTensor) -> DispatchTensorKind {
+    DispatchTensorKind::LibTorch(BackendTensor::Int(t))
+}
+
+/// A libtorch tensor as a burn tensor on `device`: kind `kind` (float or int) of burn-tch, in
+/// `device`'s autodiff context (an upload onto an autodiff device is an autodiff constant,
+/// as burn's `from_data` makes it).
+fn wrap<const D: usize, K: burn::tensor::kind::Autodiff>(
+    t: tch::Tensor,
+    kind: fn(TchTensor) -> DispatchTensorKind,
+    device: &Device,
+) -> Tensor<D, K> {
+    let plain = Tensor::<D, K>::from_dispatch(DispatchTensor {
+        kind: kind(TchTensor::new(t)),
+        autodiff: DispatchAutodiffContext::Disabled,
+    });
+    match device.gradient_checkpointing_strategy() {
+        Some(strategy) => plain
+            .autodiff()
+            .with_gradient_checkpointing_strategy(strategy),
+        None => plain,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::to_vec_f32;
+
+    /// The wrapping into burn (every step of a pinned upload but the copy itself, which needs
+    /// CUDA), on libtorch's CPU: values, kind and the device's autodiff context.
+    #[test]
+    fn a_libtorch_tensor_wraps_as_burn_would_upload_it() {
+        let plain = Device::libtorch();
+        for device in [plain.clone(), plain.autodiff()] {
+            let t = tch::Tensor::from_slice(&[1.5f32, -2.0, 4.0]).reshape([3, 1]);
+            let x: Tensor<2> = wrap(t, float_kind, &device);
+            assert_eq!(x.dims(), [3, 1]);
+            assert_eq!(x.is_autodiff(), device.is_autodiff());
+            assert_eq!(to_vec_f32(x), [1.5, -2.0, 4.0]);
+            let i: Tensor<1, Int> = wrap(tch::Tensor::from_slice(&[7i64, -1]), int_kind, &device);
+            assert_eq!(i.is_autodiff(), device.is_autodiff());
+            assert_eq!(i.into_data().try_into_vec_as::<i64>().unwrap(), [7, -1]);
+        }
+    }
+
+    /// On a machine without CUDA the check fails with libtorch's one-line reason, and nothing
+    /// but CUDA devices take the path.
+    #[test]
+    fn without_cuda_the_check_fails_in_one_line() {
+        let reason = check_on(0).expect_err("no CUDA device here");
+        assert!(!reason.is_empty() && !reason.contains('\n'), "{reason}");
+        assert_eq!(cuda_index(&Device::libtorch()), None);
+        assert_eq!(cuda_index(&Device::flex()), None);
+        assert!(pinned_float(&[1.0], [1], &Device::libtorch()).is_none());
+    }
+}
