@@ -2,17 +2,20 @@
 //! "Denoising Diffusion Probabilistic Models", eqs. 4, 6 and 7).
 //!
 //! Every function takes one timestep index per sample: the coefficients are gathered on the host
-//! and uploaded as a `[batch, 1, 1, 1]` tensor that broadcasts over the latent. (The training
-//! step gathers them on the device instead: [`crate::training_table`].)
+//! and uploaded as a `[batch, 1, 1, 1]` tensor that broadcasts over the latent, through
+//! [`ldm_common::upload`] (on CUDA from page-locked memory, so that a sampler's conversions
+//! after the network do not wait for it). The training step gathers them on the device
+//! instead: [`crate::training_table`].
 
 use burn::prelude::*;
+use ldm_common::upload;
 
 use crate::schedule::Schedule;
 
 /// `[f(t_0), f(t_1), ...]` as a `[batch, 1, 1, 1]` tensor: a per-sample coefficient.
 pub fn per_sample(t: &[usize], device: &Device, f: impl Fn(usize) -> f64) -> Tensor<4> {
     let values: Vec<f32> = t.iter().map(|&t| f(t) as f32).collect();
-    Tensor::from_data(TensorData::new(values, [t.len(), 1, 1, 1]), device)
+    upload::float(values, [t.len(), 1, 1, 1], device)
 }
 
 /// A diagonal Gaussian whose variance is shared by all dimensions of a sample.

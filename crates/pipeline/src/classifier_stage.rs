@@ -12,13 +12,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLoss;
-use burn::tensor::{Device, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 
 use ldm_common::checkpoint::{ensure_writable_dir, sha256_file, write_json};
 use ldm_common::data::{self, BatchOrder, Splits};
 use ldm_common::rng::{randn, stream};
+use ldm_common::upload;
 use ldm_common::weights::{load_safetensors, save_safetensors};
 use ldm_diffusion::noisy_classifier::{NoisyClassifier, NoisyClassifierConfig};
 use ldm_diffusion::process::q_sample;
@@ -191,7 +192,7 @@ impl ClassifierRun {
 /// `[f32; b]` timesteps as the network's float input.
 fn t_input(t: &[usize], device: &Device) -> Tensor<1> {
     let values: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-    Tensor::from_data(TensorData::new(values, Shape::new([t.len()])), device)
+    upload::float(values, [t.len()], device)
 }
 
 struct ClassifierTask {
@@ -228,7 +229,7 @@ impl TrainTask for ClassifierTask {
             .iter()
             .map(|&i| self.latents.labels[i] as i64)
             .collect();
-        let y = Tensor::from_data(TensorData::new(labels, Shape::new([b])), &self.device);
+        let y = upload::int(labels, [b], &self.device);
         let logits = model.forward(z_t, t_input(&t, &self.device));
         let loss = CrossEntropyLoss::new(None, &self.device).forward(logits.clone(), y.clone());
         let correct = logits.argmax(1).reshape([b]).equal(y).float().mean();

@@ -2,10 +2,11 @@
 //! decoder. One place for it, used by the training previews and by `generate`.
 
 use anyhow::{Result, bail};
-use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use ldm_common::rng::{randn, stream};
+use ldm_common::upload;
 use ldm_diffusion::backbone::BackboneModel;
 use ldm_diffusion::clip::ClipX0;
 use ldm_diffusion::denoiser::{Conditioning, Denoiser, TextConditioning};
@@ -68,10 +69,7 @@ pub struct Request<'a> {
 }
 
 fn class_tensor(ids: &[i64], device: &Device) -> Tensor<1, Int> {
-    Tensor::from_data(
-        TensorData::new(ids.to_vec(), Shape::new([ids.len()])),
-        device,
-    )
+    upload::int(ids.to_vec(), [ids.len()], device)
 }
 
 /// Classifier guidance (Dhariwal & Nichol 2021): a noisy-latent classifier, the class of each
