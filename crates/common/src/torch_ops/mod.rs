@@ -655,11 +655,7 @@ fn check_attention(direct: DirectAttention, inputs: &[TchTensor]) -> Result<f64,
         .to_kind(reference.kind())
         .view(reference.size().as_slice());
     let expected = saved.backward(TorchOp::Attention, &dy, wants);
-    // (libtorch's messages run to several sentences and lines: the first says what failed)
-    let (output, grads) = direct(inputs, &dy).map_err(|e| {
-        let line = e.lines().next().unwrap_or_default();
-        line.split(". ").next().unwrap_or_default().to_owned()
-    })?;
+    let (output, grads) = direct(inputs, &dy).map_err(|e| native::first_sentence(&e))?;
     let tolerance = match reference.kind() {
         tch::Kind::Float | tch::Kind::Double => 2e-3,
         _ => 5e-2,

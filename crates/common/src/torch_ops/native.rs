@@ -140,6 +140,17 @@ fn check(what: &str, error: *mut c_char) {
     }
 }
 
+/// The first sentence of a libtorch message: they run to several sentences and lines (a C++
+/// backtrace among them), and the first says what failed.
+pub(crate) fn first_sentence(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    line.split(". ")
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 /// The C side's error message, if any (a strdup'ed string, freed here).
 fn message(error: *mut c_char) -> Option<String> {
     if error.is_null() {

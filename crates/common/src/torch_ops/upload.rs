@@ -90,9 +90,9 @@ fn check_on(index: usize) -> Result<(), String> {
     let floats = [0.5f32, -1.25, 3.0e-30, 7.0e20, -0.0];
     let ints = [3i64, -2, 1 << 40];
     let f = native::pinned_upload(bytes_of(&floats), &[5], tch::Kind::Float, index)
-        .map_err(|e| first_sentence(&e))?;
+        .map_err(|e| native::first_sentence(&e))?;
     let i = native::pinned_upload(bytes_of(&ints), &[3], tch::Kind::Int64, index)
-        .map_err(|e| first_sentence(&e))?;
+        .map_err(|e| native::first_sentence(&e))?;
     let back_f = Vec::<f32>::try_from(f.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
     let back_i = Vec::<i64>::try_from(i.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
     let same_floats = back_f
@@ -105,11 +105,6 @@ fn check_on(index: usize) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// libtorch's message up to its first line (its errors carry a C++ backtrace after it).
-fn first_sentence(message: &str) -> String {
-    message.lines().next().unwrap_or(message).trim().to_owned()
 }
 
 fn sizes<const D: usize>(shape: [usize; D]) -> [i64; D] {
