@@ -8,7 +8,8 @@
 //! same (`ldm_pinned_upload` in `csrc/torch_backward.cpp`).
 //!
 //! Neither runs on a CPU, so the first call in a process checks the path once: a few values
-//! of each kind are uploaded and read back. If that fails, a warning gives libtorch's reason
+//! of each kind are uploaded and read back, then four large buffers queued in a row (whose
+//! page-locked blocks are handed back at once) are read back after all four. If that fails, a warning gives libtorch's reason
 //! and every upload of the process goes through burn's `from_data`. `LDM_UPLOADS=pageable`
 //! chooses that without a check (to measure what the path changes).
 
@@ -103,6 +104,29 @@ fn check_on(index: usize) -> Result<(), String> {
         return Err(format!(
             "read back {back_f:?} / {back_i:?} for {floats:?} / {ints:?}"
         ));
+    }
+    reuse_check(index)
+}
+
+/// Each upload hands its page-locked block back at once, and the next one of that size may
+/// take it: four 4 MiB uploads queued in a row and read back only then show whether a block
+/// was reused (overwritten) before its copy had run.
+fn reuse_check(index: usize) -> Result<(), String> {
+    const N: usize = 1 << 20;
+    let mut copies = Vec::new();
+    for k in 0..4usize {
+        let values: Vec<f32> = (0..N).map(|i| (i ^ (k * 0x5555)) as f32).collect();
+        let t = native::pinned_upload(bytes_of(&values), &[N as i64], tch::Kind::Float, index)
+            .map_err(|e| native::first_sentence(&e))?;
+        copies.push((values, t));
+    }
+    for (k, (values, t)) in copies.iter().enumerate() {
+        let back = Vec::<f32>::try_from(t.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+        if back != *values {
+            return Err(format!(
+                "upload {k} of 4 read back different values: a page-locked block was reused before its copy ran"
+            ));
+        }
     }
     Ok(())
 }
