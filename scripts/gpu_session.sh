@@ -184,26 +184,23 @@ case "$step" in
     if ((${#foreach_bench[@]} == 0)); then
       runs=1 bench "phases-recipe-foreach-$other" "${train_rows[@]}" --foreach "$other"
     fi
-    # burn's side with every backward through torch's autograd, as before the direct kernels:
-    # at the recipe's batches and on the host-cost rows (the twin does not change)
-    if [[ ${LDM_TORCH_BACKWARD:-direct} == direct ]]; then
-      timed phases-recipe-autograd env LDM_TORCH_BACKWARD=autograd "$PIPELINE" bench --config animals \
+    # burn's side alone (the twin does not change) at the recipe's batches and on the
+    # host-cost rows, against phases-recipe and host-tiny: `burn_only SUFFIX VAR=VALUE`
+    burn_only() {
+      timed "phases-recipe-$1" env "$2" "$PIPELINE" bench --config animals \
         "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${short[@]}" \
-        --json "$OUT/phases-recipe-autograd.json"
-      timed host-tiny-autograd env LDM_TORCH_BACKWARD=autograd "$PIPELINE" bench "${tiny[@]}" \
-        "${train_rows[@]}" "${foreach_bench[@]}" \
-        --device "$DEVICE" "${tiny_iters[@]}" \
-        --json "$OUT/host-tiny-autograd.json"
+        --json "$OUT/phases-recipe-$1.json"
+      timed "host-tiny-$1" env "$2" "$PIPELINE" bench "${tiny[@]}" \
+        "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${tiny_iters[@]}" \
+        --json "$OUT/host-tiny-$1.json"
+    }
+    # every backward through torch's autograd, as before the direct kernels
+    if [[ ${LDM_TORCH_BACKWARD:-direct} == direct ]]; then
+      burn_only autograd LDM_TORCH_BACKWARD=autograd
     fi
-    # burn's side with every upload from pageable memory (each waits for the device), as
-    # before the page-locked uploads: against phases-recipe and host-tiny
-    timed phases-recipe-pageable env LDM_UPLOADS=pageable "$PIPELINE" bench --config animals \
-      "${train_rows[@]}" "${foreach_bench[@]}" --device "$DEVICE" "${short[@]}" \
-      --json "$OUT/phases-recipe-pageable.json"
-    timed host-tiny-pageable env LDM_UPLOADS=pageable "$PIPELINE" bench "${tiny[@]}" \
-      "${train_rows[@]}" "${foreach_bench[@]}" \
-      --device "$DEVICE" "${tiny_iters[@]}" \
-      --json "$OUT/host-tiny-pageable.json"
+    # every upload from pageable memory (each waits for the device), as before the
+    # page-locked uploads
+    burn_only pageable LDM_UPLOADS=pageable
     ;;
   train)
     [[ -d data/animal-mnist ]] || {
