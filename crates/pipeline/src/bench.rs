@@ -435,10 +435,6 @@ fn host_batch(seed: u64, purpose: &str, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn upload(values: &[f32], shape: [usize; 4], device: &Device) -> Tensor<4> {
-    upload::float(values.to_vec(), shape, device)
-}
-
 /// Class labels of a batch with a fraction `p_uncond` replaced by the null class, as in
 /// training.
 fn labels(
@@ -568,7 +564,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             o,
             &bar,
             |model: &Vae, step| {
-                let x = upload(&images, image_shape, &ad);
+                let x = upload::float(images.clone(), image_shape, &ad);
                 let eps = randn(
                     &mut stream(o.seed, "bench-vae-eps", step),
                     [vae_batch, lc, ls, ls],
@@ -620,7 +616,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             o,
             &bar,
             |model: &LdmModel, step| {
-                let z0 = upload(&latents, [b, lc, ls, ls], &ad);
+                let z0 = upload::float(latents.clone(), [b, lc, ls, ls], &ad);
                 let mut rng = stream(o.seed, "bench-ldm-t", step);
                 let t: Vec<usize> = (0..b).map(|_| rng.random_range(0..big_t)).collect();
                 let eps = randn(
