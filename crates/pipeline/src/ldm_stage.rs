@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::tensor::{Device, Int, Shape, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
@@ -26,7 +26,6 @@ use ldm_diffusion::denoiser::{Backbone, Conditioning};
 use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::loss::{LossWeighting, diffusion_loss};
 use ldm_diffusion::parameterization::Parameterization;
-use ldm_diffusion::process::q_sample;
 use ldm_diffusion::schedule::{Schedule, ScheduleConfig};
 use ldm_diffusion::training_table::TrainingTable;
 use rand::RngExt;
@@ -877,6 +876,8 @@ pub fn eval_ldm(
     let dims = c * h * w;
     let big_t = run.schedule.num_timesteps();
     let p = run.config.diffusion.parameterization;
+    // the training step's coefficients, the loss unweighted (every weight 1)
+    let table = TrainingTable::new(&run.schedule, p, &LossWeighting::default());
     let (mut loss, mut prior, mut diffusion) = (0.0, 0.0, 0.0);
     let indices: Vec<usize> = (0..n).collect();
     for (k, chunk) in indices.chunks(250).enumerate() {
@@ -888,22 +889,13 @@ pub fn eval_ldm(
             let mut rng = stream(seed, "eval-t", counter);
             let t: Vec<usize> = chunk.iter().map(|_| rng.random_range(0..big_t)).collect();
             let eps = randn(&mut stream(seed, "eval-eps", counter), z0.dims(), device);
-            let z_t = q_sample(&run.schedule, z0.clone(), &t, eps.clone());
-            let t_float = Tensor::<1>::from_data(
-                TensorData::new(
-                    t.iter().map(|&v| v as f32).collect::<Vec<_>>(),
-                    Shape::new([t.len()]),
-                ),
-                device,
-            );
+            let c = table.gather(&t, device);
+            let z_t = c.q_sample(z0.clone(), eps.clone());
+            let target = c.target(z0.clone(), eps);
             let cond = run.null_condition(t.len(), device)?;
-            let out = run.model.forward(z_t.clone(), t_float, &cond);
-            let target = p.target(&run.schedule, z0.clone(), eps, &t);
-            loss += ldm_common::tensor::scalar(diffusion_loss(
-                out.clone(),
-                target,
-                Tensor::ones([t.len()], device),
-            )) * t.len() as f64;
+            let out = run.model.forward(z_t.clone(), c.t, &cond);
+            loss += ldm_common::tensor::scalar(diffusion_loss(out.clone(), target, c.weights))
+                * t.len() as f64;
             let eps_pred = p.eps(&run.schedule, z_t.clone(), out, &t);
             let terms = vlb_term(
                 &run.schedule,
