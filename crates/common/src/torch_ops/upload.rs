@@ -44,8 +44,7 @@ pub fn pinned_float<const D: usize>(
     shape: [usize; D],
     device: &Device,
 ) -> Option<Tensor<D>> {
-    let index = usable(device)?;
-    let t = native::pinned_upload(bytes_of(values), &sizes(shape), tch::Kind::Float, index).ok()?;
+    let t = send(values, &sizes(shape), usable(device)?).ok()?;
     Some(wrap(t, float_kind, device))
 }
 
@@ -55,8 +54,7 @@ pub fn pinned_int<const D: usize>(
     shape: [usize; D],
     device: &Device,
 ) -> Option<Tensor<D, Int>> {
-    let index = usable(device)?;
-    let t = native::pinned_upload(bytes_of(values), &sizes(shape), tch::Kind::Int64, index).ok()?;
+    let t = send(values, &sizes(shape), usable(device)?).ok()?;
     Some(wrap(t, int_kind, device))
 }
 
@@ -90,12 +88,8 @@ fn check(index: usize) -> Result<(), String> {
 fn check_on(index: usize) -> Result<(), String> {
     let floats = [0.5f32, -1.25, 3.0e-30, 7.0e20, -0.0];
     let ints = [3i64, -2, 1 << 40];
-    let f = native::pinned_upload(bytes_of(&floats), &[5], tch::Kind::Float, index)
-        .map_err(|e| native::first_sentence(&e))?;
-    let i = native::pinned_upload(bytes_of(&ints), &[3], tch::Kind::Int64, index)
-        .map_err(|e| native::first_sentence(&e))?;
-    let back_f = Vec::<f32>::try_from(f.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
-    let back_i = Vec::<i64>::try_from(i.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
+    let back_f: Vec<f32> = read_back(&send(&floats, &[5], index)?)?;
+    let back_i: Vec<i64> = read_back(&send(&ints, &[3], index)?)?;
     let same_floats = back_f
         .iter()
         .zip(&floats)
@@ -116,13 +110,11 @@ fn reuse_check(index: usize) -> Result<(), String> {
     let mut copies = Vec::new();
     for k in 0..4usize {
         let values: Vec<f32> = (0..N).map(|i| (i ^ (k * 0x5555)) as f32).collect();
-        let t = native::pinned_upload(bytes_of(&values), &[N as i64], tch::Kind::Float, index)
-            .map_err(|e| native::first_sentence(&e))?;
+        let t = send(&values, &[N as i64], index)?;
         copies.push((values, t));
     }
     for (k, (values, t)) in copies.iter().enumerate() {
-        let back = Vec::<f32>::try_from(t.to(tch::Device::Cpu)).map_err(|e| e.to_string())?;
-        if back != *values {
+        if read_back::<f32>(t)? != *values {
             return Err(format!(
                 "upload {k} of 4 read back different values: a page-locked block was reused before its copy ran"
             ));
@@ -135,8 +127,20 @@ fn sizes<const D: usize>(shape: [usize; D]) -> [i64; D] {
     shape.map(|n| n as i64)
 }
 
-fn bytes_of<T: bytemuck::Pod>(values: &[T]) -> &[u8] {
-    bytemuck::cast_slice(values)
+/// `values` (row-major with `sizes`) on CUDA device `index` through page-locked memory, or
+/// libtorch's first sentence.
+fn send<T: bytemuck::Pod + tch::kind::Element>(
+    values: &[T],
+    sizes: &[i64],
+    index: usize,
+) -> Result<tch::Tensor, String> {
+    native::pinned_upload(bytemuck::cast_slice(values), sizes, T::KIND, index)
+        .map_err(|e| native::first_sentence(&e))
+}
+
+/// A device tensor's values, copied back to the host.
+fn read_back<T: tch::kind::Element + Copy>(t: &tch::Tensor) -> Result<Vec<T>, String> {
+    Vec::<T>::try_from(t.to(tch::Device::Cpu)).map_err(|e| e.to_string())
 }
 
 fn float_kind(t: TchTensor) -> DispatchTensorKind {
