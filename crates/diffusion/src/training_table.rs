@@ -36,7 +36,6 @@ const COLUMNS: usize = 6;
 pub struct TrainingTable {
     /// `[COLUMNS, T]`, row-major.
     values: Vec<f32>,
-    num_timesteps: usize,
     parameterization: Parameterization,
     uploaded: PerDevice<(), Tensor<2>>,
 }
@@ -75,7 +74,6 @@ impl TrainingTable {
             .collect();
         Self {
             values,
-            num_timesteps: big_t,
             parameterization,
             uploaded: PerDevice::default(),
         }
@@ -88,7 +86,7 @@ impl TrainingTable {
     /// # Panics
     /// If a timestep is not below the schedule's T (the caller draws them from 0..T).
     pub fn gather(&self, t: &[usize], device: &Device) -> StepCoefficients {
-        let big_t = self.num_timesteps;
+        let big_t = self.values.len() / COLUMNS;
         let b = t.len();
         let indices: Vec<i64> = t
             .iter()
