@@ -3,6 +3,8 @@
 //! one from the host (`per_sample`: six uploads besides the latents) or gathered from the
 //! [`TrainingTable`] (one upload of the timesteps). On a CPU the difference is the host cost
 //! of the calls; on CUDA each upload from pageable memory also waits for the device's queue.
+//! Then the same for a sampler step's conversions (a v output to eps, and eps to x0), with the
+//! coefficients uploaded per sample or passed as scalars (one timestep for the batch).
 //! The measurement behind docs/PERFORMANCE.md's "Fewer uploads, and uploads that do not wait".
 //!
 //! ```sh
@@ -19,7 +21,7 @@ use burn::prelude::*;
 use ldm_common::device::{DeviceChoice, select};
 use ldm_common::rng::{randn, stream};
 use ldm_diffusion::loss::LossWeighting;
-use ldm_diffusion::parameterization::Parameterization;
+use ldm_diffusion::parameterization::{Parameterization, eps_to_x0};
 use ldm_diffusion::process::{per_sample, q_sample};
 use ldm_diffusion::schedule::{Schedule, ScheduleConfig};
 use ldm_diffusion::training_table::TrainingTable;
@@ -58,34 +60,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let target = c.target(z0, eps);
             (z_t, target, c.weights, c.t)
         };
-        let mut times = [Vec::new(), Vec::new()];
-        for i in 0..iters {
-            // alternate, so that a slow moment of the machine falls on both
-            for (k, times) in times.iter_mut().enumerate() {
-                let start = Instant::now();
-                let (z_t, target, weights, t_float) = if (i + k) % 2 == 0 {
-                    uploads(z0.clone(), eps.clone())
-                } else {
-                    gather(z0.clone(), eps.clone())
-                };
-                drop((z_t, target, weights, t_float));
-                device.sync()?;
-                times.push(start.elapsed().as_secs_f64());
-            }
-        }
-        // times[k] holds path (i + k) % 2 at iteration i: split them back per path
-        let [a, bb] = times;
-        let (mut up, mut ga) = (Vec::new(), Vec::new());
-        for (i, (x, y)) in a.into_iter().zip(bb).enumerate() {
-            if i % 2 == 0 {
-                up.push(x);
-                ga.push(y);
-            } else {
-                ga.push(x);
-                up.push(y);
-            }
-        }
-        println!("{b:5}   {:18.4}   {:12.4}", median_ms(up), median_ms(ga));
+        let (up, ga) = alternate(
+            iters,
+            &device,
+            || drop(uploads(z0.clone(), eps.clone())),
+            || drop(gather(z0.clone(), eps.clone())),
+        )?;
+        println!("{b:5}   {up:18.4}   {ga:12.4}");
+    }
+
+    println!("a sampler step's conversions (v output -> eps -> x0, one t for the batch)");
+    println!("batch   per-sample uploads   scalars");
+    for b in [2usize, 128, 512] {
+        let shape = [b, 4, 8, 8];
+        let z_t = randn(&mut stream(2, "z_t", 0), shape, &device);
+        let output = randn(&mut stream(2, "output", 0), shape, &device);
+        let (t, ts) = (500, vec![500; b]);
+        let each = || {
+            let eps = p.eps(&schedule, z_t.clone(), output.clone(), &ts);
+            drop(Parameterization::Epsilon.x0(&schedule, z_t.clone(), eps, &ts))
+        };
+        let at = || {
+            let eps = p.eps_at(&schedule, z_t.clone(), output.clone(), t);
+            drop(eps_to_x0(&schedule, z_t.clone(), eps, t))
+        };
+        let (each, at) = alternate(iters, &device, each, at)?;
+        println!("{b:5}   {each:18.4}   {at:12.4}");
     }
     Ok(())
+}
+
+/// The median ms of `a` and of `b`, each followed by a device sync, over `iters` calls of
+/// each, alternated (and which goes first alternated too), so that a slow moment of the
+/// machine falls on both.
+fn alternate(
+    iters: usize,
+    device: &Device,
+    a: impl Fn(),
+    b: impl Fn(),
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let (mut times_a, mut times_b) = (Vec::new(), Vec::new());
+    for i in 0..iters {
+        for k in 0..2 {
+            let start = Instant::now();
+            let first = (i + k) % 2 == 0;
+            if first {
+                a()
+            } else {
+                b()
+            }
+            device.sync()?;
+            let elapsed = start.elapsed().as_secs_f64();
+            if first {
+                times_a.push(elapsed)
+            } else {
+                times_b.push(elapsed)
+            }
+        }
+    }
+    Ok((median_ms(times_a), median_ms(times_b)))
 }

@@ -42,8 +42,37 @@ fn coefficients(schedule: &Schedule, t: &[usize], device: &Device) -> (Tensor<4>
     (a, s)
 }
 
-fn batch_of(t: usize, z: &Tensor<4>) -> Vec<usize> {
-    vec![t; z.dims()[0]]
+/// sqrt(alphabar_t) and sqrt(1 - alphabar_t) for a whole batch at one t: the f32 values
+/// [`coefficients`] would upload for every sample.
+fn scalars(schedule: &Schedule, t: usize) -> (f32, f32) {
+    let ab = schedule.alpha_bar(t);
+    (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32)
+}
+
+/// A conversion coefficient: one per sample (a `[batch, 1, 1, 1]` tensor, uploaded), or one for
+/// the whole batch (a scalar, which the kernel takes as an argument: nothing is uploaded, so a
+/// sampler's step makes no host-to-device copy for its conversions).
+trait Coefficient {
+    fn times(&self, x: Tensor<4>) -> Tensor<4>;
+    fn divides(&self, x: Tensor<4>) -> Tensor<4>;
+}
+
+impl Coefficient for Tensor<4> {
+    fn times(&self, x: Tensor<4>) -> Tensor<4> {
+        x * self.clone()
+    }
+    fn divides(&self, x: Tensor<4>) -> Tensor<4> {
+        x / self.clone()
+    }
+}
+
+impl Coefficient for f32 {
+    fn times(&self, x: Tensor<4>) -> Tensor<4> {
+        x * *self
+    }
+    fn divides(&self, x: Tensor<4>) -> Tensor<4> {
+        x / *self
+    }
 }
 
 impl Parameterization {
@@ -103,15 +132,27 @@ impl Parameterization {
         output: Tensor<4>,
         t: &[usize],
     ) -> Tensor<4> {
+        let device = z_t.device();
+        self.eps_with(z_t, output, || coefficients(schedule, t, &device))
+    }
+
+    /// The eps row of the module doc's table, with (sqrt(alphabar_t), sqrt(1 - alphabar_t))
+    /// from `coefficients`, called only where the output is not eps.
+    fn eps_with<C: Coefficient>(
+        self,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        coefficients: impl FnOnce() -> (C, C),
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => output,
             Self::Sample => {
-                let (a, s) = coefficients(schedule, t, &z_t.device());
-                (z_t - output * a) / s
+                let (a, s) = coefficients();
+                s.divides(z_t - a.times(output))
             }
             Self::Velocity => {
-                let (a, s) = coefficients(schedule, t, &z_t.device());
-                z_t * s + output * a
+                let (a, s) = coefficients();
+                s.times(z_t) + a.times(output)
             }
         }
     }
@@ -124,20 +165,33 @@ impl Parameterization {
         output: Tensor<4>,
         t: &[usize],
     ) -> Tensor<4> {
+        let device = z_t.device();
+        self.x0_with(z_t, output, || coefficients(schedule, t, &device))
+    }
+
+    /// The x0 row of the module doc's table, with (sqrt(alphabar_t), sqrt(1 - alphabar_t))
+    /// from `coefficients`, called only where the output is not x0.
+    fn x0_with<C: Coefficient>(
+        self,
+        z_t: Tensor<4>,
+        output: Tensor<4>,
+        coefficients: impl FnOnce() -> (C, C),
+    ) -> Tensor<4> {
         match self {
             Self::Epsilon => {
-                let (a, s) = coefficients(schedule, t, &z_t.device());
-                (z_t - output * s) / a
+                let (a, s) = coefficients();
+                a.divides(z_t - s.times(output))
             }
             Self::Sample => output,
             Self::Velocity => {
-                let (a, s) = coefficients(schedule, t, &z_t.device());
-                z_t * a - output * s
+                let (a, s) = coefficients();
+                a.times(z_t) - s.times(output)
             }
         }
     }
 
-    /// [`Self::eps`] with one timestep for the whole batch (what samplers use).
+    /// [`Self::eps`] with one timestep for the whole batch (what samplers use); the
+    /// coefficients are scalars, so nothing is uploaded.
     pub fn eps_at(
         self,
         schedule: &Schedule,
@@ -145,11 +199,11 @@ impl Parameterization {
         output: Tensor<4>,
         t: usize,
     ) -> Tensor<4> {
-        let t = batch_of(t, &z_t);
-        self.eps(schedule, z_t, output, &t)
+        self.eps_with(z_t, output, || scalars(schedule, t))
     }
 
-    /// [`Self::x0`] with one timestep for the whole batch (what samplers use).
+    /// [`Self::x0`] with one timestep for the whole batch (what samplers use); the
+    /// coefficients are scalars, so nothing is uploaded.
     pub fn x0_at(
         self,
         schedule: &Schedule,
@@ -157,8 +211,7 @@ impl Parameterization {
         output: Tensor<4>,
         t: usize,
     ) -> Tensor<4> {
-        let t = batch_of(t, &z_t);
-        self.x0(schedule, z_t, output, &t)
+        self.x0_with(z_t, output, || scalars(schedule, t))
     }
 }
 
@@ -171,13 +224,12 @@ pub fn eps_to_x0(schedule: &Schedule, z_t: Tensor<4>, eps: Tensor<4>, t: usize) 
 /// score = grad log p(z_t) = -eps / sqrt(1 - alphabar_t)  (Luo 2022, eqs. 149-151)
 pub fn eps_to_score(schedule: &Schedule, eps: Tensor<4>, t: &[usize]) -> Tensor<4> {
     let s = per_sample(t, &eps.device(), |t| (1.0 - schedule.alpha_bar(t)).sqrt());
-    -eps / s
+    s.divides(-eps)
 }
 
-/// [`eps_to_score`] with one timestep for the whole batch.
+/// [`eps_to_score`] with one timestep for the whole batch (a scalar: nothing is uploaded).
 pub fn eps_to_score_at(schedule: &Schedule, eps: Tensor<4>, t: usize) -> Tensor<4> {
-    let t = batch_of(t, &eps);
-    eps_to_score(schedule, eps, &t)
+    scalars(schedule, t).1.divides(-eps)
 }
 
 #[cfg(test)]
@@ -251,6 +303,46 @@ mod tests {
         let eps_hat = Parameterization::Velocity.eps(&schedule, z_t.clone(), v, &t);
         let x0 = eps_to_x0(&schedule, z_t, eps_hat, 999);
         assert!(max_abs_diff(x0, z0) < 2e-3);
+    }
+
+    /// The samplers' one-timestep conversions take scalar coefficients instead of uploading one
+    /// per sample; the numbers are bit for bit the per-sample ones, also where the floored
+    /// alphabar of a zero-terminal-SNR schedule is used.
+    #[test]
+    fn one_timestep_conversions_equal_the_per_sample_ones_bit_for_bit() {
+        let bits =
+            |x: Tensor<4>| -> Vec<u32> { to_vec_f32(x).iter().map(|v| v.to_bits()).collect() };
+        for zero_snr in [false, true] {
+            let (schedule, z_t, output, _) = setup(zero_snr);
+            for t in [0, 1, 500, 998, 999] {
+                let ts = vec![t; 6];
+                for p in [
+                    Parameterization::Epsilon,
+                    Parameterization::Sample,
+                    Parameterization::Velocity,
+                ] {
+                    let at = p.eps_at(&schedule, z_t.clone(), output.clone(), t);
+                    let each = p.eps(&schedule, z_t.clone(), output.clone(), &ts);
+                    assert_eq!(
+                        bits(at),
+                        bits(each),
+                        "{p:?} eps, t = {t}, zero SNR {zero_snr}"
+                    );
+                    let at = p.x0_at(&schedule, z_t.clone(), output.clone(), t);
+                    let each = p.x0(&schedule, z_t.clone(), output.clone(), &ts);
+                    assert_eq!(
+                        bits(at),
+                        bits(each),
+                        "{p:?} x0, t = {t}, zero SNR {zero_snr}"
+                    );
+                }
+                assert_eq!(
+                    bits(eps_to_score_at(&schedule, output.clone(), t)),
+                    bits(eps_to_score(&schedule, output.clone(), &ts)),
+                    "score, t = {t}, zero SNR {zero_snr}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //!
 //! Every function takes one timestep index per sample: the coefficients are gathered on the host
 //! and uploaded as a `[batch, 1, 1, 1]` tensor that broadcasts over the latent, through
-//! [`ldm_common::upload`] (on CUDA from page-locked memory, so that a sampler's conversions
-//! after the network do not wait for it). The training step gathers them on the device
-//! instead: [`crate::training_table`].
+//! [`ldm_common::upload`] (on CUDA from page-locked memory, so that the upload does not wait for
+//! the queued kernels). The training step gathers them on the device instead
+//! ([`crate::training_table`]), and the samplers, whose batch shares one timestep, multiply by
+//! scalars ([`crate::parameterization::Parameterization::eps_at`]).
 
 use burn::prelude::*;
 use ldm_common::upload;
