@@ -9,11 +9,13 @@
 //!
 //! Neither runs on a CPU, so the first call in a process checks the path once: a few values
 //! of each kind are uploaded and read back, then four large buffers queued in a row (whose
-//! page-locked blocks are handed back at once) are read back after all four. If that fails, a warning gives libtorch's reason
-//! and every upload of the process goes through burn's `from_data`. `LDM_UPLOADS=pageable`
-//! chooses that without a check (to measure what the path changes).
+//! page-locked blocks are handed back at once) are read back after all four. If that fails, a
+//! warning gives libtorch's reason and every upload of the process goes through burn's
+//! `from_data`; a later upload that fails goes that way too, with a warning the first time.
+//! `LDM_UPLOADS=pageable` chooses `from_data` without a check (to measure what the path
+//! changes).
 
-use std::sync::OnceLock;
+use std::sync::{Once, OnceLock};
 
 use burn::backend::libtorch::TchTensor;
 use burn::backend::{
@@ -44,7 +46,7 @@ pub fn pinned_float<const D: usize>(
     shape: [usize; D],
     device: &Device,
 ) -> Option<Tensor<D>> {
-    let t = send(values, &sizes(shape), usable(device)?).ok()?;
+    let t = warn_once(send(values, &sizes(shape), usable(device)?))?;
     Some(wrap(t, float_kind, device))
 }
 
@@ -54,8 +56,24 @@ pub fn pinned_int<const D: usize>(
     shape: [usize; D],
     device: &Device,
 ) -> Option<Tensor<D, Int>> {
-    let t = send(values, &sizes(shape), usable(device)?).ok()?;
+    let t = warn_once(send(values, &sizes(shape), usable(device)?))?;
     Some(wrap(t, int_kind, device))
+}
+
+/// A page-locked upload after the check passed, or `None` (the caller uploads with
+/// `from_data`) with a warning the first time one fails: the check ran once, on the first
+/// CUDA device used, and a later upload can still fail (out of page-locked memory, another
+/// device).
+fn warn_once(sent: Result<tch::Tensor, String>) -> Option<tch::Tensor> {
+    static WARNED: Once = Once::new();
+    sent.map_err(|reason| {
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: a page-locked upload to CUDA failed ({reason}); it and any other that fails go through burn's from_data"
+            )
+        })
+    })
+    .ok()
 }
 
 /// The outcome of the pinned-upload check, if a process has made a CUDA upload: `Ok` when
@@ -191,6 +209,15 @@ mod tests {
             assert_eq!(i.is_autodiff(), device.is_autodiff());
             assert_eq!(i.into_data().try_into_vec_as::<i64>().unwrap(), [7, -1]);
         }
+    }
+
+    /// A page-locked upload that fails after the check falls back (`None`: the caller uploads
+    /// with `from_data`); one that succeeds is used.
+    #[test]
+    fn a_later_failed_upload_falls_back() {
+        assert!(warn_once(Err("out of page-locked memory".to_owned())).is_none());
+        let t = warn_once(Ok(tch::Tensor::from_slice(&[2.0f32]))).expect("a sent tensor is used");
+        assert_eq!(Vec::<f32>::try_from(t).unwrap(), [2.0]);
     }
 
     /// On a machine without CUDA the check fails with libtorch's one-line reason, and nothing
