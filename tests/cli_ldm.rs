@@ -433,6 +433,18 @@ fn generate_bad_inputs() {
         &run(&["--clip-x0", "0"]),
         "sampler.clip_x0 = 0: a positive number",
     );
+    // A negative number is a value to check, not a flag clap does not know.
+    assert_error(
+        &run(&["--eta", "-1"]),
+        "sampler.eta = -1: a number in [0, 1]",
+    );
+    let o = run(&["--seed", "-1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).starts_with("error: invalid value '-1' for '--seed <SEED>'"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::write(
         t.path("u.toml"),
         TinyLdmConfig {

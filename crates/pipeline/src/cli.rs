@@ -81,7 +81,7 @@ pub struct BenchArgs {
     /// Classes of a class-conditional LDM (no data set is read).
     #[arg(long, default_value_t = 10, allow_negative_numbers = true)]
     pub classes: i64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Also write the rows and every resolved setting (the twin's input) as JSON.
     #[arg(long)]
@@ -124,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 7860)]
     pub port: u16,
     /// Requests that may wait while one runs; past it the server answers 429.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true)]
     pub queue: usize,
     /// Most images in one request (`n`).
     #[arg(long, default_value_t = 16, value_parser = positive_usize, allow_negative_numbers = true)]
@@ -235,14 +235,19 @@ pub struct EvalArgs {
     #[arg(long, default_value = "runs/evaluator-animals")]
     pub evaluator: PathBuf,
     /// Images generated per class.
-    #[arg(short = 'n', long, default_value_t = 100)]
+    #[arg(
+        short = 'n',
+        long,
+        default_value_t = 100,
+        allow_negative_numbers = true
+    )]
     pub n: usize,
     /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub cfg: f64,
     #[command(flatten)]
     pub sampler: SamplerFlags,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     #[command(flatten)]
     pub guidance: ClassifierFlags,
@@ -280,12 +285,12 @@ pub struct EvalLdmArgs {
     #[arg(long, default_value = "runs/ldm")]
     pub model: PathBuf,
     /// Evaluate only the first N held-out latents (0 = all).
-    #[arg(short = 'n', long, default_value_t = 0)]
+    #[arg(short = 'n', long, default_value_t = 0, allow_negative_numbers = true)]
     pub n: usize,
     /// Timesteps drawn per latent for the bound's Monte-Carlo estimate.
     #[arg(long, default_value_t = 4, value_parser = positive_usize, allow_negative_numbers = true)]
     pub repeats: usize,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
@@ -311,7 +316,7 @@ pub struct SamplerFlags {
     #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
     pub steps: Option<i64>,
     /// DDIM eta: 0 deterministic, 1 ancestral (default: the model's `sampler.eta`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub eta: Option<f64>,
     /// Which timesteps are visited: leading, trailing or linspace (default: the model's
     /// `sampler.spacing`).
@@ -347,7 +352,7 @@ pub struct GenerateCliArgs {
     /// Number of images.
     #[arg(short = 'n', long, default_value_t = 16, allow_negative_numbers = true, value_parser = clap::value_parser!(i64))]
     pub n: i64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     #[command(flatten)]
     pub img2img: Img2ImgFlags,
@@ -394,7 +399,7 @@ pub struct TrainFlags {
     #[arg(long, value_parser = positive_f64, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Seed of every random choice (overrides `train.seed`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Override a config key: a dotted TOML path and a TOML value (a bare word is a string),
     /// e.g. `--set diffusion.parameterization=v`, `--set 'diffusion.loss={kind="min-snr"}'`.
@@ -448,7 +453,7 @@ pub struct EvalVaeArgs {
     #[arg(long, default_value = "runs/vae")]
     pub vae: PathBuf,
     /// Evaluate only the first N held-out images (0 = all).
-    #[arg(short = 'n', long, default_value_t = 0)]
+    #[arg(short = 'n', long, default_value_t = 0, allow_negative_numbers = true)]
     pub n: usize,
     /// Also write the figures as JSON to this file.
     #[arg(long)]
