@@ -18,3 +18,17 @@ echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist"
 if [ -f scripts/prepare_animal_mnist.py ]; then
   python3 scripts/prepare_animal_mnist.py --out data/animal-mnist
 fi
+
+# A copy in the per-user folder (`ldm_common::home`), so that the built-in configs'
+# `data/animal-mnist` is found from any working folder, not only from this repository.
+if [ -n "${PIPELINE_HOME:-}" ]; then HOME_DIR="$PIPELINE_HOME"
+elif [ -n "${HOME:-}" ]; then HOME_DIR="$HOME/.local/share/latent-diffusion-rs"
+else HOME_DIR=.latent-diffusion-rs; fi
+if [ -f data/animal-mnist/classes.txt ]; then
+  mkdir -p "$HOME_DIR/data"
+  rm -rf "$HOME_DIR/data/animal-mnist.tmp"
+  cp -r data/animal-mnist "$HOME_DIR/data/animal-mnist.tmp"
+  rm -rf "$HOME_DIR/data/animal-mnist"
+  mv "$HOME_DIR/data/animal-mnist.tmp" "$HOME_DIR/data/animal-mnist"
+  echo "Animal-MNIST: data/animal-mnist (and a copy in $HOME_DIR/data/animal-mnist)"
+fi

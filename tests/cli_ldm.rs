@@ -482,11 +482,11 @@ fn generate_bad_inputs() {
         "cpu",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o2 = std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .args(["generate", "--prompt", "cat"])
-        .env("PIPELINE_HOME", t.path("empty-home"))
-        .output()
-        .unwrap();
+    let o2 = pipeline_home(
+        &std::env::temp_dir(),
+        &t.path("empty-home"),
+        &["generate", "--prompt", "cat"],
+    );
     assert_error(&o2, "no --model given and no default model recorded");
 }
 

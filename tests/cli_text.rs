@@ -436,14 +436,7 @@ fn a_recipe_with_a_text_model_runs_end_to_end() {
     )
     .unwrap();
     let home = t.path("home");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
-            .args(args)
-            .env("PIPELINE_HOME", &home)
-            .env("NO_COLOR", "1")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| pipeline_home(&std::env::temp_dir(), &home, args);
     let o = run(&["run", &t.p("recipe.toml"), "--device", "cpu"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(t.path("out/grid.png").exists() && t.path("out/ldm/tokenizer.json").exists());

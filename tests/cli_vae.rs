@@ -5,6 +5,46 @@ mod common;
 
 use common::*;
 
+/// A relative `data.dir` that is not there from the working folder is read from the per-user
+/// folder (`$PIPELINE_HOME`), where `scripts/install_data.sh` copies Animal-MNIST: the built-in
+/// configs' `data/animal-mnist` trains from any folder. Where it is in neither, the error
+/// names both.
+#[test]
+fn a_relative_data_folder_is_found_in_the_per_user_folder() {
+    let t = tempfile::tempdir().unwrap();
+    let (home, work) = (t.path().join("home"), t.path().join("work"));
+    std::fs::create_dir_all(&work).unwrap();
+    write_tiny_idx(&home.join("data/tiny"), 64);
+    let config = t.path().join("vae.toml");
+    std::fs::write(
+        &config,
+        tiny_vae_config(std::path::Path::new("data/tiny"), ""),
+    )
+    .unwrap();
+    let (config, out) = (config.display().to_string(), t.path().join("run"));
+    let out = out.display().to_string();
+    let args = [
+        "train-vae",
+        "--config",
+        &config,
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+    ];
+    assert_ok(&pipeline_home(&work, &home, &args));
+    let empty = t.path().join("empty-home");
+    assert_error(
+        &pipeline_home(&work, &empty, &args),
+        &format!(
+            "data/tiny: data set folder not found in the working folder nor under {}",
+            empty.display()
+        ),
+    );
+}
+
 #[test]
 fn trains_evaluates_and_writes_a_complete_run_folder() {
     let t = TinyVae::new("");

@@ -23,6 +23,18 @@ pub fn pipeline_in(cwd: &Path, args: &[&str]) -> Output {
         .expect("the pipeline binary runs")
 }
 
+/// Runs `pipeline` with `args` from `cwd`, with `home` as its per-user folder
+/// (`$PIPELINE_HOME`: the default model, the copied data sets).
+pub fn pipeline_home(cwd: &Path, home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipeline"))
+        .args(args)
+        .current_dir(cwd)
+        .env("PIPELINE_HOME", home)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the pipeline binary runs")
+}
+
 /// Runs `pipeline` with `args` from the test's temporary folder.
 pub fn pipeline(args: &[&str]) -> Output {
     pipeline_in(&std::env::temp_dir(), args)

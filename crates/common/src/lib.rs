@@ -13,6 +13,7 @@ pub mod fast_math;
 pub mod flex;
 pub mod gemm_conv;
 pub mod group_norm;
+pub mod home;
 pub mod image_io;
 pub mod layers;
 pub mod lerp;

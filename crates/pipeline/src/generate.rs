@@ -458,13 +458,7 @@ pub fn generate(
 
 /// Where the README's first command records its model, so `generate` needs no `--model`.
 pub fn default_model_file() -> PathBuf {
-    let home = std::env::var_os("PIPELINE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share/latent-diffusion-rs"))
-        })
-        .unwrap_or_else(|| PathBuf::from(".latent-diffusion-rs"));
-    home.join("default-model")
+    ldm_common::home::dir().join("default-model")
 }
 
 /// The model `generate` uses without `--model`.

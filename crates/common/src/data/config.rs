@@ -86,10 +86,12 @@ impl DataConfig {
         }
     }
 
-    /// The folder to read, with the Fashion-MNIST default filled in.
+    /// The folder to read, with the Fashion-MNIST default filled in. A relative folder that is
+    /// not there from the working folder is looked up under the per-user folder, where
+    /// `scripts/install_data.sh` copies the converted data sets ([`crate::home`]).
     pub fn resolved_dir(&self) -> PathBuf {
         match (&self.dir, self.source) {
-            (Some(dir), _) => dir.clone(),
+            (Some(dir), _) => crate::home::relative_or_under(dir, &crate::home::dir()),
             (None, DataSource::FashionMnist) => PathBuf::from(FASHION_MNIST_DIR),
             (None, _) => PathBuf::new(),
         }
@@ -125,12 +127,22 @@ impl DataConfig {
                 DataSource::FashionMnist => {
                     "install it with `bash scripts/install_data.sh` (apt-get install dataset-fashion-mnist)"
                 }
-                DataSource::Idx => "for Animal-MNIST run `python3 scripts/prepare_animal_mnist.py`",
+                DataSource::Idx => {
+                    "for Animal-MNIST run `bash scripts/install_data.sh` in the repository, which also copies it to the per-user folder for any working folder"
+                }
                 DataSource::ImageFolder => "expected a folder with one subfolder per class",
+            };
+            let where_ = if dir.is_relative() {
+                format!(
+                    " in the working folder nor under {}",
+                    crate::home::dir().display()
+                )
+            } else {
+                String::new()
             };
             return Err(CommonError::dataset(
                 &dir,
-                format!("data set folder not found: {hint}"),
+                format!("data set folder not found{where_}: {hint}"),
             ));
         }
         Ok(())
