@@ -433,6 +433,17 @@ fn generate_bad_inputs() {
         &run(&["--clip-x0", "0"]),
         "sampler.clip_x0 = 0: a positive number",
     );
+    // A finished run of another kind is named as such, not as an interrupted LDM run.
+    let vae = t.p("vae");
+    assert_error(
+        &pipeline(&["generate", "--model", &vae, "--device", "cpu"]),
+        "vae: a VAE run folder (vae.json) where an LDM run folder was expected (one made by `pipeline train-ldm`)",
+    );
+    let ldm = t.p("ldm");
+    assert_error(
+        &pipeline(&["eval-vae", "--vae", &ldm, "--device", "cpu"]),
+        "ldm: an LDM run folder (ldm.json) where a VAE run folder was expected",
+    );
     // A negative number is a value to check, not a flag clap does not know.
     assert_error(
         &run(&["--eta", "-1"]),

@@ -13,8 +13,17 @@ pub fn write_config<T: Serialize>(dir: &Path, config: &T) -> Result<()> {
     Ok(())
 }
 
+/// The file each kind of finished run folder has, and what the errors call that kind.
+const RUN_KINDS: [(&str, &str); 4] = [
+    ("vae.json", "VAE run"),
+    ("ldm.json", "LDM run"),
+    ("evaluator.json", "trained evaluator"),
+    ("classifier.json", "trained classifier"),
+];
+
 /// Fails with one line naming the first of `files` missing from `dir` and the command that
-/// makes it (`how`, e.g. "pipeline train-vae --out runs/vae").
+/// makes it (`how`, e.g. "pipeline train-vae --out runs/vae"), or, when `dir` is a finished
+/// run of another kind (a VAE folder given as `--model`), saying so.
 pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> {
     if !dir.is_dir() {
         anyhow::bail!(
@@ -23,12 +32,30 @@ pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> 
         );
     }
     if let Some(file) = files.iter().find(|f| !dir.join(f).exists()) {
+        if let Some((other_file, other)) = RUN_KINDS
+            .iter()
+            .find(|(info, _)| !files.contains(info) && dir.join(info).exists())
+        {
+            let command = how.split(" --out").next().unwrap_or(how);
+            anyhow::bail!(
+                "{}: {} folder ({other_file}) where {} folder was expected (one made by `{command}`)",
+                dir.display(),
+                with_article(other),
+                with_article(what)
+            );
+        }
         anyhow::bail!(
             "{}: incomplete {what}, {file} is missing (was training interrupted? finish it with `{how} --resume`)",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// "a VAE run", "an LDM run": the article as the words are read aloud.
+fn with_article(what: &str) -> String {
+    let an = what.starts_with("LDM") || what.starts_with(['a', 'e', 'i', 'o', 'u']);
+    format!("{} {what}", if an { "an" } else { "a" })
 }
 
 /// Reads a trained run folder: `require`s its `config.toml`, `info_file` and
