@@ -298,6 +298,16 @@ fn unwritable_output_folder_is_named() {
     let out = t.p("afile/run");
     let o = t.train_vae("vae.toml", "afile/run", &[]);
     assert_error(&o, &out);
+    // The I/O error's message once, not again as its source.
+    assert_eq!(stderr(&o).matches("(os error").count(), 1, "{}", stderr(&o));
+    let o = t.train_vae("vae.toml", "afile", &[]);
+    assert_error(
+        &o,
+        &format!(
+            "{}: a file, where an output folder was expected",
+            t.p("afile")
+        ),
+    );
 }
 
 #[test]

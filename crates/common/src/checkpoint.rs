@@ -63,6 +63,12 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Fails early, with the folder's name, when `dir` cannot be created or written.
 pub fn ensure_writable_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(CommonError::Invalid(format!(
+            "{}: a file, where an output folder was expected",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| CommonError::io(dir, e))?;
     let probe = dir.join(format!(".write-test.{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| CommonError::io(dir, e))?;

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 /// Everything that can go wrong reading data, images, configs and checkpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum CommonError {
-    #[error("{}: {source}", path.display())]
+    /// The message includes the I/O error's own, so it is not also a `source` (anyhow's `{:#}`
+    /// would print it twice).
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}: {message}", path.display())]
     Dataset { path: PathBuf, message: String },
@@ -26,10 +28,10 @@ pub enum CommonError {
 
 impl CommonError {
     /// Wraps an I/O error with the path it happened on.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
