@@ -361,6 +361,57 @@ fn a_latent_cache_of_another_vae_is_refused() {
     assert_error(&o, "has changed since this model was trained");
 }
 
+/// Flips the lowest bit of the first weight in a safetensors file: still valid weights, other
+/// bytes.
+fn alter_weights(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header] ^= 1;
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Weights replaced after training are used with a warning, and what is recorded is the file's
+/// own checksum: `generate.json` names it, and a model refuses a VAE whose weights file alone
+/// was replaced (its `vae.json` unchanged).
+#[test]
+fn replaced_weights_are_warned_and_checked_by_their_own_checksum() {
+    let t = setup();
+    assert_ok(&t.train_ldm("ldm.toml", "r", &["--steps", "1"]));
+    let generate = |out: &str| {
+        let (model, out) = (t.p("r"), t.p(out));
+        let args = [
+            "generate", "--model", &model, "-n", "1", "--out", &out, "--device", "cpu",
+        ];
+        pipeline(&args)
+    };
+    let o = generate("g1");
+    assert_ok(&o);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    alter_weights(&t.path("r/model.safetensors"));
+    let o = generate("g2");
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("r/model.safetensors: sha256")
+            && stderr(&o).contains("that ldm.json recorded when training ended"),
+        "{}",
+        stderr(&o)
+    );
+    let record = std::fs::read_to_string(t.path("g2/generate.json")).unwrap();
+    let sha = t.sha("r/model.safetensors");
+    assert!(
+        record.contains(&format!("\"model_sha256\": \"{sha}\"")),
+        "{record}"
+    );
+    alter_weights(&t.path("vae/model.safetensors"));
+    let o = generate("g3");
+    assert!(
+        stderr(&o).contains("that vae.json recorded"),
+        "{}",
+        stderr(&o)
+    );
+    assert_error(&o, "has changed since this model was trained");
+}
+
 /// Cosine with T = 100 ends at alphas_cumprod = 2.4e-7: trailing spacing starts there, and an
 /// epsilon model's x0 estimate multiplies its error by 2000.
 #[test]

@@ -135,8 +135,10 @@ impl ClassifierRun {
             "pipeline train-classifier --model LDM_DIR --out {}",
             dir.display()
         );
-        let (config, info): (ClassifierRunConfig, ClassifierInfo) =
+        let (config, mut info): (ClassifierRunConfig, ClassifierInfo) =
             crate::run_dir::read(dir, "trained classifier", "classifier.json", &how)?;
+        info.weights_sha256 =
+            crate::run_dir::weights_sha256(dir, "classifier.json", &info.weights_sha256)?;
         let [c, s, _] = info.latent_shape;
         let model = config
             .classifier

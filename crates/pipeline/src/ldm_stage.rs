@@ -246,7 +246,8 @@ impl LdmRun {
         if config.diffusion.conditioning == ConditioningKind::Text {
             run_dir::require(dir, "LDM run", &["tokenizer.json"], &how)?;
         }
-        let info: LdmInfo = read_json(&dir.join("ldm.json"))?;
+        let mut info: LdmInfo = read_json(&dir.join("ldm.json"))?;
+        info.weights_sha256 = run_dir::weights_sha256(dir, "ldm.json", &info.weights_sha256)?;
         let vae_dir = if info.vae_dir.is_absolute() {
             info.vae_dir.clone()
         } else {

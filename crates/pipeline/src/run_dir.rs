@@ -52,6 +52,24 @@ pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> 
     Ok(())
 }
 
+/// The SHA-256 of `<dir>/model.safetensors`, with a warning when it is not `recorded`, the
+/// `weights_sha256` that `info_file` holds from the end of training: the weights were
+/// replaced since. They are used as they are, and what is recorded downstream (the
+/// checksum `generate.json` names, the VAE check of an LDM) is the file's own.
+pub fn weights_sha256(dir: &Path, info_file: &str, recorded: &str) -> Result<String> {
+    let weights = dir.join("model.safetensors");
+    let actual = ldm_common::checkpoint::sha256_file(&weights)?;
+    if actual != recorded {
+        eprintln!(
+            "warning: {}: sha256 {}… differs from the {}… that {info_file} recorded when training ended (the weights were replaced since); using them as they are",
+            weights.display(),
+            &actual[..12],
+            &recorded[..12.min(recorded.len())]
+        );
+    }
+    Ok(actual)
+}
+
 /// "a VAE run", "an LDM run": the article as the words are read aloud.
 fn with_article(what: &str) -> String {
     let an = what.starts_with("LDM") || what.starts_with(['a', 'e', 'i', 'o', 'u']);

@@ -68,7 +68,9 @@ impl VaeRun {
             &how,
         )?;
         let config: VaeRunConfig = crate::config::read(&dir.join("config.toml"))?;
-        let info: VaeInfo = read_json(&dir.join("vae.json"))?;
+        let mut info: VaeInfo = read_json(&dir.join("vae.json"))?;
+        info.weights_sha256 =
+            crate::run_dir::weights_sha256(dir, "vae.json", &info.weights_sha256)?;
         let model = Vae::new(&config.vae, info.image_shape[0], device);
         let model = load_safetensors(model, &dir.join("model.safetensors"))?;
         Ok(Self {
