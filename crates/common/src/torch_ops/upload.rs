@@ -7,15 +7,15 @@
 //! the batch and copy it with `non_blocking=True`; [`pinned_float`] and [`pinned_int`] do the
 //! same (`ldm_pinned_upload` in `csrc/torch_backward.cpp`).
 //!
-//! Neither runs on a CPU, so the first call in a process checks the path once: a few values
-//! of each kind are uploaded and read back, then four large buffers queued in a row (whose
-//! page-locked blocks are handed back at once) are read back after all four. If that fails, a
-//! warning gives libtorch's reason and every upload of the process goes through burn's
-//! `from_data`; a later upload that fails goes that way too, with a warning the first time.
-//! `LDM_UPLOADS=pageable` chooses `from_data` without a check (to measure what the path
+//! Neither runs on a CPU, so the first call for each CUDA device checks the path once: a few
+//! values of each kind are uploaded and read back, then four large buffers queued in a row
+//! (whose page-locked blocks are handed back at once) are read back after all four. If that
+//! fails, a warning gives libtorch's reason and every upload to that device goes through
+//! burn's `from_data`; a later upload that fails goes that way too, with a warning the first
+//! time. `LDM_UPLOADS=pageable` chooses `from_data` without a check (to measure what the path
 //! changes).
 
-use std::sync::{Once, OnceLock};
+use std::sync::{Mutex, Once};
 
 use burn::backend::libtorch::TchTensor;
 use burn::backend::{
@@ -25,8 +25,8 @@ use burn::tensor::{Device, Int, Tensor};
 
 use super::native;
 
-/// The outcome of the first use's check (`None` before any CUDA upload).
-static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
+/// The outcome of each CUDA device's check, by device index, made on its first upload.
+static CHECKS: Mutex<Vec<(usize, Result<(), String>)>> = Mutex::new(Vec::new());
 
 /// The CUDA device index of `device`, if it is burn-tch on CUDA.
 fn cuda_index(device: &Device) -> Option<usize> {
@@ -61,9 +61,8 @@ pub fn pinned_int<const D: usize>(
 }
 
 /// A page-locked upload after the check passed, or `None` (the caller uploads with
-/// `from_data`) with a warning the first time one fails: the check ran once, on the first
-/// CUDA device used, and a later upload can still fail (out of page-locked memory, another
-/// device).
+/// `from_data`) with a warning the first time one fails: the check ran once per device, and
+/// a later upload can still fail (out of page-locked memory).
 fn warn_once(sent: Result<tch::Tensor, String>) -> Option<tch::Tensor> {
     static WARNED: Once = Once::new();
     sent.map_err(|reason| {
@@ -76,17 +75,36 @@ fn warn_once(sent: Result<tch::Tensor, String>) -> Option<tch::Tensor> {
     .ok()
 }
 
-/// The outcome of the pinned-upload check, if a process has made a CUDA upload: `Ok` when
-/// uploads go through page-locked memory, else libtorch's reason.
+/// The outcome of the pinned-upload checks, if a process has made a CUDA upload: `Ok` when
+/// uploads to every CUDA device used go through page-locked memory, else the first device's
+/// reason that does not.
 pub fn pinned_upload_check() -> Option<Result<(), String>> {
-    CHECK.get().cloned()
+    let checks = CHECKS.lock().unwrap_or_else(|e| e.into_inner());
+    if checks.is_empty() {
+        return None;
+    }
+    Some(match checks.iter().find(|(_, outcome)| outcome.is_err()) {
+        Some((index, Err(reason))) if checks.len() > 1 => Err(format!("cuda:{index}: {reason}")),
+        Some((_, outcome)) => outcome.clone(),
+        None => Ok(()),
+    })
 }
 
-/// The CUDA index of `device` when uploads to it may go through page-locked memory.
+/// The CUDA index of `device` when uploads to it may go through page-locked memory: checked
+/// on the device's first upload (each device of a data-parallel run has its own check).
 fn usable(device: &Device) -> Option<usize> {
     let index = cuda_index(device)?;
-    CHECK.get_or_init(|| check(index)).as_ref().ok()?;
-    Some(index)
+    let mut checks = CHECKS.lock().unwrap_or_else(|e| e.into_inner());
+    let passed = match checks.iter().find(|(i, _)| *i == index) {
+        Some((_, outcome)) => outcome.is_ok(),
+        None => {
+            let outcome = check(index);
+            let passed = outcome.is_ok();
+            checks.push((index, outcome));
+            passed
+        }
+    };
+    passed.then_some(index)
 }
 
 /// Uploads a few values of each kind to CUDA device `index` and reads them back.
@@ -209,6 +227,22 @@ mod tests {
             assert_eq!(i.is_autodiff(), device.is_autodiff());
             assert_eq!(i.into_data().try_into_vec_as::<i64>().unwrap(), [7, -1]);
         }
+    }
+
+    /// Each CUDA device is checked once, on its own first upload (a data-parallel run uploads
+    /// to several); libtorch's CPU device never is. Without CUDA every check fails, and the
+    /// summary names the first device that failed.
+    #[test]
+    fn each_cuda_device_is_checked_once() {
+        assert_eq!(usable(&Device::libtorch()), None);
+        for _ in 0..2 {
+            assert_eq!(usable(&Device::libtorch_cuda(0)), None);
+            assert_eq!(usable(&Device::libtorch_cuda(1)), None);
+        }
+        let indices: Vec<usize> = CHECKS.lock().unwrap().iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [0, 1]);
+        let summary = pinned_upload_check().unwrap().unwrap_err();
+        assert!(summary.starts_with("cuda:0: "), "{summary}");
     }
 
     /// A page-locked upload that fails after the check falls back (`None`: the caller uploads
