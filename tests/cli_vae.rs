@@ -39,7 +39,7 @@ fn a_relative_data_folder_is_found_in_the_per_user_folder() {
     assert_error(
         &pipeline_home(&work, &empty, &args),
         &format!(
-            "data/tiny: data set folder not found in the working folder nor under {}",
+            "data/tiny: data set folder not found, neither in the working folder nor under {}",
             empty.display()
         ),
     );

@@ -134,7 +134,7 @@ impl DataConfig {
             };
             let where_ = if dir.is_relative() {
                 format!(
-                    " in the working folder nor under {}",
+                    ", neither in the working folder nor under {}",
                     crate::home::dir().display()
                 )
             } else {
