@@ -361,6 +361,59 @@ fn a_latent_cache_of_another_vae_is_refused() {
     assert_error(&o, "has changed since this model was trained");
 }
 
+/// `generate --precision bf16` samples with the network's weights cast to bf16 (warning on
+/// burn-flex, where it is slow), records the setting, and lands close to the f32 images; the
+/// default is f32, which generate.json does not mention (its files stay as before).
+#[test]
+fn generate_in_bf16_is_recorded_and_close_to_f32() {
+    let t = setup();
+    assert_ok(&t.train_ldm("ldm.toml", "r", &["--steps", "4"]));
+    let generate = |out: &str, extra: &[&str]| {
+        let (model, dir) = (t.p("r"), t.p(out));
+        let mut args = vec![
+            "generate", "--model", &model, "--class", "top-left", "-n", "4", "--out", &dir,
+            "--device", "cpu",
+        ];
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    };
+    assert_ok(&generate("f32", &[]));
+    let o = generate("bf16", &["--precision", "bf16"]);
+    assert_ok(&o);
+    assert!(stderr(&o).contains("bf16\" on burn-flex"), "{}", stderr(&o));
+    let record =
+        |dir: &str| std::fs::read_to_string(t.path(&format!("{dir}/generate.json"))).unwrap();
+    assert!(
+        record("bf16").contains("\"precision\": \"bf16\""),
+        "{}",
+        record("bf16")
+    );
+    assert!(!record("f32").contains("precision"), "{}", record("f32"));
+    let pixels = |dir: &str| {
+        image::open(t.path(&format!("{dir}/grid.png")))
+            .unwrap()
+            .to_luma8()
+            .into_raw()
+    };
+    let (a, b) = (pixels("f32"), pixels("bf16"));
+    assert_ne!(a, b, "bf16 changed nothing");
+    let mean_diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| x.abs_diff(*y) as f64)
+        .sum::<f64>()
+        / a.len() as f64;
+    assert!(mean_diff < 1.0, "mean pixel difference {mean_diff} of 255");
+    let o = generate("x", &["--precision", "f16"]);
+    assert!(
+        stderr(&o).starts_with(
+            "error: invalid value 'f16' for '--precision <PRECISION>': expected f32 or bf16"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
 /// Flips the lowest bit of the first weight in a safetensors file: still valid weights, other
 /// bytes.
 fn alter_weights(path: &std::path::Path) {

@@ -108,6 +108,14 @@ fn a_text_model_trains_and_follows_prompts() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_ne!(pixels(&t, "g1/000.png"), pixels(&t, "g3/000.png"));
 
+    // in bf16 the text encoder runs on the cast weights too: other pixels, recorded
+    let mut bf16 = prompt.to_vec();
+    bf16.extend(["--precision", "bf16"]);
+    let o = generate(&t, "ldm", "g-bf16", &bf16);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(pixels(&t, "g1/000.png"), pixels(&t, "g-bf16/000.png"));
+    assert_eq!(record(&t, "g-bf16")["sampler"]["precision"], "bf16");
+
     // a negative prompt replaces the empty prompt of the unconditional branch
     let o = generate(
         &t,

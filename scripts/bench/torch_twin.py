@@ -657,6 +657,14 @@ def bench(spec, device, gen):
             return (z - out * a) / sg
         return z * sg + out * a
 
+    # `sampler.precision = "bf16"`: the network under autocast, the sampler's updates and the
+    # decode in f32, as the Rust side casts the weights and hands back f32
+    net_precision = {"precision": smp.get("precision", "f32")}
+
+    def net(z, t, y):
+        with autocast(net_precision, device):
+            return ema(z, t, y).float()
+
     @torch.inference_mode()
     def sample_once():
         x = torch.randn(n, c, h, w, device=device)
@@ -668,12 +676,12 @@ def bench(spec, device, gen):
             ab_s = abf[ts[i + 1]] if i + 1 < len(ts) else 1.0
             if guided:
                 z2 = torch.cat([x, x])
-                out = ema(z2, torch.full((2 * n,), float(t), device=device), both)
+                out = net(z2, torch.full((2 * n,), float(t), device=device), both)
                 e = to_eps(z2, out, t)
                 u, cnd = e[:n], e[n:]
                 eps = u + (cnd - u) * cfg
             else:
-                eps = to_eps(x, ema(x, torch.full((n,), float(t), device=device), y), t)
+                eps = to_eps(x, net(x, torch.full((n,), float(t), device=device), y), t)
             x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
             x = x0 * math.sqrt(ab_s) + eps * math.sqrt(max(1 - ab_s, 0.0))
         images = vae.decode(x / 1.0).clamp(-1, 1)

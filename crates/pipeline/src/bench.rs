@@ -209,6 +209,8 @@ pub struct SampleSpec {
     pub cfg: f64,
     /// DDIM timesteps, descending.
     pub timesteps: Vec<usize>,
+    /// The network's arithmetic while sampling (`sampler.precision`; `--precision`).
+    pub precision: Precision,
 }
 
 /// An LDM row's config, resolved.
@@ -521,6 +523,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
         steps: SAMPLE_STEPS,
         eta: 0.0,
         spacing: recipe_ldm.sampler.spacing,
+        precision: o.precision.unwrap_or(recipe_ldm.sampler.precision),
         ..SamplerOptions::default()
     };
     let sampled = if recipe_is_unet { &unet } else { &dit };
@@ -692,6 +695,8 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
             .num_classes
             .map(|n| (0..sample_n).map(|i| i % n).collect());
         let sample_params = ldm.num_params() + vae_run.model.decoder.num_params();
+        // bf16: the weights cast once, outside the clock
+        let sample_model = sampler.precision.compute_copy(&ldm);
         let run_once = |run: u64| -> Result<f64> {
             let request = sampling::Request {
                 sampler: &sampler,
@@ -705,7 +710,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
                 seed: o.seed.wrapping_add(run),
             };
             let z = sampling::sample_latents(
-                &ldm.backbone,
+                &sample_model,
                 &sampled.schedule,
                 sampled.config.diffusion.parameterization,
                 &request,
@@ -793,6 +798,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
                 n: sample_n,
                 cfg,
                 timesteps,
+                precision: sampler.precision,
             },
         },
     })

@@ -92,7 +92,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "LIST")]
     pub rows: Option<String>,
     /// f32 or bf16 (mixed precision: f32 weights, bf16 forward and backward) for every training
-    /// row (default: each config's `train.precision`, normally f32).
+    /// row, and the sampling row's `sampler.precision` (default: each config's own, normally
+    /// f32).
     #[arg(long)]
     pub precision: Option<Precision>,
     /// auto, on or off: AdamW and the EMA stepping all parameters at once (`train.foreach`;
@@ -326,6 +327,12 @@ pub struct SamplerFlags {
     /// `sampler.clip_x0`, normally none).
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
     pub clip_x0: Option<f64>,
+    /// The network's arithmetic: f32, or bf16 (its weights cast once; the sampler's updates,
+    /// guidance and the VAE decode stay f32). Faster where the device has bf16 arithmetic (GPU
+    /// tensor cores, CPUs with AVX512_BF16, through libtorch); default: the model's
+    /// `sampler.precision`, normally f32.
+    #[arg(long)]
+    pub precision: Option<Precision>,
 }
 
 #[derive(Debug, Args)]

@@ -252,6 +252,9 @@ pub fn sampler_options(
     if let Some(eta) = flags.eta {
         options.eta = eta;
     }
+    if let Some(precision) = flags.precision {
+        options.precision = precision;
+    }
     options.validate(schedule)?;
     Ok(options)
 }

@@ -412,6 +412,16 @@ impl LdmRun {
         device: &Device,
         progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
     ) -> Result<Tensor<4>> {
+        // bf16: a copy with its weights cast, for the text encoder and the backbone alike
+        if !sampler.precision.is_f32() && ldm_common::flex::is_flex(device) {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!(
+                    "warning: sampler.precision = \"bf16\" on burn-flex runs burn's generic bf16 operations, slower than f32 there (the project's fast burn-flex operations are f32): use f32 on burn-flex, bf16 with --device libtorch or cuda"
+                )
+            });
+        }
+        let model = sampler.precision.compute_copy(&self.model);
         let (labels, negative_class, text, n) = match (condition, &self.tokenizer) {
             (Condition::None, _) => (None, None, None, n),
             (Condition::Class { labels, negative }, None) if self.class_conditional() => {
@@ -419,13 +429,8 @@ impl LdmRun {
             }
             (Condition::Text { prompts, negative }, Some(tokenizer)) => {
                 let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                let pair = text::guidance_pair(
-                    &self.model,
-                    tokenizer,
-                    &prompts,
-                    negative.as_deref(),
-                    device,
-                )?;
+                let pair =
+                    text::guidance_pair(&model, tokenizer, &prompts, negative.as_deref(), device)?;
                 (None, None, Some(pair), prompts.len())
             }
             _ => bail!(
@@ -447,7 +452,7 @@ impl LdmRun {
         };
         let parameterization = self.config.diffusion.parameterization;
         let latents = sampling::sample_latents_with(
-            &self.model.backbone,
+            &model,
             &self.schedule,
             parameterization,
             &request,
@@ -662,7 +667,7 @@ impl TrainTask for LdmTask {
             seed: self.seed,
         };
         let latents = sampling::sample_latents(
-            &self.ema.backbone,
+            &self.ema,
             &self.schedule,
             self.settings.parameterization,
             &request,

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use ldm_common::rng::{randn, stream};
 use ldm_common::upload;
-use ldm_diffusion::backbone::BackboneModel;
 use ldm_diffusion::clip::ClipX0;
 use ldm_diffusion::denoiser::{Conditioning, Denoiser, TextConditioning};
 use ldm_diffusion::guidance::{ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser};
+use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::noisy_classifier::NoisyClassifier;
 use ldm_diffusion::parameterization::Parameterization;
 use ldm_diffusion::sampler::{SampleHooks, SamplerOptions, sample};
@@ -94,7 +94,7 @@ pub struct SampleExtras<'a> {
 /// # Shapes
 /// - result: `[n, latent_channels, side, side]`
 pub fn sample_latents(
-    model: &BackboneModel,
+    model: &LdmModel,
     schedule: &Schedule,
     parameterization: Parameterization,
     request: &Request,
@@ -114,7 +114,7 @@ pub fn sample_latents(
 
 /// [`sample_latents`] from an init latent and/or with classifier guidance.
 pub fn sample_latents_with(
-    model: &BackboneModel,
+    model: &LdmModel,
     schedule: &Schedule,
     parameterization: Parameterization,
     request: &Request,

@@ -21,6 +21,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::prelude::*;
+use ldm_common::precision::Precision;
 use serde::{Deserialize, Serialize};
 
 pub use ddim::{ddim_sigma, sample_ddim};
@@ -191,7 +192,7 @@ impl FromStr for SamplerKind {
 }
 
 /// Everything that picks and tunes a sampler. TOML (`[sampler]`): `kind`, `steps`, `eta`,
-/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`, `clip_x0`.
+/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`, `clip_x0`, `precision`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplerOptions {
@@ -211,6 +212,10 @@ pub struct SamplerOptions {
     /// clipping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_x0: Option<f64>,
+    /// The network's arithmetic while sampling: f32, or bf16 (the weights cast once; the
+    /// sampler's updates, guidance and the VAE decode stay f32). Written only when bf16.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 impl Default for SamplerOptions {
@@ -224,6 +229,7 @@ impl Default for SamplerOptions {
             langevin_snr: 0.16,
             corrector_steps: 1,
             clip_x0: None,
+            precision: Precision::F32,
         }
     }
 }

@@ -94,6 +94,8 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         eta: get(&map, "eta", "a number")?,
         spacing: get(&map, "spacing", "leading, trailing or linspace (a string)")?,
         clip_x0: get(&map, "clip_x0", "a number")?,
+        // the model's `sampler.precision`
+        precision: None,
     };
     let sampler = sampler_options(&model.default_sampler, &model.schedule, &flags)
         .map_err(|e| ApiError::from_library(&e, FIELDS))?;
