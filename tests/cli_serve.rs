@@ -513,6 +513,43 @@ fn a_full_queue_answers_429_and_jobs_can_be_cancelled() {
     assert_eq!(images(&r.json()).len(), 1);
 }
 
+/// `serve --precision bf16` casts the weights once at start and samples every request in bf16:
+/// the same bytes as `generate --precision bf16`, recorded in the settings.
+#[test]
+fn serve_samples_in_bf16_as_generate_does() {
+    let t = tiny_model();
+    let server = Server::start(&t.path("ldm"), &["--precision", "bf16"]);
+    let req = json!({"class": "top-left", "cfg": 2, "steps": 3, "n": 2, "seed": 5});
+    let r = server.generate(&req);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let a = r.json();
+    assert_eq!(a["settings"]["sampler"]["precision"], "bf16");
+    let (model, out) = (t.p("ldm"), t.p("g"));
+    let args = [
+        "generate",
+        "--model",
+        &model,
+        "--class",
+        "top-left",
+        "--cfg",
+        "2",
+        "--steps",
+        "3",
+        "-n",
+        "2",
+        "--seed",
+        "5",
+        "--out",
+        &out,
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+    ];
+    assert_ok(&pipeline(&args));
+    assert_eq!(std::fs::read(t.path("g/001.png")).unwrap(), images(&a)[1].0);
+}
+
 #[test]
 fn serve_refuses_bad_flags() {
     let dir = tempfile::tempdir().unwrap();

@@ -35,10 +35,12 @@ impl Precision {
     /// The model a step computes with: `model` itself for f32 (borrowed, no copy); for bf16 a
     /// copy whose weights are bf16 casts of `model`'s, so that
     /// `GradientsParams::from_grads(loss.backward(), model)` finds the gradients on the f32
-    /// weights.
+    /// weights, or `model` itself if its weights are bf16 already (a model cast once for
+    /// sampling).
     pub fn compute_copy<M: Module>(self, model: &M) -> Cow<'_, M> {
         match self {
             Self::F32 => Cow::Borrowed(model),
+            Self::Bf16 if param_dtype(model) == DType::BF16 => Cow::Borrowed(model),
             Self::Bf16 => Cow::Owned(model.clone().map(&mut CastWeights(FloatDType::BF16))),
         }
     }
@@ -131,5 +133,11 @@ mod tests {
             "{full:?} {mixed:?}"
         );
         assert_eq!(param_dtype(&master), DType::F32, "the master stays f32");
+        // a model cast once (for sampling) is not copied again
+        let cast = Precision::Bf16.compute_copy(&master).into_owned();
+        assert!(matches!(
+            Precision::Bf16.compute_copy(&cast),
+            Cow::Borrowed(_)
+        ));
     }
 }

@@ -133,6 +133,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes (uploaded images travel base64-encoded inside it).
     #[arg(long, default_value_t = 8 << 20, value_parser = positive_usize, allow_negative_numbers = true)]
     pub max_body: usize,
+    /// The network's arithmetic for every request: f32, or bf16 (its weights cast once at
+    /// start; see `generate --precision`); default: the model's `sampler.precision`.
+    #[arg(long)]
+    pub precision: Option<Precision>,
     #[command(flatten)]
     pub device: DeviceFlag,
 }

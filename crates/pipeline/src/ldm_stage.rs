@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use ldm_common::checkpoint::{ensure_writable_dir, read_json, sha256_file, write_json};
 use ldm_common::data::{self, BatchOrder, Splits};
+use ldm_common::precision::Precision;
 use ldm_common::rng::{randn, stream};
 use ldm_common::upload;
 use ldm_common::weights::{
@@ -392,6 +393,14 @@ impl LdmRun {
     ) -> Result<Tensor<4>> {
         let condition = labels.map_or(Condition::None, |l| self.class_condition(l));
         self.sample(&condition, n, cfg, sampler, seed, extras, device, progress)
+    }
+
+    /// Samples in `precision` from now on: the default of [`LdmRun::sample`]'s requests
+    /// (`sampler.precision`), with the weights cast once here rather than on every request
+    /// (`serve --precision`).
+    pub fn set_sampling_precision(&mut self, precision: Precision) {
+        self.config.sampler.precision = precision;
+        self.model = precision.compute_copy(&self.model).into_owned();
     }
 
     /// Samples and decodes one image per class or prompt of `condition` (or `n` unconditional

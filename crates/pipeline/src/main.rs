@@ -220,6 +220,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_images: a.max_images,
                 max_body: a.max_body,
                 device: a.device.device,
+                precision: a.precision,
             })?;
             Ok(ExitCode::SUCCESS)
         }

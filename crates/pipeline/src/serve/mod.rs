@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use ldm_common::device::DeviceChoice;
+use ldm_common::precision::Precision;
 
 pub use request::FIELDS;
 
@@ -37,6 +38,8 @@ pub struct ServeOptions {
     /// Largest request body in bytes.
     pub max_body: usize,
     pub device: DeviceChoice,
+    /// The network's arithmetic (`--precision`; default the model's `sampler.precision`).
+    pub precision: Option<Precision>,
 }
 
 /// The address to listen on: an IP address or a name such as `localhost`.
@@ -76,6 +79,7 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         options.classifier.clone(),
         options.device,
         options.queue,
+        options.precision,
     )?;
     info.limits = model::Limits {
         max_images: options.max_images,
@@ -83,12 +87,17 @@ pub fn serve(options: ServeOptions) -> Result<()> {
         max_body_bytes: options.max_body,
     };
     eprintln!(
-        "{} on {}: {} classes, {} steps of {} by default; queue {}, at most {} images a request",
+        "{} on {}: {} classes, {} steps of {} by default{}; queue {}, at most {} images a request",
         info.model.display(),
         info.device,
         info.classes.len(),
         info.default_sampler.steps,
         info.default_sampler.kind,
+        if info.default_sampler.precision.is_f32() {
+            ""
+        } else {
+            " in bf16"
+        },
         options.queue,
         options.max_images
     );

@@ -20,6 +20,7 @@ use axum::http::StatusCode;
 use tokio::sync::watch;
 
 use ldm_common::device::{DeviceChoice, select};
+use ldm_common::precision::Precision;
 
 use super::error::ApiError;
 use super::model::ModelInfo;
@@ -110,6 +111,7 @@ impl Queue {
         classifier: Option<PathBuf>,
         device: DeviceChoice,
         capacity: usize,
+        precision: Option<Precision>,
     ) -> Result<(Arc<Self>, ModelInfo)> {
         let (sender, receiver) = channel::<Job>();
         let (loaded_tx, loaded_rx) = channel();
@@ -120,7 +122,11 @@ impl Queue {
             .spawn(move || {
                 ldm_common::threads::on_worker_thread(move || {
                     let loaded = select(device).map_err(anyhow::Error::from).and_then(|d| {
-                        let run = LdmRun::load(&model, &d.device)?;
+                        let mut run = LdmRun::load(&model, &d.device)?;
+                        // the weights cast once here, not on every request
+                        run.set_sampling_precision(
+                            precision.unwrap_or(run.config.sampler.precision),
+                        );
                         let mut info = ModelInfo::of(&run, &d.description);
                         if let Some(dir) = classifier {
                             ClassifierRun::load(&dir, &d.device)?.check_model(&run)?;
