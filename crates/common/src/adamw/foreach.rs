@@ -500,7 +500,7 @@ mod tch_step {
     use burn::tensor::Tensor;
 
     use super::{FusedAdamW, Primitive};
-    use crate::torch_ops::flat::{as_tch, flatten, split};
+    use crate::torch_ops::flat::{as_tch, as_tch_tensor, exclusive_flat, flatten, split};
     pub(super) use crate::torch_ops::flat::{from_tch, to_tch};
 
     /// Every parameter's AdamW step at once: the per-parameter step's formula and constants
@@ -545,11 +545,7 @@ mod tch_step {
 
     /// p' = p (1 - lr wd) + (-lr / bc1) m' / (sqrt(v' / bc2) + eps), from the updated moments.
     fn updated(p: &tch::Tensor, m: &tch::Tensor, v: &tch::Tensor, c: [f32; 8]) -> tch::Tensor {
-        let [_, _, eps, decay, lr, bc1, bc2, _] = c.map(f64::from);
-        let mut denom = v.g_div_scalar(bc2);
-        let _ = denom.sqrt_();
-        let _ = denom.g_add_scalar_(eps);
-        let step = m.g_mul_scalar(-lr / bc1);
+        let (decay, step, denom) = update_terms(m, v, c);
         let mut p = if decay != 1.0 {
             p.g_mul_scalar(decay)
         } else {
@@ -557,6 +553,28 @@ mod tch_step {
         };
         let _ = p.addcdiv_(&step, &denom);
         p
+    }
+
+    /// [`updated`] written into `p`: the same kernels, so the same values.
+    fn update_in_place(p: &mut tch::Tensor, m: &tch::Tensor, v: &tch::Tensor, c: [f32; 8]) {
+        let (decay, step, denom) = update_terms(m, v, c);
+        if decay != 1.0 {
+            let _ = p.g_mul_scalar_(decay);
+        }
+        let _ = p.addcdiv_(&step, &denom);
+    }
+
+    /// (1 - lr wd, -lr / bc1 m', sqrt(v' / bc2) + eps).
+    fn update_terms(
+        m: &tch::Tensor,
+        v: &tch::Tensor,
+        c: [f32; 8],
+    ) -> (f64, tch::Tensor, tch::Tensor) {
+        let [_, _, eps, decay, lr, bc1, bc2, _] = c.map(f64::from);
+        let mut denom = v.g_div_scalar(bc2);
+        let _ = denom.sqrt_();
+        let _ = denom.g_add_scalar_(eps);
+        (decay, m.g_mul_scalar(-lr / bc1), denom)
     }
 
     /// The flat moments of a step over a list of parameters, with the list's layout.
@@ -570,8 +588,9 @@ mod tch_step {
     /// The moments of every parameter as two flat tensors that only the optimizer holds, so
     /// that a step updates them in place and hands burn nothing but the new parameters (as
     /// PyTorch's `_foreach_*` AdamW keeps its state): one visit of the module for parameters
-    /// and gradients, the update, one map to put the parameters back. burn's `ModuleOptimizer`
-    /// (the record checkpoints hold, two passes a step) takes the state back
+    /// and gradients, the update, one map to put the parameters back (or, once they are the
+    /// views of one buffer only the module holds, the update written into them). burn's
+    /// `ModuleOptimizer` (the record checkpoints hold, two passes a step) takes the state back
     /// ([`super::AdamW::install`]) before a checkpoint and whenever a step's gradients cover
     /// other parameters.
     pub(super) struct Flat {
@@ -614,8 +633,10 @@ mod tch_step {
             if !matches || p.len() != self.ids.len() {
                 return Err(module);
             }
+            let (gather_p, gather_g) = (p, g);
             let (kind, device) = (self.moments.m.kind(), self.moments.m.device());
-            let (Some(p), Some(g)) = (on(&p, kind, device), on(&g, kind, device)) else {
+            let (Some(p), Some(g)) = (on(&gather_p, kind, device), on(&gather_g, kind, device))
+            else {
                 return Err(module);
             };
             let time = self.time + 1;
@@ -627,12 +648,29 @@ mod tch_step {
                 m,
                 v,
             } = &mut self.moments;
+            // The parameters in place (PyTorch's `_foreach_` AdamW) when they are the views of
+            // one buffer that a previous step's `PutBack` left, held by nothing but the module
+            // and this gather (two handles each) and apart from the gradients: the module is
+            // then handed back as it is, without the per-parameter map.
+            let exclusive = {
+                fn tensors(list: &[Primitive]) -> Option<Vec<&TchTensor>> {
+                    list.iter().map(as_tch_tensor).collect()
+                }
+                match (tensors(&gather_p), tensors(&gather_g)) {
+                    (Some(p), Some(g)) => exclusive_flat(&p, 2, &g),
+                    _ => None,
+                }
+            };
             let g = clipped(flatten(&g), lengths, max_norm);
             // as in `foreach_adamw_step`, in place
             let _ = m.lerp_(&g, 1.0 - b1);
             let _ = v.lerp_(&g.square(), 1.0 - b2);
-            let p = updated(&flatten(&p), m, v, c);
             self.time = time;
+            if let Some(mut flat) = exclusive {
+                update_in_place(&mut flat, m, v, c);
+                return Ok(module);
+            }
+            let p = updated(&flatten(&p), m, v, c);
             let mut put = PutBack {
                 ids: &self.ids,
                 next: 0,
@@ -805,6 +843,45 @@ mod tch_step {
         /// steps update the same two buffers in place and hand burn only the parameters, views
         /// of one buffer; a checkpoint in between leaves them be; a step whose gradients cover
         /// other parameters hands the state back to the record (and keeps those of its own).
+        /// From the third step on, with nothing but the module holding its parameters, the
+        /// step writes them in place (their buffer stays); with another handle held (a clone of
+        /// the weight's tensor) it does not, and either way the values are the same.
+        #[test]
+        fn steps_in_place_when_only_the_module_holds_its_parameters() {
+            use burn::nn::{Linear, LinearConfig};
+            use burn::tensor::Device;
+            let device = Device::libtorch().autodiff();
+            let x = burn::tensor::Tensor::<2>::ones([4, 3], &device);
+            let grads = |net: &Linear| {
+                GradientsParams::from_grads(net.forward(x.clone()).sum().backward(), net)
+            };
+            let weight = |net: &Linear| to_tch(net.weight.val().inner().into_dispatch());
+            let train = |hold_a_handle: bool| {
+                device.seed(0);
+                let mut net: Linear = LinearConfig::new(3, 2).init(&device);
+                let mut optim = crate::adamw::FusedAdamW::new(0.1, 1.0).module(true);
+                let mut buffers = Vec::new();
+                for _ in 0..4 {
+                    let held = hold_a_handle.then(|| weight(&net));
+                    let g = grads(&net);
+                    net = optim.step(1e-2, net, g);
+                    drop(held);
+                    buffers.push(weight(&net).tensor.data_ptr() as usize);
+                }
+                let values = |t: TchTensor| Vec::<f32>::try_from(t.tensor.reshape([-1])).unwrap();
+                (buffers, values(weight(&net)))
+            };
+            let (in_place, a) = train(false);
+            let (copied, b) = train(true);
+            // steps 1 and 2 make new buffers (the first step's parameters are no views yet)
+            assert!(
+                in_place[1..].windows(2).all(|w| w[0] == w[1]),
+                "{in_place:?}"
+            );
+            assert!(copied.windows(2).all(|w| w[0] != w[1]), "{copied:?}");
+            assert_eq!(a, b);
+        }
+
         #[test]
         fn keeps_the_moments_after_a_covering_step() {
             use burn::nn::{Linear, LinearConfig};
