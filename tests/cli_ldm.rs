@@ -414,6 +414,34 @@ fn generate_in_bf16_is_recorded_and_close_to_f32() {
     );
 }
 
+/// A recipe names its configs by paths relative to itself: `pipeline run` finds them from any
+/// working folder (a path from the working folder, then beside the recipe, then a built-in
+/// name), as `pipeline bench` does.
+#[test]
+fn a_recipe_finds_its_configs_beside_it() {
+    let t = TinyVae::new("");
+    std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
+    let recipe = format!(
+        "out = \"{}\"\nvae = \"vae.toml\"\nldm = \"ldm.toml\"\n\n[grid]\nper_class = 1\ncfg = 1.0\n",
+        t.p("out")
+    );
+    std::fs::write(t.path("recipe.toml"), recipe).unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let recipe = t.p("recipe.toml");
+    let args = [
+        "run",
+        &recipe,
+        "--vae-steps",
+        "2",
+        "--ldm-steps",
+        "2",
+        "--device",
+        "cpu",
+    ];
+    assert_ok(&pipeline_home(elsewhere.path(), &t.path("home"), &args));
+    assert!(t.path("out/grid.png").exists() && t.path("out/ldm/ldm.json").exists());
+}
+
 /// Flips the lowest bit of the first weight in a safetensors file: still valid weights, other
 /// bytes.
 fn alter_weights(path: &std::path::Path) {

@@ -235,16 +235,6 @@ fn read_config<T: serde::de::DeserializeOwned>(source: &str, arg: &str, what: &s
     crate::config::read(&path).with_context(|| format!("{source} {arg}: expected {what}"))
 }
 
-/// A config named in a recipe file: a path as given (from the working folder), else beside
-/// the recipe, else a built-in name.
-fn beside(recipe: &Path, arg: &str) -> String {
-    let local = recipe.parent().map(|dir| dir.join(arg));
-    match local {
-        Some(p) if !Path::new(arg).exists() && p.is_file() => p.display().to_string(),
-        _ => arg.to_string(),
-    }
-}
-
 /// The name of a backbone for the table (`DiT-M/2`-like for a DiT).
 fn backbone_label(b: &BackboneConfig) -> String {
     match b {
@@ -479,8 +469,8 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
     )?;
     let recipe_path = Path::new(&o.config);
     let (vae_arg, ldm_arg) = (
-        beside(recipe_path, &recipe.vae),
-        beside(recipe_path, &recipe.ldm),
+        builtin::beside(recipe_path, &recipe.vae),
+        builtin::beside(recipe_path, &recipe.ldm),
     );
     let mut vae_cfg: VaeRunConfig =
         read_config(&format!("{}: vae =", o.config), &vae_arg, "a VAE config")?;

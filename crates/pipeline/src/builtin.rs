@@ -74,6 +74,16 @@ pub fn remove_temporary_files() {
     let _ = std::fs::remove_dir_all(temporary_dir());
 }
 
+/// A config named in a recipe file: a path as given (from the working folder), else beside
+/// the recipe, else a built-in name (for [`resolve`]).
+pub fn beside(recipe: &Path, arg: &str) -> String {
+    let local = recipe.parent().map(|dir| dir.join(arg));
+    match local {
+        Some(p) if !Path::new(arg).exists() && p.is_file() => p.display().to_string(),
+        _ => arg.to_string(),
+    }
+}
+
 /// Resolves `--config`: an existing file, or a built-in name (written to a temporary file so
 /// every error still names a file).
 pub fn resolve(arg: &str) -> Result<PathBuf> {

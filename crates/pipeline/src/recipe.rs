@@ -114,7 +114,11 @@ fn has_checkpoint(dir: &Path) -> bool {
 
 /// Runs the recipe; `None` if Ctrl-C stopped a stage (its checkpoint is saved).
 pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option<RunSummary>> {
-    let recipe: Recipe = crate::config::read(&builtin::resolve(recipe_arg)?)?;
+    let recipe_path = builtin::resolve(recipe_arg)?;
+    let recipe: Recipe = crate::config::read(&recipe_path)?;
+    // the configs it names: from the working folder, else beside the recipe, else built in
+    let vae_config = builtin::beside(&recipe_path, &recipe.vae);
+    let ldm_config = builtin::beside(&recipe_path, &recipe.ldm);
     if recipe.grid.per_class == 0 {
         bail!("grid.per_class = 0: expected at least 1");
     }
@@ -147,7 +151,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         let resume = has_checkpoint(&vae_dir);
         let stage = Instant::now();
         if vae_stage::train_vae(
-            &builtin::resolve(&recipe.vae)?,
+            &builtin::resolve(&vae_config)?,
             &overrides,
             &vae_dir,
             device,
@@ -162,7 +166,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         // a kept stage must have been trained with the settings asked for
         if !vae_sets.is_empty() {
             let config: vae_stage::VaeRunConfig =
-                overrides::read(&builtin::resolve(&recipe.vae)?, &vae_sets)?;
+                overrides::read(&builtin::resolve(&vae_config)?, &vae_sets)?;
             let kept = format!("{} is trained and kept", vae_dir.display());
             resume_check::compare(&vae_dir, &config, &kept)?;
         }
@@ -182,7 +186,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
         let resume = has_checkpoint(&ldm_dir);
         let stage = Instant::now();
         if ldm_stage::train_ldm(
-            &builtin::resolve(&recipe.ldm)?,
+            &builtin::resolve(&ldm_config)?,
             &vae_dir,
             &overrides,
             &ldm_dir,
@@ -197,7 +201,7 @@ pub fn run(recipe_arg: &str, o: &RunOverrides, device: &Device) -> Result<Option
     } else {
         if !ldm_sets.is_empty() {
             let config: ldm_stage::LdmRunConfig =
-                overrides::read(&builtin::resolve(&recipe.ldm)?, &ldm_sets)?;
+                overrides::read(&builtin::resolve(&ldm_config)?, &ldm_sets)?;
             let kept = format!("{} is trained and kept", ldm_dir.display());
             resume_check::compare(&ldm_dir, &config, &kept)?;
         }
