@@ -421,7 +421,6 @@ impl LdmRun {
         device: &Device,
         progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
     ) -> Result<Tensor<4>> {
-        // bf16: a copy with its weights cast, for the text encoder and the backbone alike
         if !sampler.precision.is_f32() && ldm_common::flex::is_flex(device) {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
@@ -430,6 +429,7 @@ impl LdmRun {
                 )
             });
         }
+        // bf16: a copy with its weights cast, for the text encoder and the backbone alike
         let model = sampler.precision.compute_copy(&self.model);
         let (labels, negative_class, text, n) = match (condition, &self.tokenizer) {
             (Condition::None, _) => (None, None, None, n),
