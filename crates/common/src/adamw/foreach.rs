@@ -839,10 +839,6 @@ mod tch_step {
             Vec::<f32>::try_from(t.tensor.reshape([-1])).unwrap()
         }
 
-        /// After a step that covers every parameter, the optimizer keeps the moments: later
-        /// steps update the same two buffers in place and hand burn only the parameters, views
-        /// of one buffer; a checkpoint in between leaves them be; a step whose gradients cover
-        /// other parameters hands the state back to the record (and keeps those of its own).
         /// From the third step on, with nothing but the module holding its parameters, the
         /// step writes them in place (their buffer stays); with another handle held (a clone of
         /// the weight's tensor) it does not, and either way the values are the same.
@@ -882,6 +878,10 @@ mod tch_step {
             assert_eq!(a, b);
         }
 
+        /// After a step that covers every parameter, the optimizer keeps the moments: later
+        /// steps update the same two buffers in place and hand burn only the parameters, views
+        /// of one buffer; a checkpoint in between leaves them be; a step whose gradients cover
+        /// other parameters hands the state back to the record (and keeps those of its own).
         #[test]
         fn keeps_the_moments_after_a_covering_step() {
             use burn::nn::{Linear, LinearConfig};
