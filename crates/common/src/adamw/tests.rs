@@ -191,6 +191,51 @@ fn composition_matches_the_kernel() {
     }
 }
 
+/// On libtorch's CPU the step runs the flex kernel in place when p, m and v have no other
+/// handle: their buffers stay, and the values are burn-flex's bit for bit. With a handle held
+/// on p it takes libtorch's calls instead (a new buffer); both agree with burn's composition.
+#[cfg(feature = "tch")]
+#[test]
+fn the_libtorch_cpu_step_runs_the_kernel_in_place() {
+    let device = Device::libtorch();
+    let draw = |n| randn(&mut stream(8, "adamw-cpu", n), [33, 70], &device);
+    let address = |t: &Tensor<2>| crate::torch_ops::data_address(t).expect("a libtorch tensor");
+    let c = FusedAdamW::new(0.1, 2.0).constants(3e-3, 4);
+    for hold in [false, true] {
+        let (p, g, m) = (draw(1), draw(2), draw(3));
+        let v = draw(4).abs();
+        let reference = composed_step(p.clone(), g.clone(), m.clone(), v.clone(), c);
+        let before = [address(&p), address(&m), address(&v)];
+        let held = hold.then(|| p.clone());
+        let (p1, m1, v1) = adamw_step(p, g, m, v, c);
+        let after = [address(&p1), address(&m1), address(&v1)];
+        if hold {
+            assert_ne!(after[0], before[0], "p is held elsewhere: not written");
+        } else {
+            assert_eq!(after, before, "in place");
+        }
+        drop(held);
+        if !hold {
+            let flex = Device::flex();
+            let on_flex = |t: &Tensor<2>| Tensor::<2>::from_data(t.to_data(), &flex);
+            let (p, g, m) = (draw(1), draw(2), draw(3));
+            let v = draw(4).abs();
+            let kernel = adamw_step(on_flex(&p), on_flex(&g), on_flex(&m), on_flex(&v), c);
+            let bits = |t: &Tensor<2>| -> Vec<u32> {
+                to_vec_f32(t.clone()).iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&p1), bits(&kernel.0), "the flex kernel's p'");
+            assert_eq!(bits(&v1), bits(&kernel.2), "the flex kernel's v'");
+        }
+        for (a, b) in [(p1, reference.0), (m1, reference.1), (v1, reference.2)] {
+            assert!(
+                max_rel_diff(&to_vec_f32(a), &to_vec_f32(b)) < 1e-5,
+                "hold {hold}"
+            );
+        }
+    }
+}
+
 /// A checkpoint of burn's `AdamW` resumes under `FusedAdamW` (same state record): 4 steps of
 /// one then 6 of the other end where 10 of burn's do.
 #[test]
