@@ -91,6 +91,23 @@ fn clip_coefficient(max_norm: f32, norm: f32) -> f32 {
     }
 }
 
+/// The step on f32 slices with [`FusedAdamW::constants`] `c`: the gradient's norm (for the
+/// clipping coefficient), then [`kernels::update`], written into p, m and v.
+fn kernel_step(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: [f32; 8]) {
+    let grad_scale = clip_coefficient(c[7], kernels::sum_squares(g).sqrt() as f32);
+    let k = StepConstants {
+        beta_1: c[0],
+        beta_2: c[1],
+        epsilon: c[2],
+        decay: c[3],
+        lr: c[4],
+        bias_correction_1: c[5],
+        bias_correction_2: c[6],
+        grad_scale,
+    };
+    kernels::update(p, g, m, v, &k);
+}
+
 /// One parameter's AdamW step as a backend operation: (p', m', v') from p, g, m, v and
 /// [`FusedAdamW::constants`].
 #[backend_extension(Flex, LibTorch: cfg(feature = "tch"))]
@@ -113,27 +130,15 @@ impl AdamWStep for Flex {
         c: [f32; 8],
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let g = contiguous(&g);
-        let g_values = values(&g);
-        let grad_scale = clip_coefficient(c[7], kernels::sum_squares(g_values).sqrt() as f32);
-        let k = StepConstants {
-            beta_1: c[0],
-            beta_2: c[1],
-            epsilon: c[2],
-            decay: c[3],
-            lr: c[4],
-            bias_correction_1: c[5],
-            bias_correction_2: c[6],
-            grad_scale,
-        };
         // In place where burn holds no other handle on the storage (`storage_mut` copies
         // otherwise): the step then allocates nothing.
         let (mut p, mut m, mut v) = (into_contiguous(p), into_contiguous(m), into_contiguous(v));
-        kernels::update(
+        kernel_step(
             p.storage_mut::<f32>(),
-            g_values,
+            values(&g),
             m.storage_mut::<f32>(),
             v.storage_mut::<f32>(),
-            &k,
+            c,
         );
         (p, m, v)
     }
@@ -241,18 +246,7 @@ fn cpu_in_place(
             slice(&v.tensor),
         )
     };
-    let grad_scale = clip_coefficient(c[7], kernels::sum_squares(g).sqrt() as f32);
-    let k = StepConstants {
-        beta_1: c[0],
-        beta_2: c[1],
-        epsilon: c[2],
-        decay: c[3],
-        lr: c[4],
-        bias_correction_1: c[5],
-        bias_correction_2: c[6],
-        grad_scale,
-    };
-    kernels::update(p, g, m, v, &k);
+    kernel_step(p, g, m, v, c);
     true
 }
 
