@@ -341,11 +341,13 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         None => generate::default_model()?,
     };
     let evaluator = evaluator_stage::EvaluatorRun::load(&a.evaluator, &device.device)?;
-    let run = ldm_stage::LdmRun::load(&model, &device.device)?;
+    let mut run = ldm_stage::LdmRun::load(&model, &device.device)?;
     let sampler = generate::sampler_options(&run.config.sampler, &run.schedule, &a.sampler)?;
     if let Some(line) = generate::sampler_warning(&run, &sampler) {
         eprintln!("{line}");
     }
+    // bf16: the weights cast once here, not once per class's batch
+    run.set_sampling_precision(sampler.precision);
     let guide = classifier_stage::from_flags(a.guidance.classifier, a.guidance.classifier_scale)?
         .map(|c| {
             classifier_stage::ClassifierRun::load(&c.dir, &device.device).map(|r| (r, c.scale))
