@@ -84,13 +84,21 @@ def main():
         reuse.send_keys(Keys.ENTER)
         check(driver.find_element(By.ID, "seed").get_attribute("value") == seed,
               f"reuse settings restored seed {seed}")
-        # A second generation with the random-seed button, then Enter from the steps slider.
+        # A second generation with the random-seed button and a guidance rescale of 0.7 set
+        # with the arrow keys (14 steps of 0.05), then Enter from the steps slider.
         driver.find_element(By.ID, "random-seed").send_keys(Keys.ENTER)
+        rescale = driver.find_element(By.ID, "guidance_rescale")
+        for _ in range(14):
+            rescale.send_keys(Keys.ARROW_RIGHT)
+        check(driver.find_element(By.ID, "guidance_rescale-out").text == "0.7",
+              "the arrow keys move the guidance rescale slider to 0.7")
         steps = driver.find_element(By.ID, "steps")
         steps.send_keys(Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
         wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
         check(True, "Enter on a slider generates; the history holds both generations")
+        line = driver.find_element(By.ID, "results-line").text
+        check("(rescale 0.7)" in line, f"the second generation is rescaled: {line}")
         driver.execute_script("document.activeElement.blur()")
         driver.save_screenshot(a.out)
         print(f"screenshot: {a.out}")

@@ -169,6 +169,69 @@ fn plot_sweep_draws_fid_and_accuracy_and_prints_a_table() {
     );
 }
 
+/// `--x rescale` sweeps the guidance rescale (files without the key are phi 0); a cfg sweep
+/// keeps rescaled and plain points on lines of their own.
+#[test]
+fn plot_sweep_over_guidance_rescale() {
+    let t = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (cfg, phi, fid) in [
+        (5.0, 0.7, 30.0),
+        (5.0, 0.0, 40.0),
+        (5.0, 0.35, 35.0),
+        (3.0, 0.7, 25.0),
+    ] {
+        let path = t.path().join(format!("c{cfg}-r{phi}.json"));
+        let rescale = if phi > 0.0 {
+            format!(r#", "guidance_rescale": {phi}"#)
+        } else {
+            String::new()
+        };
+        let json = format!(
+            r#"{{"per_class": 10, "cfg": {cfg}, "sampler": {{"kind": "ddim", "steps": 50{rescale}}},
+            "accuracy": 0.9, "fid": {fid}, "fid_floor": 2.5, "precision": 0.5, "recall": 0.4,
+            "images_per_second": 12.0}}"#
+        );
+        std::fs::write(&path, json).unwrap();
+        files.push(path.display().to_string());
+    }
+    let out = t.path().join("sweep.png").display().to_string();
+    let sweep = |x: &str| {
+        let mut args = vec!["plot-sweep", "--x", x, "--out", &out];
+        args.extend(files.iter().map(String::as_str));
+        let o = pipeline(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+            .lines()
+            .filter(|l| l.starts_with("| ddim"))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // lines sorted by label: cfg 3 first, then cfg 5 by phi
+    assert_eq!(
+        sweep("rescale"),
+        [
+            "| ddim | 50 | 3 rescaled by 0.7 | 10 | 90.0% | 25.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
+            "| ddim | 50 | 5 | 10 | 90.0% | 40.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
+            "| ddim | 50 | 5 rescaled by 0.35 | 10 | 90.0% | 35.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
+            "| ddim | 50 | 5 rescaled by 0.7 | 10 | 90.0% | 30.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
+        ]
+    );
+    // by cfg: plain (cfg 5), rescaled by 0.35 (cfg 5), rescaled by 0.7 (cfg 3, 5)
+    assert_eq!(
+        sweep("cfg")
+            .iter()
+            .map(|r| r.split(" | ").nth(2).unwrap().to_string())
+            .collect::<Vec<_>>(),
+        [
+            "5",
+            "5 rescaled by 0.35",
+            "3 rescaled by 0.7",
+            "5 rescaled by 0.7"
+        ]
+    );
+}
+
 /// A tiny class-conditional LDM config (DiT with 2x2 patches on 8x8x2 latents).
 const LDM: &str = r#"
 [schedule]

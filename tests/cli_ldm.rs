@@ -414,6 +414,63 @@ fn generate_in_bf16_is_recorded_and_close_to_f32() {
     );
 }
 
+/// `generate --guidance-rescale PHI` rescales the guided prediction (recorded; 0 is the plain
+/// guidance, byte for byte, and is not written), warns where there is no guidance to rescale,
+/// and refuses a phi outside [0, 1].
+#[test]
+fn generate_with_guidance_rescale() {
+    let t = setup();
+    assert_ok(&t.train_ldm("ldm.toml", "r", &["--steps", "4"]));
+    let generate = |out: &str, extra: &[&str]| {
+        let (model, dir) = (t.p("r"), t.p(out));
+        let mut args = vec![
+            "generate", "--model", &model, "--class", "top-left", "-n", "4", "--out", &dir,
+            "--device", "cpu",
+        ];
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    };
+    let file = |f: &str| std::fs::read(t.path(f)).unwrap();
+    for (dir, extra) in [
+        ("plain", vec!["--cfg", "5"]),
+        ("zero", vec!["--cfg", "5", "--guidance-rescale", "0"]),
+        ("phi", vec!["--cfg", "5", "--guidance-rescale", "0.7"]),
+        ("one", vec!["--cfg", "1"]),
+    ] {
+        let o = generate(dir, &extra);
+        assert_ok(&o);
+        assert!(!stderr(&o).contains("warning"), "{dir}: {}", stderr(&o));
+    }
+    assert_eq!(file("plain/grid.png"), file("zero/grid.png"));
+    assert_eq!(file("plain/generate.json"), file("zero/generate.json"));
+    assert_ne!(
+        file("plain/grid.png"),
+        file("phi/grid.png"),
+        "phi changed nothing"
+    );
+    let record = String::from_utf8(file("phi/generate.json")).unwrap();
+    assert!(record.contains("\"guidance_rescale\": 0.7"), "{record}");
+    // At cfg 1 there is nothing to rescale: a warning, and the pixels of cfg 1 (the PNGs'
+    // settings chunk records the rescale).
+    let o = generate("one-phi", &["--cfg", "1", "--guidance-rescale", "0.7"]);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains(
+            "warning: guidance rescale 0.7 has no effect without classifier-free guidance (cfg 1)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let pixels = |f: &str| image::open(t.path(f)).unwrap().to_luma8().into_raw();
+    assert_eq!(pixels("one/grid.png"), pixels("one-phi/grid.png"));
+    for bad in ["1.5", "-0.1"] {
+        assert_error(
+            &generate("bad", &["--guidance-rescale", bad]),
+            &format!("sampler.guidance_rescale = {bad}: a number in [0, 1]"),
+        );
+    }
+}
+
 /// A recipe names its configs by paths relative to itself: `pipeline run` finds them from any
 /// working folder (a path from the working folder, then beside the recipe, then a built-in
 /// name), as `pipeline bench` does.

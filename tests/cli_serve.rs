@@ -313,6 +313,17 @@ fn api_generates_and_names_every_bad_field() {
         String::from_utf8_lossy(&paint.body)
     );
     assert!(paint.json()["settings"]["img2img"]["mask_sha256"].is_string());
+    let rescaled = server.generate(&json!({"class": "top-left", "cfg": 5, "guidance_rescale": 0.7, "steps": 5, "n": 1, "seed": 3}));
+    assert_eq!(
+        rescaled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&rescaled.body)
+    );
+    assert_eq!(
+        rescaled.json()["settings"]["sampler"]["guidance_rescale"],
+        0.7
+    );
 
     // Every bad field: a 4xx with a one-line JSON error naming it.
     let bad = |body: Value, field: &str, needle: &str| {
@@ -334,6 +345,16 @@ fn api_generates_and_names_every_bad_field() {
         "one of leading, trailing, linspace",
     );
     bad(json!({"clip_x0": -1}), "clip_x0", "a positive number");
+    bad(
+        json!({"guidance_rescale": 2}),
+        "guidance_rescale",
+        "a number in [0, 1]",
+    );
+    bad(
+        json!({"guidance_rescale": "high"}),
+        "guidance_rescale",
+        "a number",
+    );
     bad(json!({"seed": -1}), "seed", "expected an integer");
     bad(
         json!({"prompt": "a giraffe"}),

@@ -44,6 +44,8 @@ pub struct ClassifierFreeGuidance<'a, B: Backbone + ?Sized> {
     /// `[uncond; cond]` along the batch axis.
     both: Conditioning,
     scale: f64,
+    /// phi of [`Self::with_rescale`]; 0: plain guidance.
+    rescale: f64,
 }
 
 impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
@@ -82,7 +84,60 @@ impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
             schedule,
             both: Conditioning::cat(uncond, cond),
             scale,
+            rescale: 0.0,
         })
+    }
+
+    /// Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    /// are Flawed", section 3.4 and Algorithm 2; diffusers' `guidance_rescale`), on the
+    /// v-prediction v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 of each branch, whatever the model
+    /// predicts (as the paper, and as ComfyUI's RescaleCFG does for every model):
+    ///
+    /// v_cfg = v_u + w (v_c - v_u),  v = v_cfg (phi std(v_c) / std(v_cfg) + 1 - phi),
+    ///
+    /// std over each image's elements. Large scales inflate v_cfg's spread (over-saturated,
+    /// over-exposed images); `phi = 1` gives it the conditional prediction's spread back, `phi =
+    /// 0` is plain guidance (the default; bit for bit). The paper uses 0.7.
+    pub fn with_rescale(mut self, phi: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&phi) {
+            return Err(DiffusionError::InvalidConfig {
+                key: "guidance_rescale".into(),
+                value: phi.to_string(),
+                expected: "a number in [0, 1] (0: plain guidance; 0.7 in Lin et al. 2024)".into(),
+            });
+        }
+        self.rescale = phi;
+        Ok(self)
+    }
+
+    /// [`Self::with_rescale`]: `guided` is eps_cfg; with v = (eps - sqrt(1 - ab_t) z_t) /
+    /// sqrt(ab_t) linear in eps, eps' = eps_cfg + sqrt(ab_t) (factor - 1) v_cfg. v comes from
+    /// eps and x0 (not by dividing by sqrt(ab_t)), so it stays exact where ab_t is tiny.
+    /// `eps` is both branches' `[2b, ...]`.
+    fn rescaled(
+        &self,
+        guided: Tensor<4>,
+        eps: Tensor<4>,
+        z2: Tensor<4>,
+        output: Tensor<4>,
+        t: usize,
+    ) -> Tensor<4> {
+        let [b2, c, h, w] = z2.dims();
+        let b = b2 / 2;
+        let ab = self.schedule.alpha_bar(t);
+        let (alpha, sigma) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
+        let x0 = self.parameterization.x0_at(self.schedule, z2, output, t);
+        let v = eps * alpha - x0 * sigma;
+        let v_u = v.clone().narrow(0, 0, b);
+        let v_c = v.narrow(0, b, b);
+        let v_cfg = v_u.clone() + (v_c.clone() - v_u) * self.scale;
+        // Population variances (the ratio is the same with Bessel's correction), `[b, 1]`.
+        let var_c = v_c.reshape([b, c * h * w]).var_bias(1);
+        let var_cfg = v_cfg.clone().reshape([b, c * h * w]).var_bias(1);
+        let ratio = (var_c / var_cfg.clamp_min(f32::MIN_POSITIVE)).sqrt();
+        let phi = self.rescale as f32;
+        let factor_minus_one = (ratio * phi - phi) * alpha;
+        guided + v_cfg * factor_minus_one.reshape([b, 1, 1, 1])
     }
 }
 
@@ -96,10 +151,24 @@ impl<B: Backbone + ?Sized> Denoiser for ClassifierFreeGuidance<'_, B> {
             timestep_input(t, 2 * b, &z2.device()),
             &self.both,
         );
-        let eps = self.parameterization.eps_at(self.schedule, z2, output, t);
+        // The rescale needs the inputs again; plain guidance lets the conversion consume them.
+        let (eps, keep) = if self.rescale > 0.0 {
+            let eps = (self.parameterization).eps_at(self.schedule, z2.clone(), output.clone(), t);
+            (eps, Some((z2, output)))
+        } else {
+            (
+                self.parameterization.eps_at(self.schedule, z2, output, t),
+                None,
+            )
+        };
+        let both = keep.as_ref().map(|_| eps.clone());
         let uncond = eps.clone().narrow(0, 0, b);
         let cond = eps.narrow(0, b, b);
-        uncond.clone() + (cond - uncond) * self.scale
+        let guided = uncond.clone() + (cond - uncond) * self.scale;
+        match (keep, both) {
+            (Some((z2, output)), Some(eps)) => self.rescaled(guided, eps, z2, output, t),
+            _ => guided,
+        }
     }
 }
 
@@ -210,6 +279,121 @@ mod tests {
         };
         let expected = to_vec_f32(plain.predict_eps(z.clone(), 10));
         assert_eq!(expected, to_vec_f32(z * 3.0));
+    }
+
+    /// Guidance rescale against Lin et al.'s Algorithm 2 written out in f64 on the host: each
+    /// branch's output converted to v in closed form, v_cfg, the per-image std ratio, and eps
+    /// back from v (eps = sqrt(ab) v + sqrt(1 - ab) z).
+    #[test]
+    fn guidance_rescale_matches_the_closed_form() {
+        /// output = z (class + 1) + class / 4: the branches differ in spread and in mean.
+        struct Affine;
+        impl Backbone for Affine {
+            fn forward(&self, z_t: Tensor<4>, _t: Tensor<1>, cond: &Conditioning) -> Tensor<4> {
+                let [b, ..] = z_t.dims();
+                let class = cond.class.clone().unwrap().float().reshape([b, 1, 1, 1]);
+                z_t * (class.clone() + 1.0) + class * 0.25
+            }
+        }
+        let device = Device::flex();
+        let z_host = [0.3, -1.2, 0.8, 2.0, -0.5, 0.1, 1.5, -0.9];
+        let z = Tensor::<4>::from_data(TensorData::new(z_host.to_vec(), [2, 1, 2, 2]), &device);
+        let (cond_ids, uncond_ids) = ([1i64, 3], [0i64, 2]);
+        for zero_snr in [false, true] {
+            let schedule = Schedule::new(&ScheduleConfig {
+                rescale_zero_terminal_snr: zero_snr,
+                ..Default::default()
+            })
+            .unwrap();
+            let kinds = if zero_snr {
+                vec![Parameterization::Velocity, Parameterization::Sample]
+            } else {
+                vec![Parameterization::Epsilon, Parameterization::Velocity]
+            };
+            for parameterization in kinds {
+                for (t, w, phi) in [(10, 5.0, 0.7), (500, 3.0, 1.0), (999, 7.5, 0.5)] {
+                    let ab = schedule.alpha_bar(t);
+                    let (a, s) = (ab.sqrt(), (1.0 - ab).sqrt());
+                    // v of one branch's output at one element, in closed form.
+                    let v_of = |out: f64, z: f64| match parameterization {
+                        Parameterization::Epsilon => (out - s * z) / a,
+                        Parameterization::Velocity => out,
+                        Parameterization::Sample => (a * z - out) / s,
+                    };
+                    let mut expected = vec![];
+                    for i in 0..2 {
+                        let zs = &z_host[4 * i..4 * i + 4];
+                        let out = |k: i64, z: f64| z * (k as f64 + 1.0) + k as f64 * 0.25;
+                        let v_c: Vec<f64> =
+                            zs.iter().map(|&z| v_of(out(cond_ids[i], z), z)).collect();
+                        let v_u: Vec<f64> =
+                            zs.iter().map(|&z| v_of(out(uncond_ids[i], z), z)).collect();
+                        let v_cfg: Vec<f64> =
+                            v_u.iter().zip(&v_c).map(|(u, c)| u + w * (c - u)).collect();
+                        let std = |x: &[f64]| {
+                            let m = x.iter().sum::<f64>() / 4.0;
+                            (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 3.0).sqrt()
+                        };
+                        let factor = phi * std(&v_c) / std(&v_cfg) + 1.0 - phi;
+                        for (v, &z) in v_cfg.iter().zip(zs) {
+                            expected.push(a * v * factor + s * z);
+                        }
+                    }
+                    let backbone = Affine;
+                    let guided = ClassifierFreeGuidance::new(
+                        &backbone,
+                        parameterization,
+                        &schedule,
+                        &classes(cond_ids, &device),
+                        &classes(uncond_ids, &device),
+                        w,
+                    )
+                    .unwrap()
+                    .with_rescale(phi)
+                    .unwrap();
+                    let eps = to_vec_f32(guided.predict_eps(z.clone(), t));
+                    for (got, want) in eps.iter().zip(&expected) {
+                        assert!(
+                            (*got as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+                            "{parameterization:?} zero-snr {zero_snr} t {t}: {eps:?} vs {expected:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn guidance_rescale_zero_is_plain_guidance_and_out_of_range_is_refused() {
+        let device = Device::flex();
+        let schedule = Schedule::new(&ScheduleConfig::default()).unwrap();
+        let backbone = stub();
+        let make = || {
+            ClassifierFreeGuidance::new(
+                &backbone,
+                Parameterization::Velocity,
+                &schedule,
+                &classes([1, 3], &device),
+                &classes([0, 0], &device),
+                4.0,
+            )
+            .unwrap()
+        };
+        let z = Tensor::<4>::from_floats([[[[1.0, -2.0]]], [[[0.5, 4.0]]]], &device);
+        let plain = to_vec_f32(make().predict_eps(z.clone(), 300));
+        let zero = to_vec_f32(
+            make()
+                .with_rescale(0.0)
+                .unwrap()
+                .predict_eps(z.clone(), 300),
+        );
+        assert_eq!(plain, zero);
+        let rescaled = to_vec_f32(make().with_rescale(0.7).unwrap().predict_eps(z, 300));
+        assert_ne!(plain, rescaled);
+        for phi in [-0.1, 1.5, f64::NAN] {
+            let e = make().with_rescale(phi).err().unwrap().to_string();
+            assert!(e.starts_with("guidance_rescale = "), "{e}");
+        }
     }
 
     #[test]

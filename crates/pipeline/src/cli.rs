@@ -331,6 +331,12 @@ pub struct SamplerFlags {
     /// `sampler.clip_x0`, normally none).
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
     pub clip_x0: Option<f64>,
+    /// Guidance rescale phi in [0, 1] (Lin et al. 2024; diffusers' `guidance_rescale`): brings
+    /// the classifier-free guided v-prediction's spread back toward the conditional one's, by
+    /// the fraction phi (0.7 in the paper), against the over-saturation of large --cfg; no
+    /// effect at --cfg 1 (default: the model's `sampler.guidance_rescale`, normally 0).
+    #[arg(long, value_name = "PHI", allow_negative_numbers = true)]
+    pub guidance_rescale: Option<f64>,
     /// The network's arithmetic: f32, or bf16 (its weights cast once; the sampler's updates,
     /// guidance and the VAE decode stay f32). Faster where the device has bf16 arithmetic (GPU
     /// tensor cores, CPUs with AVX512_BF16, through libtorch); default: the model's

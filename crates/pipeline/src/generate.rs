@@ -150,12 +150,21 @@ pub fn sampler_warning(run: &LdmRun, options: &SamplerOptions) -> Option<String>
 }
 
 /// Warnings about a request, one line each: an ill-conditioned sampler start
-/// ([`sampler_warning`]; not for image-to-image, which starts lower), and the words of
-/// `--prompt` and `--negative-prompt` that a text model's tokenizer never saw in training.
+/// ([`sampler_warning`]; not for image-to-image, which starts lower), a guidance rescale
+/// without classifier-free guidance to rescale, and the words of `--prompt` and
+/// `--negative-prompt` that a text model's tokenizer never saw in training.
 pub fn request_warnings(run: &LdmRun, args: &GenerateArgs) -> Result<Vec<String>> {
     let mut lines = vec![];
     if args.img2img.is_none() {
         lines.extend(sampler_warning(run, &args.sampler));
+    }
+    let cfg = args.cfg.unwrap_or(run.config.guidance.cfg);
+    let phi = args.sampler.guidance_rescale;
+    if phi > 0.0 && (cfg == 1.0 || !run.conditional()) {
+        lines.push(format!(
+            "warning: guidance rescale {phi} has no effect without classifier-free guidance (cfg {cfg}{}): it rescales the guided prediction",
+            if run.conditional() { "" } else { ", an unconditional model" }
+        ));
     }
     let Some(tokenizer) = &run.tokenizer else {
         return Ok(lines);
@@ -241,6 +250,9 @@ pub fn sampler_options(
     }
     if let Some(c) = flags.clip_x0 {
         options.clip_x0 = Some(c);
+    }
+    if let Some(phi) = flags.guidance_rescale {
+        options.guidance_rescale = phi;
     }
     if let Some(steps) = flags.steps {
         let t = schedule.num_timesteps();

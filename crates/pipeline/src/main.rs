@@ -181,8 +181,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(negative) = &record.negative_prompt {
                 what += &format!(", negative prompt {negative:?}");
             }
+            let phi = record.sampler.guidance_rescale;
+            let rescale = if phi > 0.0 {
+                format!(" rescaled by {phi}")
+            } else {
+                String::new()
+            };
             println!(
-                "wrote {} images, grid.png and generate.json to {} ({what}, cfg {}, {} {} steps, seed {})",
+                "wrote {} images, grid.png and generate.json to {} ({what}, cfg {}{rescale}, {} {} steps, seed {})",
                 record.n,
                 a.out.display(),
                 record.cfg,
@@ -363,10 +369,16 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         guide.as_ref().map(|(r, s)| (r, *s)),
         &device.device,
     )?;
+    let phi = e.sampler.guidance_rescale;
     println!(
-        "{} | cfg {} | {} {} steps | {} images per class",
+        "{} | cfg {}{} | {} {} steps | {} images per class",
         model.display(),
         e.cfg,
+        if phi > 0.0 {
+            format!(" rescaled by {phi}")
+        } else {
+            String::new()
+        },
         e.sampler.kind,
         e.sampler.steps,
         e.per_class

@@ -1,5 +1,5 @@
-//! `pipeline plot-sweep`: FID and accuracy against the number of sampling steps or the
-//! guidance scale, from the JSON files `pipeline eval --json` wrote for each setting; a PNG
+//! `pipeline plot-sweep`: FID and accuracy against the number of sampling steps, the guidance
+//! scale or the guidance rescale, from the JSON files `pipeline eval --json` wrote for each setting; a PNG
 //! and a Markdown table (stdout), so that a results page can be rebuilt from the files.
 
 use std::collections::BTreeMap;
@@ -18,12 +18,36 @@ pub enum SweepAxis {
     Steps,
     /// Classifier-free guidance scale; one line per sampler and step count.
     Cfg,
+    /// Guidance rescale phi (`--guidance-rescale`); one line per sampler, step count and
+    /// guidance scale.
+    Rescale,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 struct SamplerPart {
     kind: String,
     steps: usize,
+    /// Absent in files of plain guidance.
+    #[serde(default)]
+    guidance_rescale: f64,
+}
+
+impl EvalPoint {
+    /// `cfg` as the table and the labels show it: `5`, or `5 rescaled by 0.7`.
+    fn cfg_text(&self) -> String {
+        match self.sampler.guidance_rescale {
+            phi if phi > 0.0 => format!("{} rescaled by {phi}", self.cfg),
+            _ => self.cfg.to_string(),
+        }
+    }
+
+    /// `, rescaled by 0.7`, or nothing.
+    fn rescale_text(&self) -> String {
+        match self.sampler.guidance_rescale {
+            phi if phi > 0.0 => format!(", rescaled by {phi}"),
+            _ => String::new(),
+        }
+    }
 }
 
 /// The fields of an `eval.json` a sweep reads.
@@ -60,12 +84,21 @@ fn group(
     for (_, p) in points {
         let (label, x) = match axis {
             SweepAxis::Steps => (
-                format!("{} cfg {}", p.sampler.kind, p.cfg),
+                format!("{} cfg {}", p.sampler.kind, p.cfg_text()),
                 p.sampler.steps as f64,
             ),
             SweepAxis::Cfg => (
-                format!("{} {} steps", p.sampler.kind, p.sampler.steps),
+                format!(
+                    "{} {} steps{}",
+                    p.sampler.kind,
+                    p.sampler.steps,
+                    p.rescale_text()
+                ),
                 p.cfg,
+            ),
+            SweepAxis::Rescale => (
+                format!("{} {} steps cfg {}", p.sampler.kind, p.sampler.steps, p.cfg),
+                p.sampler.guidance_rescale,
             ),
         };
         lines.entry(label).or_default().push((x, p));
@@ -89,10 +122,11 @@ pub fn plot_sweep(files: &[PathBuf], axis: SweepAxis, out: &Path) -> Result<Stri
     let x_label = match axis {
         SweepAxis::Steps => "sampling steps",
         SweepAxis::Cfg => "guidance scale w",
+        SweepAxis::Rescale => "guidance rescale phi",
     };
     let x_scale = match axis {
         SweepAxis::Steps => Scale::Log,
-        SweepAxis::Cfg => Scale::Linear,
+        SweepAxis::Cfg | SweepAxis::Rescale => Scale::Linear,
     };
     let mut fid = Vec::new();
     let mut acc = Vec::new();
@@ -147,7 +181,7 @@ fn table(lines: &BTreeMap<String, Vec<(f64, EvalPoint)>>) -> String {
             "| {} | {} | {} | {} | {:.1}% | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} |",
             p.sampler.kind,
             p.sampler.steps,
-            p.cfg,
+            p.cfg_text(),
             p.per_class,
             100.0 * p.accuracy,
             p.fid,

@@ -157,14 +157,17 @@ pub fn sample_latents_with(
     let denoiser: Box<dyn Denoiser + '_> = match pair {
         None => Box::new(plain(Conditioning::none())),
         Some((cond, _)) if request.cfg == 1.0 => Box::new(plain(cond)),
-        Some((cond, uncond)) => Box::new(ClassifierFreeGuidance::new(
-            model,
-            parameterization,
-            schedule,
-            &cond,
-            &uncond,
-            request.cfg,
-        )?),
+        Some((cond, uncond)) => Box::new(
+            ClassifierFreeGuidance::new(
+                model,
+                parameterization,
+                schedule,
+                &cond,
+                &uncond,
+                request.cfg,
+            )?
+            .with_rescale(request.sampler.guidance_rescale)?,
+        ),
     };
     // Classifier guidance wraps whatever the model answers (cfg 1: the classifier alone).
     let guided;

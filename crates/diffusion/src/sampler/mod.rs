@@ -192,7 +192,8 @@ impl FromStr for SamplerKind {
 }
 
 /// Everything that picks and tunes a sampler. TOML (`[sampler]`): `kind`, `steps`, `eta`,
-/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`, `clip_x0`, `precision`.
+/// `spacing`, `ddpm_variance`, `langevin_snr`, `corrector_steps`, `clip_x0`, `guidance_rescale`,
+/// `precision`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SamplerOptions {
@@ -212,6 +213,11 @@ pub struct SamplerOptions {
     /// clipping.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clip_x0: Option<f64>,
+    /// Guidance rescale phi in [0, 1] (Lin et al. 2024, section 3.4; diffusers'
+    /// `guidance_rescale`; [`crate::guidance::ClassifierFreeGuidance::with_rescale`]): 0 is plain
+    /// classifier-free guidance; no effect without it (cfg 1). Written only when not 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub guidance_rescale: f64,
     /// The network's arithmetic while sampling: f32, or bf16 (the weights cast once; the
     /// sampler's updates, guidance and the VAE decode stay f32). Written only when bf16.
     #[serde(skip_serializing_if = "Precision::is_f32")]
@@ -229,9 +235,14 @@ impl Default for SamplerOptions {
             langevin_snr: 0.16,
             corrector_steps: 1,
             clip_x0: None,
+            guidance_rescale: 0.0,
             precision: Precision::F32,
         }
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl SamplerOptions {
@@ -267,6 +278,13 @@ impl SamplerOptions {
                 "sampler.clip_x0",
                 c,
                 "a positive number (the range of the latents, such as 3)",
+            );
+        }
+        if !(0.0..=1.0).contains(&self.guidance_rescale) {
+            return invalid(
+                "sampler.guidance_rescale",
+                self.guidance_rescale,
+                "a number in [0, 1] (0: plain guidance; 0.7 in Lin et al. 2024)",
             );
         }
         Ok(())

@@ -30,6 +30,7 @@ pub const FIELDS: &[&str] = &[
     "eta",
     "spacing",
     "clip_x0",
+    "guidance_rescale",
     "n",
     "seed",
     "init_image",
@@ -94,6 +95,7 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         eta: get(&map, "eta", "a number")?,
         spacing: get(&map, "spacing", "leading, trailing or linspace (a string)")?,
         clip_x0: get(&map, "clip_x0", "a number")?,
+        guidance_rescale: get(&map, "guidance_rescale", "a number")?,
         // the model's `sampler.precision`
         precision: None,
     };

@@ -15,6 +15,7 @@ function mirror(input, output) {
 }
 const showCfg = mirror($("cfg"), $("cfg-out"));
 const showSteps = mirror($("steps"), $("steps-out"));
+const showRescale = mirror($("guidance_rescale"), $("guidance_rescale-out"));
 mirror($("strength"), $("strength-out"));
 
 function setStatus(text, error = false) {
@@ -48,9 +49,12 @@ async function loadModel() {
   showSteps();
   $("cfg").value = String(m.default_cfg);
   showCfg();
+  $("guidance_rescale").value = String(m.default_sampler.guidance_rescale || 0);
+  showRescale();
   $("n").max = String(m.limits.max_images);
   $("n").value = String(Math.min(4, m.limits.max_images));
   const has = (f) => state.fields.includes(f);
+  $("guidance_rescale").disabled = !has("guidance_rescale");
   $("negative_prompt").disabled = !has("negative_prompt");
   if (!has("negative_prompt")) $("negative_prompt").placeholder = "not supported by this build";
   const img2img = has("init_image");
@@ -69,6 +73,7 @@ function request() {
   if (!$("negative_prompt").disabled) text("negative_prompt");
   if (!$("class").disabled) text("class");
   body.cfg = Number($("cfg").value);
+  if (!$("guidance_rescale").disabled) body.guidance_rescale = Number($("guidance_rescale").value);
   body.steps = Number($("steps").value);
   body.sampler = $("sampler").value;
   body.n = Number($("n").value);
@@ -208,7 +213,8 @@ async function cancel() {
 function summary(s) {
   const what = s.prompt ? `"${s.prompt}"` : s.class ? `class ${s.class}` : "unconditional";
   const from = s.img2img ? ` · from an image at strength ${s.img2img.strength}${s.img2img.mask_sha256 ? " with a mask" : ""}` : "";
-  return `${what} · cfg ${s.cfg} · ${s.sampler.kind} ${s.sampler.steps} steps · seed ${s.seed} · ${s.n} images${from}`;
+  const rescale = s.sampler.guidance_rescale ? ` (rescale ${s.sampler.guidance_rescale})` : "";
+  return `${what} · cfg ${s.cfg}${rescale} · ${s.sampler.kind} ${s.sampler.steps} steps · seed ${s.seed} · ${s.n} images${from}`;
 }
 
 function pngUrl(b64) { return `data:image/png;base64,${b64}`; }
@@ -283,6 +289,8 @@ function reuseSettings(s) {
   $("class").value = s.prompt ? "" : (s.class || "");
   $("cfg").value = String(s.cfg);
   showCfg();
+  $("guidance_rescale").value = String(s.sampler.guidance_rescale || 0);
+  showRescale();
   $("sampler").value = s.sampler.kind;
   $("steps").value = String(s.sampler.steps);
   showSteps();
