@@ -6,8 +6,8 @@
 #       pipeline eval --cfg w for w in $CFGS (default 0 1 2 3 5 8)
 #       -> docs/results/NAME-cfg<w>.json, then assemble
 #   scripts/results.sh sweep-steps MODEL EVALUATOR NAME
-#       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim dpm-solver++
-#       heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5)
+#       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim plms
+#       dpm-solver++ heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5)
 #       -> docs/results/NAME-<s>-steps<n>.json, then assemble
 #   scripts/results.sh sweep-ablation VAE EVALUATOR NAME
 #       trains one proxy LDM per variant of $ABL_CONFIG (default configs/ldm-animals.toml) for
@@ -74,7 +74,7 @@ sweep_cfg() {
 
 sweep_steps() {
   local model=$1 evaluator=$2 name=$3
-  for s in ${SAMPLERS:-ddpm ddim dpm-solver++ heun langevin}; do
+  for s in ${SAMPLERS:-ddpm ddim plms dpm-solver++ heun langevin}; do
     for n in ${STEPS:-10 20 50 100 250 1000}; do
       measure "$RESULTS/$name-$s-steps$n.json" "$PIPELINE" eval --model "$model" \
         --evaluator "$evaluator" -n "$N" --cfg "${CFG:-5}" --sampler "$s" --steps "$n" \
@@ -182,16 +182,18 @@ plot_runs() {
   done
 }
 
-# Sweep plots and tables: NAME-cfg<w>.json groups, and NAME-<sampler>-steps<n>.json groups.
+# Sweep plots and tables: NAME-cfg<w>[-rescale<phi>].json groups (a group with a rescaled file is
+# also drawn against the rescale), and NAME-<sampler>-steps<n>.json groups.
 plot_sweeps() {
   local tmp=$1 f name
-  declare -A cfg_groups=() step_groups=()
+  declare -A cfg_groups=() step_groups=() rescale_groups=()
   for f in "$RESULTS"/*.json; do
     [[ -f $f ]] || continue
     name=$(basename "$f" .json)
-    if [[ $name =~ ^(.+)-cfg[0-9.]+$ ]]; then
+    if [[ $name =~ ^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$ ]]; then
       cfg_groups[${BASH_REMATCH[1]}]+="$f "
-    elif [[ $name =~ ^(.+)-(ddpm|ddim|dpm-solver\+\+|heun|langevin)-steps[0-9]+$ ]]; then
+      if [[ -n ${BASH_REMATCH[2]} ]]; then rescale_groups[${BASH_REMATCH[1]}]=1; fi
+    elif [[ $name =~ ^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)-steps[0-9]+$ ]]; then
       step_groups[${BASH_REMATCH[1]}]+="$f "
     fi
   done
@@ -200,6 +202,11 @@ plot_sweeps() {
     # shellcheck disable=SC2086
     "$PIPELINE" plot-sweep --x cfg --out "$RESULTS/sweeps/$name-cfg.png" ${cfg_groups[$name]} \
       > "$tmp/sweep-cfg-$name.md" 2>/dev/null
+  done
+  for name in "${!rescale_groups[@]}"; do
+    # shellcheck disable=SC2086
+    "$PIPELINE" plot-sweep --x rescale --out "$RESULTS/sweeps/$name-rescale.png" ${cfg_groups[$name]} \
+      > "$tmp/sweep-rescale-$name.md" 2>/dev/null
   done
   for name in "${!step_groups[@]}"; do
     # shellcheck disable=SC2086
@@ -368,10 +375,15 @@ if kinds["ldm"]:
     w("")
     notes("ldm")
 
+def cfg_text(j):
+    """The guidance scale, with the guidance rescale where there is one: `5`, `5 rescaled by 0.7`."""
+    phi = j["sampler"].get("guidance_rescale", 0)
+    return f"{j['cfg']:g} rescaled by {phi:g}" if phi else f"{j['cfg']:g}"
+
 def group_of(f):
     name = os.path.basename(f)[:-5]
-    m = re.match(r"^(.+)-cfg[0-9.]+$", name) or \
-        re.match(r"^(.+)-(ddpm|ddim|dpm-solver\+\+|heun|langevin)-steps[0-9]+$", name)
+    m = re.match(r"^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$", name) or \
+        re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)-steps[0-9]+$", name)
     return m.group(1) if m else name
 
 if kinds["eval"]:
@@ -386,7 +398,8 @@ if kinds["eval"]:
     for f, j in kinds["eval"]:
         groups.setdefault(group_of(f), []).append((f, j))
     for g, members in sorted(groups.items()):
-        members.sort(key=lambda fj: (fj[1]["sampler"]["kind"], fj[1]["sampler"]["steps"], fj[1]["cfg"]))
+        members.sort(key=lambda fj: (fj[1]["sampler"]["kind"], fj[1]["sampler"]["steps"],
+                                     fj[1]["sampler"].get("guidance_rescale", 0), fj[1]["cfg"]))
         classes = [c for c, _ in members[0][1]["accuracy_per_class"]]
         w(f"### {g}")
         w("")
@@ -394,7 +407,7 @@ if kinds["eval"]:
         w("|---" * (len(classes) + 8) + "|")
         for f, j in members:
             accs = " | ".join(pct(a) for _, a in j["accuracy_per_class"])
-            w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {j['cfg']:g} | {j['per_class']} | {accs} | "
+            w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {cfg_text(j)} | {j['per_class']} | {accs} | "
               f"**{pct(j['accuracy'])}** | {j['fid']:.2f} ({j['fid_floor']:.2f}) | "
               f"{j['precision']:.3f} / {j['recall']:.3f} | {j['images_per_second']:.1f} |")
         w("")
@@ -413,7 +426,7 @@ if kinds["eval"]:
                     d = f"d {num(c['fid'])} ({num(c['fid_floor'])})" if c["fid"] is not None else None
                     k = f"k {num(c['fid_pca'])} ({num(c['fid_pca_floor'])})" if c["fid_pca"] is not None else None
                     cells.append("<br>".join(x for x in (d, k) if x) or "-")
-                w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {j['cfg']:g} | " + " | ".join(cells) + " |")
+                w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {cfg_text(j)} | " + " | ".join(cells) + " |")
             w("")
             reasons = sorted({c["note"] for f, j in with_class_fid for c in j["fid_per_class"]["classes"] if c.get("note")})
             for n in reasons:
@@ -482,9 +495,10 @@ if sweeps:
     w("## Sweeps")
     w("")
     for s in sweeps:
-        kind, name = re.match(r"sweep-(cfg|steps)-(.+)\.md$", os.path.basename(s)).groups()
+        kind, name = re.match(r"sweep-(cfg|steps|rescale)-(.+)\.md$", os.path.basename(s)).groups()
         png = f"results/sweeps/{name}-{kind}.png"
-        what = "guidance scale" if kind == "cfg" else "number of sampling steps"
+        what = {"cfg": "guidance scale", "steps": "number of sampling steps",
+                "rescale": "guidance rescale"}[kind]
         w(f"### {name}: FID and accuracy vs {what}")
         w("")
         w(f"![{name} {kind} sweep]({png})")

@@ -612,7 +612,7 @@ fn generate_bad_inputs() {
     );
     assert_error(
         &run(&["--sampler", "euler", "--class", "top-left"]),
-        "sampler = euler: one of ddpm, ddim, dpm-solver++, heun, langevin",
+        "sampler = euler: one of ddpm, ddim, plms, dpm-solver++, heun, langevin",
     );
     assert_error(
         &run(&["--spacing", "middle"]),

@@ -16,6 +16,7 @@ mod ddpm;
 mod dpm_solver;
 mod heun;
 mod langevin;
+mod plms;
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +30,7 @@ pub use ddpm::{DdpmVariance, sample_ddpm};
 pub use dpm_solver::sample_dpm_solver_pp;
 pub use heun::sample_heun;
 pub use langevin::sample_langevin;
+pub use plms::sample_plms;
 
 use crate::denoiser::Denoiser;
 use crate::error::{DiffusionError, Result, parse_name};
@@ -140,7 +142,8 @@ pub fn check_timesteps(schedule: &Schedule, timesteps: &[usize]) -> Result<()> {
     }
 }
 
-/// Which sampler runs. Config / CLI names: `ddpm`, `ddim`, `dpm-solver++`, `heun`, `langevin`.
+/// Which sampler runs. Config / CLI names: `ddpm`, `ddim`, `plms`, `dpm-solver++`, `heun`,
+/// `langevin`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SamplerKind {
     #[serde(rename = "ddpm")]
@@ -148,6 +151,8 @@ pub enum SamplerKind {
     #[default]
     #[serde(rename = "ddim")]
     Ddim,
+    #[serde(rename = "plms")]
+    Plms,
     #[serde(rename = "dpm-solver++")]
     DpmSolverPP,
     #[serde(rename = "heun")]
@@ -157,9 +162,10 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Ddpm,
         Self::Ddim,
+        Self::Plms,
         Self::DpmSolverPP,
         Self::Heun,
         Self::Langevin,
@@ -170,6 +176,7 @@ impl SamplerKind {
         match self {
             Self::Ddpm => "ddpm",
             Self::Ddim => "ddim",
+            Self::Plms => "plms",
             Self::DpmSolverPP => "dpm-solver++",
             Self::Heun => "heun",
             Self::Langevin => "langevin",
@@ -325,6 +332,7 @@ pub fn sample_from(
             sample_ddpm(model, schedule, x, timesteps, options.ddpm_variance, hooks)
         }
         SamplerKind::Ddim => sample_ddim(model, schedule, x, timesteps, options.eta, hooks),
+        SamplerKind::Plms => sample_plms(model, schedule, x, timesteps, hooks),
         SamplerKind::DpmSolverPP => sample_dpm_solver_pp(model, schedule, x, timesteps, hooks),
         SamplerKind::Heun => sample_heun(model, schedule, x, timesteps, hooks),
         SamplerKind::Langevin => sample_langevin(
