@@ -13,8 +13,9 @@
 #                                           # (recipe batches, the tiny host-cost rows at batch 1, batch $BIG_BATCH),
 #                                           # then the recipe's batches with the other train.foreach mode and, burn
 #                                           # only, with LDM_TORCH_BACKWARD=autograd and with LDM_UPLOADS=pageable
-#   bash scripts/gpu_session.sh train       # pipeline run animals, then its evaluator
-#   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5 (and 5 in bf16)
+#   bash scripts/gpu_session.sh train       # pipeline run animals
+#   bash scripts/gpu_session.sh eval        # pipeline eval of the trained model at cfg 1.5 and 5 (and 5 in bf16), scored by
+#                                           # the reference evaluator compiled into pipeline (the CPU results' yardstick)
 #   bash scripts/gpu_session.sh all         # env, bench, phases, train, bench-bf16, eval within $BUDGET_S
 #
 # `all` is the one command for a short lease (the device tool allows 10 minutes a command and
@@ -209,22 +210,18 @@ case "$step" in
     }
     timed run-animals "$PIPELINE" run animals --out "$OUT/animals" --device "$DEVICE" "${quick[@]}" \
       "${foreach_run[@]}"
-    evaluator=()
-    [[ ${QUICK:-0} == 1 ]] && evaluator=(--set train.steps=20)
-    timed evaluator "$PIPELINE" train-evaluator --config evaluator-animals \
-      --out "$OUT/evaluator-animals" --device "$DEVICE" "${evaluator[@]}"
     ;;
   eval)
     n=50
     [[ ${QUICK:-0} == 1 ]] && n=13
     for cfg in 1.5 5; do
       timed "eval-cfg$cfg" "$PIPELINE" eval --model "$OUT/animals/ldm" \
-        --evaluator "$OUT/evaluator-animals" -n "$n" --cfg "$cfg" --seed 0 --device "$DEVICE" \
+        --evaluator auto -n "$n" --cfg "$cfg" --seed 0 --device "$DEVICE" \
         --json "$OUT/eval-cfg$cfg.json"
     done
     # the same scores with the network sampling in bf16 (speed and quality of --precision bf16)
     timed "eval-cfg5-bf16" "$PIPELINE" eval --model "$OUT/animals/ldm" \
-      --evaluator "$OUT/evaluator-animals" -n "$n" --cfg 5 --seed 0 --device "$DEVICE" \
+      --evaluator auto -n "$n" --cfg 5 --seed 0 --device "$DEVICE" \
       --precision bf16 --json "$OUT/eval-cfg5-bf16.json"
     ;;
 esac

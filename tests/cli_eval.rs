@@ -322,6 +322,16 @@ fn eval_reports_fid_per_class_with_its_floor_or_says_why_not() {
         (r["feature_dim"].as_u64(), r["pca_dim"].as_u64()),
         (Some(24), Some(16))
     );
+    // the evaluator is recorded with the checksum of its weights
+    assert_eq!(e["evaluator"].as_str(), Some(p("ev").as_str()));
+    assert_eq!(
+        e["evaluator_sha256"].as_str(),
+        Some(
+            ldm_common::checkpoint::sha256_file(&t.path().join("ev/model.safetensors"))
+                .unwrap()
+                .as_str()
+        )
+    );
     let v = r["pca_explained_variance"].as_f64().unwrap();
     assert!(v > 0.0 && v <= 1.0, "{v}");
     let classes = r["classes"].as_array().unwrap();
@@ -347,6 +357,12 @@ fn eval_reports_fid_per_class_with_its_floor_or_says_why_not() {
         );
         assert!(c["note"].as_str().unwrap().contains("d = 24"), "{c}");
     }
+    // without --evaluator, the reference evaluator of the model's data set: there is none for
+    // these four classes, and the error names the references and the way out
+    assert_error(
+        &pipeline(&["eval", "--model", &p("ldm"), "--device", "cpu"]),
+        "--evaluator auto: no reference evaluator for this model's classes (top-left, top-right, bottom-left, bottom-right) at 32x32x1; the references are animals-mnist (bear, bird, cat",
+    );
     // too few images for FID over all classes: refused before sampling, with the -n that works
     let o = pipeline(&[
         "eval",

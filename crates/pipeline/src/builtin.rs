@@ -62,8 +62,9 @@ pub const CONFIGS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Where [`resolve`] writes this process's built-in configs.
-fn temporary_dir() -> PathBuf {
+/// Where [`resolve`] writes this process's built-in configs (and
+/// [`crate::reference_evaluator::resolve`] its reference evaluator).
+pub(crate) fn temporary_dir() -> PathBuf {
     std::env::temp_dir().join(format!("ldm-builtin-{}", std::process::id()))
 }
 

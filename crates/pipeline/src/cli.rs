@@ -237,7 +237,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// A folder written by `train-evaluator`.
-    #[arg(long, default_value = "runs/evaluator-animals")]
+    /// The evaluation classifier: `auto`, the reference evaluator compiled into `pipeline` for
+    /// the model's data set (Animal-MNIST, Fashion-MNIST; frozen, so FIDs are comparable across
+    /// versions and machines), or a folder written by `train-evaluator`.
+    #[arg(long, default_value = "auto")]
     pub evaluator: PathBuf,
     /// Images generated per class.
     #[arg(

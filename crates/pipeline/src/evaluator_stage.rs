@@ -48,6 +48,10 @@ pub struct EvaluatorInfo {
 /// A trained evaluator.
 pub struct EvaluatorRun {
     pub dir: PathBuf,
+    /// How `eval.json` names it: the folder, or the reference evaluator's name.
+    pub label: String,
+    /// sha256 of `model.safetensors`.
+    pub weights_sha256: String,
     pub config: EvaluatorRunConfig,
     pub info: EvaluatorInfo,
     pub model: Evaluator,
@@ -65,9 +69,12 @@ impl EvaluatorRun {
         let model = config
             .evaluator
             .init(info.image_shape[0], info.class_names.len(), device)?;
-        let model = load_safetensors(model, &dir.join("model.safetensors"))?;
+        let weights = dir.join("model.safetensors");
+        let model = load_safetensors(model, &weights)?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            label: dir.display().to_string(),
+            weights_sha256: ldm_common::checkpoint::sha256_file(&weights)?,
             config,
             info,
             model,
@@ -231,6 +238,10 @@ pub struct ModelEval {
     /// FID of each class's generated images against that class's held-out images, with the
     /// per-class floor (null where the class has too few images for the dimension).
     pub fid_per_class: ClassFidReport,
+    /// The evaluator whose features define FID: a folder, or a reference evaluator compiled
+    /// into `pipeline`; FIDs of different evaluators are not comparable.
+    pub evaluator: String,
+    pub evaluator_sha256: String,
 }
 
 /// `pipeline eval`: samples `per_class` images of every class and scores them.
@@ -258,7 +269,7 @@ pub fn eval_model(
     {
         bail!(
             "the evaluator in {} was trained on another recipe (classes {}) than the model in {} (classes {})",
-            evaluator.dir.display(),
+            evaluator.label,
             evaluator.info.class_names.join(", "),
             run.dir.display(),
             run.info.class_names.join(", ")
@@ -390,6 +401,8 @@ pub fn eval_model(
         classifier: classifier.map(|(c, _)| c.dir.clone()),
         classifier_scale: classifier.map(|(_, s)| s),
         fid_per_class,
+        evaluator: evaluator.label.clone(),
+        evaluator_sha256: evaluator.weights_sha256.clone(),
     })
 }
 

@@ -18,6 +18,7 @@ pub mod plot;
 pub mod plot_sweep;
 pub mod progress;
 pub mod recipe;
+pub mod reference_evaluator;
 pub mod resume_check;
 pub mod run_dir;
 pub mod sampling;

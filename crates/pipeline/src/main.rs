@@ -346,8 +346,16 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         Some(m) => m,
         None => generate::default_model()?,
     };
-    let evaluator = evaluator_stage::EvaluatorRun::load(&a.evaluator, &device.device)?;
     let mut run = ldm_stage::LdmRun::load(&model, &device.device)?;
+    let (dir, reference) = ldm_pipeline::reference_evaluator::resolve(
+        &a.evaluator,
+        &run.info.class_names,
+        run.vae.info.image_shape,
+    )?;
+    let mut evaluator = evaluator_stage::EvaluatorRun::load(&dir, &device.device)?;
+    if let Some(name) = reference {
+        evaluator.label = format!("the reference evaluator {name}");
+    }
     let sampler = generate::sampler_options(&run.config.sampler, &run.schedule, &a.sampler)?;
     if let Some(line) = generate::sampler_warning(&run, &sampler) {
         eprintln!("{line}");
@@ -371,7 +379,7 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
     )?;
     let phi = e.sampler.guidance_rescale;
     println!(
-        "{} | cfg {}{} | {} {} steps | {} images per class",
+        "{} | cfg {}{} | {} {} steps | {} images per class | {}",
         model.display(),
         e.cfg,
         if phi > 0.0 {
@@ -381,7 +389,8 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         },
         e.sampler.kind,
         e.sampler.steps,
-        e.per_class
+        e.per_class,
+        e.evaluator
     );
     print!("{}", evaluator_stage::class_table(&e));
     println!(
