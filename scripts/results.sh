@@ -2,6 +2,7 @@
 # Rebuilds docs/RESULTS.md from the measurements that exist, and runs the sweeps behind it.
 #
 #   scripts/results.sh                       assemble docs/RESULTS.md (fast; runs nothing long)
+#   (EVALUATOR: a train-evaluator folder, or auto: the reference evaluator compiled into pipeline)
 #   scripts/results.sh sweep-cfg MODEL EVALUATOR NAME
 #       pipeline eval --cfg w for w in $CFGS (default 0 1 2 3 5 8)
 #       -> docs/results/NAME-cfg<w>.json, then assemble
@@ -551,13 +552,13 @@ case "$mode" in
   sweep-cfg|sweep-steps)
     [[ $# -eq 4 ]] || die "usage: scripts/results.sh $mode MODEL EVALUATOR NAME"
     [[ -d $2 ]] || die "$2: no such model folder (a run of pipeline train-ldm)"
-    [[ -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator)"
+    [[ $3 == auto || -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator, or give auto: the reference evaluator in pipeline)"
     if [[ $mode == sweep-cfg ]]; then sweep_cfg "$2" "$3" "$4"; else sweep_steps "$2" "$3" "$4"; fi
     assemble ;;
   sweep-ablation)
     [[ $# -eq 4 ]] || die "usage: scripts/results.sh $mode VAE EVALUATOR NAME"
     [[ -f $2/vae.json ]] || die "$2: not a trained VAE folder (make one with pipeline train-vae)"
-    [[ -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator)"
+    [[ $3 == auto || -d $3 ]] || die "$3: no such evaluator folder (make one with pipeline train-evaluator, or give auto: the reference evaluator in pipeline)"
     [[ $4 =~ ^[A-Za-z0-9_.-]+$ ]] || die "NAME '$4': expected letters, digits, '.', '_' or '-'"
     sweep_ablation "$2" "$3" "$4"
     assemble ;;
