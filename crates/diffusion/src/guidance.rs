@@ -136,8 +136,9 @@ impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
         let var_cfg = v_cfg.clone().reshape([b, c * h * w]).var_bias(1);
         let ratio = (var_c / var_cfg.clamp_min(f32::MIN_POSITIVE)).sqrt();
         let phi = self.rescale as f32;
-        let factor_minus_one = (ratio * phi - phi) * alpha;
-        guided + v_cfg * factor_minus_one.reshape([b, 1, 1, 1])
+        // sqrt(ab_t) (factor - 1) with factor = phi ratio + 1 - phi, `[b, 1]`
+        let coefficient = (ratio * phi - phi) * alpha;
+        guided + v_cfg * coefficient.reshape([b, 1, 1, 1])
     }
 }
 
@@ -153,7 +154,9 @@ impl<B: Backbone + ?Sized> Denoiser for ClassifierFreeGuidance<'_, B> {
         );
         // The rescale needs the inputs again; plain guidance lets the conversion consume them.
         let (eps, keep) = if self.rescale > 0.0 {
-            let eps = (self.parameterization).eps_at(self.schedule, z2.clone(), output.clone(), t);
+            let eps = self
+                .parameterization
+                .eps_at(self.schedule, z2.clone(), output.clone(), t);
             (eps, Some((z2, output)))
         } else {
             (
