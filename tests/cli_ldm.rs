@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::process::Output;
+
 use common::*;
 
 /// A tiny VAE run in `vae/` and the tiny class-conditional LDM config in `ldm.toml`.
@@ -10,6 +12,23 @@ fn setup() -> TinyVae {
     let t = TinyVae::trained();
     std::fs::write(t.path("ldm.toml"), TinyLdmConfig::default().toml()).unwrap();
     t
+}
+
+/// `pipeline generate` of four `top-left` images on burn-flex from the LDM run `model` into
+/// `out` (both relative to `t`), with `extra` flags.
+fn generate_four(t: &TinyVae, model: &str, out: &str, extra: &[&str]) -> Output {
+    let (model, dir) = (t.p(model), t.p(out));
+    let mut args = vec![
+        "generate", "--model", &model, "--class", "top-left", "-n", "4", "--out", &dir, "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    pipeline(&args)
+}
+
+/// The gray levels of the PNG `rel` (relative to `t`).
+fn luma(t: &TinyVae, rel: &str) -> Vec<u8> {
+    image::open(t.path(rel)).unwrap().to_luma8().into_raw()
 }
 
 /// Asserts that `ldm.toml` with `from` replaced by `to` fails to train, saying `needle`, for
@@ -109,7 +128,7 @@ fn train_generate_evaluate() {
         "cpu",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let pixels = |f: &str| image::open(t.path(f)).unwrap().to_luma8().into_raw();
+    let pixels = |f: &str| luma(&t, f);
     assert_eq!(
         pixels("g1/000.png"),
         pixels("g4/000.png"),
@@ -368,15 +387,7 @@ fn a_latent_cache_of_another_vae_is_refused() {
 fn generate_in_bf16_is_recorded_and_close_to_f32() {
     let t = setup();
     assert_ok(&t.train_ldm("ldm.toml", "r", &["--steps", "4"]));
-    let generate = |out: &str, extra: &[&str]| {
-        let (model, dir) = (t.p("r"), t.p(out));
-        let mut args = vec![
-            "generate", "--model", &model, "--class", "top-left", "-n", "4", "--out", &dir,
-            "--device", "cpu",
-        ];
-        args.extend_from_slice(extra);
-        pipeline(&args)
-    };
+    let generate = |out: &str, extra: &[&str]| generate_four(&t, "r", out, extra);
     assert_ok(&generate("f32", &[]));
     let o = generate("bf16", &["--precision", "bf16"]);
     assert_ok(&o);
@@ -389,12 +400,7 @@ fn generate_in_bf16_is_recorded_and_close_to_f32() {
         record("bf16")
     );
     assert!(!record("f32").contains("precision"), "{}", record("f32"));
-    let pixels = |dir: &str| {
-        image::open(t.path(&format!("{dir}/grid.png")))
-            .unwrap()
-            .to_luma8()
-            .into_raw()
-    };
+    let pixels = |dir: &str| luma(&t, &format!("{dir}/grid.png"));
     let (a, b) = (pixels("f32"), pixels("bf16"));
     assert_ne!(a, b, "bf16 changed nothing");
     let mean_diff = a
@@ -421,15 +427,7 @@ fn generate_in_bf16_is_recorded_and_close_to_f32() {
 fn generate_with_guidance_rescale() {
     let t = setup();
     assert_ok(&t.train_ldm("ldm.toml", "r", &["--steps", "4"]));
-    let generate = |out: &str, extra: &[&str]| {
-        let (model, dir) = (t.p("r"), t.p(out));
-        let mut args = vec![
-            "generate", "--model", &model, "--class", "top-left", "-n", "4", "--out", &dir,
-            "--device", "cpu",
-        ];
-        args.extend_from_slice(extra);
-        pipeline(&args)
-    };
+    let generate = |out: &str, extra: &[&str]| generate_four(&t, "r", out, extra);
     let file = |f: &str| std::fs::read(t.path(f)).unwrap();
     for (dir, extra) in [
         ("plain", vec!["--cfg", "5"]),
@@ -461,7 +459,7 @@ fn generate_with_guidance_rescale() {
         "{}",
         stderr(&o)
     );
-    let pixels = |f: &str| image::open(t.path(f)).unwrap().to_luma8().into_raw();
+    let pixels = |f: &str| luma(&t, f);
     assert_eq!(pixels("one/grid.png"), pixels("one-phi/grid.png"));
     for bad in ["1.5", "-0.1"] {
         assert_error(
