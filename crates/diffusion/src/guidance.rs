@@ -110,6 +110,15 @@ impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
         Ok(self)
     }
 
+    /// uncond + w (cond - uncond) of both branches' `[2b, ...]` predictions (the unconditional
+    /// half first, as `both` is ordered).
+    fn combine(&self, pair: Tensor<4>) -> Tensor<4> {
+        let b = pair.dims()[0] / 2;
+        let uncond = pair.clone().narrow(0, 0, b);
+        let cond = pair.narrow(0, b, b);
+        uncond.clone() + (cond - uncond) * self.scale
+    }
+
     /// [`Self::with_rescale`]: `guided` is eps_cfg; with v = (eps - sqrt(1 - ab_t) z_t) /
     /// sqrt(ab_t) linear in eps, eps' = eps_cfg + sqrt(ab_t) (factor - 1) v_cfg. v comes from
     /// eps and x0 (not by dividing by sqrt(ab_t)), so it stays exact where ab_t is tiny.
@@ -128,9 +137,8 @@ impl<'a, B: Backbone + ?Sized> ClassifierFreeGuidance<'a, B> {
         let (alpha, sigma) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
         let x0 = self.parameterization.x0_at(self.schedule, z2, output, t);
         let v = eps * alpha - x0 * sigma;
-        let v_u = v.clone().narrow(0, 0, b);
-        let v_c = v.narrow(0, b, b);
-        let v_cfg = v_u.clone() + (v_c.clone() - v_u) * self.scale;
+        let v_c = v.clone().narrow(0, b, b);
+        let v_cfg = self.combine(v);
         // Population variances (the ratio is the same with Bessel's correction), `[b, 1]`.
         let var_c = v_c.reshape([b, c * h * w]).var_bias(1);
         let var_cfg = v_cfg.clone().reshape([b, c * h * w]).var_bias(1);
@@ -152,26 +160,15 @@ impl<B: Backbone + ?Sized> Denoiser for ClassifierFreeGuidance<'_, B> {
             timestep_input(t, 2 * b, &z2.device()),
             &self.both,
         );
-        // The rescale needs the inputs again; plain guidance lets the conversion consume them.
-        let (eps, keep) = if self.rescale > 0.0 {
-            let eps = self
-                .parameterization
-                .eps_at(self.schedule, z2.clone(), output.clone(), t);
-            (eps, Some((z2, output)))
-        } else {
-            (
-                self.parameterization.eps_at(self.schedule, z2, output, t),
-                None,
-            )
-        };
-        let both = keep.as_ref().map(|_| eps.clone());
-        let uncond = eps.clone().narrow(0, 0, b);
-        let cond = eps.narrow(0, b, b);
-        let guided = uncond.clone() + (cond - uncond) * self.scale;
-        match (keep, both) {
-            (Some((z2, output)), Some(eps)) => self.rescaled(guided, eps, z2, output, t),
-            _ => guided,
+        if self.rescale == 0.0 {
+            return self.combine(self.parameterization.eps_at(self.schedule, z2, output, t));
         }
+        // The rescale needs the inputs again; plain guidance lets the conversion consume them.
+        let eps = self
+            .parameterization
+            .eps_at(self.schedule, z2.clone(), output.clone(), t);
+        let guided = self.combine(eps.clone());
+        self.rescaled(guided, eps, z2, output, t)
     }
 }
 

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Parser;
 
 use ldm_common::device::select;
+use ldm_diffusion::sampler::rescale_suffix;
 use ldm_pipeline::cli::{Cli, Command};
 use ldm_pipeline::{builtin, evaluator_stage, generate, interrupt, ldm_stage, recipe, vae_stage};
 use ldm_pipeline::{classifier_stage, img2img};
@@ -181,12 +182,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(negative) = &record.negative_prompt {
                 what += &format!(", negative prompt {negative:?}");
             }
-            let phi = record.sampler.guidance_rescale;
-            let rescale = if phi > 0.0 {
-                format!(" rescaled by {phi}")
-            } else {
-                String::new()
-            };
+            let rescale = rescale_suffix(record.sampler.guidance_rescale);
             println!(
                 "wrote {} images, grid.png and generate.json to {} ({what}, cfg {}{rescale}, {} {} steps, seed {})",
                 record.n,
@@ -377,16 +373,11 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         guide.as_ref().map(|(r, s)| (r, *s)),
         &device.device,
     )?;
-    let phi = e.sampler.guidance_rescale;
     println!(
         "{} | cfg {}{} | {} {} steps | {} images per class | {}",
         model.display(),
         e.cfg,
-        if phi > 0.0 {
-            format!(" rescaled by {phi}")
-        } else {
-            String::new()
-        },
+        rescale_suffix(e.sampler.guidance_rescale),
         e.sampler.kind,
         e.sampler.steps,
         e.per_class,

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
+use ldm_diffusion::sampler::rescale_suffix;
+
 use crate::chart::{self, Line, Panel, Scale, Style};
 
 /// The x axis of a sweep.
@@ -35,17 +37,18 @@ struct SamplerPart {
 impl EvalPoint {
     /// `cfg` as the table and the labels show it: `5`, or `5 rescaled by 0.7`.
     fn cfg_text(&self) -> String {
-        match self.sampler.guidance_rescale {
-            phi if phi > 0.0 => format!("{} rescaled by {phi}", self.cfg),
-            _ => self.cfg.to_string(),
-        }
+        format!(
+            "{}{}",
+            self.cfg,
+            rescale_suffix(self.sampler.guidance_rescale)
+        )
     }
 
     /// `, rescaled by 0.7`, or nothing.
     fn rescale_text(&self) -> String {
-        match self.sampler.guidance_rescale {
-            phi if phi > 0.0 => format!(", rescaled by {phi}"),
-            _ => String::new(),
+        match rescale_suffix(self.sampler.guidance_rescale) {
+            s if s.is_empty() => s,
+            s => format!(",{s}"),
         }
     }
 }

@@ -252,6 +252,16 @@ fn is_zero(x: &f64) -> bool {
     *x == 0.0
 }
 
+/// What follows a guidance scale in a one-line summary (`generate`, `eval`, `plot-sweep`):
+/// ` rescaled by PHI` for a guidance rescale, nothing for plain guidance.
+pub fn rescale_suffix(guidance_rescale: f64) -> String {
+    if guidance_rescale > 0.0 {
+        format!(" rescaled by {guidance_rescale}")
+    } else {
+        String::new()
+    }
+}
+
 impl SamplerOptions {
     /// Checks the options against a schedule; messages name the key.
     pub fn validate(&self, schedule: &Schedule) -> Result<()> {
