@@ -8,8 +8,9 @@
 #       -> docs/results/NAME-cfg<w>.json, then assemble
 #   scripts/results.sh sweep-steps MODEL EVALUATOR NAME
 #       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim plms
-#       dpm-solver++ heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5)
-#       -> docs/results/NAME-<s>-steps<n>.json, then assemble
+#       dpm-solver++ heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5),
+#       with --spacing $SPACING when set (default: the model's)
+#       -> docs/results/NAME-<s>-steps<n>.json (NAME-<s>-<SPACING>-steps<n>.json), then assemble
 #   scripts/results.sh sweep-ablation VAE EVALUATOR NAME
 #       trains one proxy LDM per variant of $ABL_CONFIG (default configs/ldm-animals.toml) for
 #       $ABL_STEPS steps (default 1000) into runs/ablation/NAME-<variant> (a trained variant is
@@ -20,7 +21,7 @@
 #
 # Sweeps are long (every point samples N images per class; default N=50): run them on purpose.
 # Environment: PIPELINE (the binary; default target/release/pipeline, else `pipeline` on the PATH),
-# N, CFGS, SAMPLERS, STEPS, CFG, DEVICE (default auto), SEED (default 0), RUNS (the run folders
+# N, CFGS, SAMPLERS, STEPS, CFG, SPACING, DEVICE (default auto), SEED (default 0), RUNS (the run folders
 # whose curves to draw; default every finished run under runs/), ABL_STEPS, ABL_CONFIG,
 # ABL_VARIANTS.
 #
@@ -75,11 +76,13 @@ sweep_cfg() {
 
 sweep_steps() {
   local model=$1 evaluator=$2 name=$3
+  local spacing=(${SPACING:+--spacing "$SPACING"}) file
   for s in ${SAMPLERS:-ddpm ddim plms dpm-solver++ heun langevin}; do
     for n in ${STEPS:-10 20 50 100 250 1000}; do
-      measure "$RESULTS/$name-$s-steps$n.json" "$PIPELINE" eval --model "$model" \
+      file="$RESULTS/$name-$s${SPACING:+-$SPACING}-steps$n.json"
+      measure "$file" "$PIPELINE" eval --model "$model" \
         --evaluator "$evaluator" -n "$N" --cfg "${CFG:-5}" --sampler "$s" --steps "$n" \
-        --seed "$SEED" --device "$DEVICE" --json "$RESULTS/$name-$s-steps$n.json"
+        "${spacing[@]}" --seed "$SEED" --device "$DEVICE" --json "$file"
     done
   done
 }
@@ -194,7 +197,7 @@ plot_sweeps() {
     if [[ $name =~ ^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$ ]]; then
       cfg_groups[${BASH_REMATCH[1]}]+="$f "
       if [[ -n ${BASH_REMATCH[2]} ]]; then rescale_groups[${BASH_REMATCH[1]}]=1; fi
-    elif [[ $name =~ ^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)-steps[0-9]+$ ]]; then
+    elif [[ $name =~ ^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$ ]]; then
       step_groups[${BASH_REMATCH[1]}]+="$f "
     fi
   done
@@ -384,8 +387,13 @@ def cfg_text(j):
 def group_of(f):
     name = os.path.basename(f)[:-5]
     m = re.match(r"^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$", name) or \
-        re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)-steps[0-9]+$", name)
+        re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$", name)
     return m.group(1) if m else name
+
+def sampler_text(j):
+    """The sampler, with its timestep spacing where it is not the default trailing: `ddim`, `ddim karras`."""
+    spacing = j["sampler"].get("spacing", "trailing")
+    return j["sampler"]["kind"] + ("" if spacing == "trailing" else f" {spacing}")
 
 if kinds["eval"]:
     w("## Generated samples scored by the evaluator (`pipeline eval`)")
@@ -399,7 +407,7 @@ if kinds["eval"]:
     for f, j in kinds["eval"]:
         groups.setdefault(group_of(f), []).append((f, j))
     for g, members in sorted(groups.items()):
-        members.sort(key=lambda fj: (fj[1]["sampler"]["kind"], fj[1]["sampler"]["steps"],
+        members.sort(key=lambda fj: (sampler_text(fj[1]), fj[1]["sampler"]["steps"],
                                      fj[1]["sampler"].get("guidance_rescale", 0), fj[1]["cfg"]))
         classes = [c for c, _ in members[0][1]["accuracy_per_class"]]
         w(f"### {g}")
@@ -408,7 +416,7 @@ if kinds["eval"]:
         w("|---" * (len(classes) + 8) + "|")
         for f, j in members:
             accs = " | ".join(pct(a) for _, a in j["accuracy_per_class"])
-            w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {cfg_text(j)} | {j['per_class']} | {accs} | "
+            w(f"| {sampler_text(j)} | {j['sampler']['steps']} | {cfg_text(j)} | {j['per_class']} | {accs} | "
               f"**{pct(j['accuracy'])}** | {j['fid']:.2f} ({j['fid_floor']:.2f}) | "
               f"{j['precision']:.3f} / {j['recall']:.3f} | {j['images_per_second']:.1f} |")
         w("")
@@ -427,7 +435,7 @@ if kinds["eval"]:
                     d = f"d {num(c['fid'])} ({num(c['fid_floor'])})" if c["fid"] is not None else None
                     k = f"k {num(c['fid_pca'])} ({num(c['fid_pca_floor'])})" if c["fid_pca"] is not None else None
                     cells.append("<br>".join(x for x in (d, k) if x) or "-")
-                w(f"| {j['sampler']['kind']} | {j['sampler']['steps']} | {cfg_text(j)} | " + " | ".join(cells) + " |")
+                w(f"| {sampler_text(j)} | {j['sampler']['steps']} | {cfg_text(j)} | " + " | ".join(cells) + " |")
             w("")
             reasons = sorted({c["note"] for f, j in with_class_fid for c in j["fid_per_class"]["classes"] if c.get("note")})
             for n in reasons:

@@ -1,5 +1,7 @@
-//! Data-parallel training (`--devices`): two CPU devices over a global batch follow one device
-//! on the same batch, for both stages; resume; and the bad inputs.
+//! Data-parallel training (`--devices`) and gradient accumulation
+//! (`--gradient-accumulation-steps`): two CPU devices over a global batch, the batch in two
+//! parts, and both follow one device on the whole batch, for both stages; resume; and the bad
+//! inputs.
 
 mod common;
 
@@ -133,6 +135,63 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
     let saved = std::fs::read_to_string(t.path("ldm2/config.toml")).unwrap();
     assert!(saved.contains("devices = ["), "{saved}");
 
+    // Gradient accumulation: the batch of 8 in two parts of 4 (one device), or in two parts of
+    // 2 on each of two devices, is the same step up to float rounding.
+    for (out, flags, line) in [
+        (
+            "vae-k2",
+            &["--gradient-accumulation-steps", "2"][..],
+            "each step's 8 samples, in 2 parts of 4 (gradient accumulation)",
+        ),
+        (
+            "vae-d2k2",
+            &["--devices", "cpu,cpu", "--gradient-accumulation-steps", "2"][..],
+            "4 of the 8 samples of each step on each, in 2 parts of 2",
+        ),
+    ] {
+        let o = train_vae(&t, out, flags);
+        assert_ok(&o);
+        assert!(stderr(&o).contains(line), "{}", stderr(&o));
+        let diff = max_weight_difference(
+            &t.path("vae/model.safetensors"),
+            &t.path(&format!("{out}/model.safetensors")),
+        );
+        eprintln!("VAE: largest weight difference, {out}: {diff:e}");
+        assert!(
+            diff <= WEIGHT_TOLERANCE,
+            "{out}: VAE weights differ by {diff}"
+        );
+        assert_same_metrics(&t.path("vae"), &t.path(out), METRIC_TOLERANCE);
+    }
+    let o = train_ldm(&t, "ldm-k2", &["--gradient-accumulation-steps", "2"]);
+    assert_ok(&o);
+    let diff = max_weight_difference(
+        &t.path("ldm/model.safetensors"),
+        &t.path("ldm-k2/model.safetensors"),
+    );
+    eprintln!("LDM: largest EMA weight difference, 2 parts: {diff:e}");
+    assert!(diff <= WEIGHT_TOLERANCE, "LDM weights differ by {diff}");
+    assert_same_metrics(&t.path("ldm"), &t.path("ldm-k2"), METRIC_TOLERANCE);
+    let saved = std::fs::read_to_string(t.path("ldm-k2/config.toml")).unwrap();
+    assert!(saved.contains("gradient_accumulation_steps = 2"), "{saved}");
+    // It may change on resume (memory, not what is learned).
+    let o = train_ldm(
+        &t,
+        "ldm-k4",
+        &["--gradient-accumulation-steps", "4", "--steps", "2"],
+    );
+    assert_ok(&o);
+    let o = train_ldm(&t, "ldm-k4", &["--resume"]);
+    assert_ok(&o);
+    let diff = max_weight_difference(
+        &t.path("ldm/model.safetensors"),
+        &t.path("ldm-k4/model.safetensors"),
+    );
+    assert!(
+        diff <= WEIGHT_TOLERANCE,
+        "resumed LDM weights differ by {diff}"
+    );
+
     // Resuming a two-device run gives the uninterrupted run's weights exactly.
     let o = train_ldm(&t, "ldm3", &["--devices", "cpu,cpu", "--steps", "2"]);
     assert_ok(&o);
@@ -167,6 +226,18 @@ fn bad_device_lists_are_refused() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("cannot be used with"), "{}", stderr(&o));
 
+    let o = train_vae(&t, "a", &["--gradient-accumulation-steps", "3"]);
+    assert_error(
+        &o,
+        "train.gradient_accumulation_steps = 3 (--gradient-accumulation-steps): train.batch_size = 8 (--batch-size) cannot be split into 3 equal parts; expected a divisor of 8",
+    );
+    let o = train_vae(&t, "a", &["--set", "train.gradient_accumulation_steps=0"]);
+    assert_error(
+        &o,
+        "train.gradient_accumulation_steps = 0 (--gradient-accumulation-steps): expected at least 1",
+    );
+    assert!(!t.path("a/checkpoint").exists(), "nothing was trained");
+
     // A config list is checked the same way as the flag.
     let o = train_vae(&t, "a", &["--set", r#"train.devices=["cpu","gpu"]"#]);
     assert_error(&o, "unknown device `gpu` in the list");
@@ -180,6 +251,15 @@ fn bad_device_lists_are_refused() {
     assert_error(
         &o,
         "train.devices (--devices) = cpu,cpu: this stage trains on one device",
+    );
+
+    let train = "steps = 2\nbatch_size = 8\ngradient_accumulation_steps = 2\n";
+    let evaluator = tiny_evaluator_config(&t.path("data"), 4, train);
+    std::fs::write(t.path("ev.toml"), evaluator).unwrap();
+    let o = t.train_evaluator("ev.toml", "ev", &[]);
+    assert_error(
+        &o,
+        "train.gradient_accumulation_steps = 2: this stage computes each batch in one part",
     );
 
     // The U-Net's dropout masks do not come from --seed.

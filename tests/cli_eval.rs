@@ -129,10 +129,17 @@ fn plot_refuses_bad_input_with_one_line() {
 fn plot_sweep_draws_fid_and_accuracy_and_prints_a_table() {
     let t = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
-    for (steps, fid, acc) in [(10, 40.0, 0.5), (50, 20.0, 0.7), (20, 30.0, 0.6)] {
-        let path = t.path().join(format!("s{steps}.json"));
+    // Files before the Karras spacing have no `spacing`: trailing. Karras points form a line
+    // of their own.
+    for (steps, fid, acc, spacing) in [
+        (10, 40.0, 0.5, ""),
+        (50, 20.0, 0.7, r#", "spacing": "trailing""#),
+        (20, 30.0, 0.6, ""),
+        (10, 35.0, 0.55, r#", "spacing": "karras""#),
+    ] {
+        let path = t.path().join(format!("s{steps}{}.json", spacing.len()));
         let json = format!(
-            r#"{{"per_class": 10, "cfg": 3.0, "sampler": {{"kind": "ddim", "steps": {steps}, "eta": 0.0}},
+            r#"{{"per_class": 10, "cfg": 3.0, "sampler": {{"kind": "ddim", "steps": {steps}, "eta": 0.0{spacing}}},
             "accuracy": {acc}, "fid": {fid}, "fid_floor": 2.5, "precision": 0.5, "recall": 0.4,
             "images_per_second": 12.0, "accuracy_per_class": []}}"#
         );
@@ -153,6 +160,7 @@ fn plot_sweep_draws_fid_and_accuracy_and_prints_a_table() {
             "| ddim | 10 | 3 | 10 | 50.0% | 40.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
             "| ddim | 20 | 3 | 10 | 60.0% | 30.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
             "| ddim | 50 | 3 | 10 | 70.0% | 20.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
+            "| ddim karras | 10 | 3 | 10 | 55.0% | 35.00 | 2.50 | 0.500 | 0.400 | 12.0 |",
         ]
     );
     std::fs::write(t.path().join("bad.json"), "{\"fid\": 1}").unwrap();

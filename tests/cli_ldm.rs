@@ -109,6 +109,37 @@ fn train_generate_evaluate() {
         );
         assert!(o.status.success(), "{sampler}: {}", stderr(&o));
     }
+    // Karras spacing is recorded; where levels round to one timestep (100 levels on T = 100),
+    // a note says how many steps run.
+    let o = generate(
+        &t.p("karras"),
+        &[
+            "--sampler",
+            "dpm-solver++",
+            "--spacing",
+            "karras",
+            "--steps",
+            "100",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("note: sampler.spacing = karras: the 100 noise levels fall on ")
+            && e.contains(" distinct trained timesteps"),
+        "{e}"
+    );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("karras/generate.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["sampler"]["spacing"], "karras");
+    assert!(
+        !stderr(&generate(
+            &t.p("karras10"),
+            &["--spacing", "karras", "--steps", "10"]
+        ))
+        .contains("note:")
+    );
     // A prompt naming a class works like --class.
     let o = pipeline(&[
         "generate",
@@ -614,7 +645,7 @@ fn generate_bad_inputs() {
     );
     assert_error(
         &run(&["--spacing", "middle"]),
-        "sampler.spacing = middle: one of leading, trailing, linspace",
+        "sampler.spacing = middle: one of leading, trailing, linspace, karras",
     );
     assert_error(
         &run(&["--clip-x0", "0"]),

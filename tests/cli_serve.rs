@@ -233,6 +233,10 @@ fn api_generates_and_names_every_bad_field() {
             .unwrap()
             .contains(&json!("dpm-solver++"))
     );
+    assert_eq!(
+        m["spacings"],
+        json!(["leading", "trailing", "linspace", "karras"])
+    );
     let sha = ldm_common::checkpoint::sha256_file(&t.path("ldm/model.safetensors")).unwrap();
     assert_eq!(m["model_sha256"], sha);
 
@@ -342,7 +346,7 @@ fn api_generates_and_names_every_bad_field() {
     bad(
         json!({"spacing": "middle"}),
         "spacing",
-        "one of leading, trailing, linspace",
+        "one of leading, trailing, linspace, karras",
     );
     bad(json!({"clip_x0": -1}), "clip_x0", "a positive number");
     bad(

@@ -410,7 +410,7 @@ mod tests {
             4.0,
         )
         .unwrap();
-        let ts = timesteps(1000, 7, TimestepSpacing::Trailing).unwrap();
+        let ts = timesteps(&schedule, 7, TimestepSpacing::Trailing).unwrap();
         let x = Tensor::<4>::ones([2, 1, 2, 2], &device) * 0.1;
         let mut hooks = SampleHooks::seeded(0, device);
         sample_ddim(&cfg, &schedule, x, &ts, 0.0, &mut hooks).unwrap();

@@ -103,13 +103,16 @@ pub struct Panel {
 }
 
 const GREY: RGBColor = RGBColor(110, 110, 110);
-const PALETTE: [RGBColor; 6] = [
+const PALETTE: [RGBColor; 9] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
     RGBColor(23, 190, 207),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(188, 189, 34),
 ];
 
 /// A tick label: 3 significant digits, exponent form outside [0.01, 10^5).

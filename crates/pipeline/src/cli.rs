@@ -279,10 +279,8 @@ pub struct TrainLdmArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
-    /// Data-parallel training: a comma-separated list of devices of one kind (`cpu,cpu`,
-    /// `cuda:0,cuda:1`), each taking an equal share of every batch (overrides `train.devices`).
-    #[arg(long, value_name = "LIST", conflicts_with = "device")]
-    pub devices: Option<String>,
+    #[command(flatten)]
+    pub split: BatchSplitFlags,
     #[command(flatten)]
     pub device: DeviceFlag,
 }
@@ -326,8 +324,9 @@ pub struct SamplerFlags {
     /// DDIM eta: 0 deterministic, 1 ancestral (default: the model's `sampler.eta`).
     #[arg(long, allow_negative_numbers = true)]
     pub eta: Option<f64>,
-    /// Which timesteps are visited: leading, trailing or linspace (default: the model's
-    /// `sampler.spacing`).
+    /// Which timesteps are visited: leading, trailing, linspace, or karras (the trained
+    /// timesteps nearest Karras et al.'s noise levels, diffusers' use_karras_sigmas; default:
+    /// the model's `sampler.spacing`).
     #[arg(long)]
     pub spacing: Option<String>,
     /// Clip every x0 estimate to [-C, C], as iDDPM does (default: the model's
@@ -406,6 +405,22 @@ pub struct RunArgs {
     pub device: DeviceFlag,
 }
 
+/// How the batch of each step is computed (`train-vae`, `train-ldm`): over several devices,
+/// in several sequential parts, or both.
+#[derive(Debug, Args)]
+pub struct BatchSplitFlags {
+    /// Data-parallel training: a comma-separated list of devices of one kind (`cpu,cpu`,
+    /// `cuda:0,cuda:1`), each taking an equal share of every batch (overrides `train.devices`).
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub devices: Option<String>,
+    /// Gradient accumulation: each device computes its share of the batch in K sequential
+    /// parts, one backward pass each, before the one optimizer step; the batch (and the
+    /// result, up to float rounding) stays that of `--batch-size`, the activation memory is
+    /// that of a K-th of it (overrides `train.gradient_accumulation_steps`).
+    #[arg(long, value_name = "K", value_parser = positive_usize, allow_negative_numbers = true)]
+    pub gradient_accumulation_steps: Option<usize>,
+}
+
 /// Flags shared by every training command.
 #[derive(Debug, Args)]
 pub struct TrainFlags {
@@ -433,15 +448,19 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// The `[train]` overrides these flags give, with `--devices LIST` where the command has it.
-    pub fn overrides(&self, devices: Option<&str>) -> crate::train::TrainOverrides {
+    /// The `[train]` overrides these flags give, with `--devices LIST` and
+    /// `--gradient-accumulation-steps K` where the command has them.
+    pub fn overrides(&self, split: Option<&BatchSplitFlags>) -> crate::train::TrainOverrides {
         crate::train::TrainOverrides {
             sets: self.set.clone(),
             steps: self.steps,
             batch_size: self.batch_size,
             lr: self.lr,
             seed: self.seed,
-            devices: devices.map(crate::train::parallel::split_list),
+            devices: split
+                .and_then(|s| s.devices.as_deref())
+                .map(crate::train::parallel::split_list),
+            gradient_accumulation_steps: split.and_then(|s| s.gradient_accumulation_steps),
         }
     }
 }
@@ -459,10 +478,8 @@ pub struct TrainVaeArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
-    /// Data-parallel training: a comma-separated list of devices of one kind (`cpu,cpu`,
-    /// `cuda:0,cuda:1`), each taking an equal share of every batch (overrides `train.devices`).
-    #[arg(long, value_name = "LIST", conflicts_with = "device")]
-    pub devices: Option<String>,
+    #[command(flatten)]
+    pub split: BatchSplitFlags,
     #[command(flatten)]
     pub device: DeviceFlag,
 }

@@ -139,25 +139,31 @@ fn resolve_prompts(run: &LdmRun, args: &GenerateArgs) -> Result<(String, Option<
     Ok((prompt, args.negative_prompt.clone()))
 }
 
-/// The warning for an epsilon model whose sampler starts where its x0 estimate is
-/// ill-conditioned ([`ill_conditioned_start_warning`]), or `None`.
-pub fn sampler_warning(run: &LdmRun, options: &SamplerOptions) -> Option<String> {
-    ill_conditioned_start_warning(
-        run.config.diffusion.parameterization,
-        &run.schedule,
-        options,
-    )
+/// Lines about the sampler settings: the warning for an epsilon model whose sampler starts
+/// where its x0 estimate is ill-conditioned ([`ill_conditioned_start_warning`]; only
+/// `from_noise`: image-to-image starts lower), and the note that Karras spacing runs fewer
+/// steps than asked ([`SamplerOptions::fewer_steps_note`]).
+pub fn sampler_warnings(run: &LdmRun, options: &SamplerOptions, from_noise: bool) -> Vec<String> {
+    let start = from_noise
+        .then(|| {
+            ill_conditioned_start_warning(
+                run.config.diffusion.parameterization,
+                &run.schedule,
+                options,
+            )
+        })
+        .flatten();
+    start
+        .into_iter()
+        .chain(options.fewer_steps_note(&run.schedule))
+        .collect()
 }
 
-/// Warnings about a request, one line each: an ill-conditioned sampler start
-/// ([`sampler_warning`]; not for image-to-image, which starts lower), a guidance rescale
-/// without classifier-free guidance to rescale, and the words of `--prompt` and
+/// Warnings about a request, one line each: the sampler's ([`sampler_warnings`]), a guidance
+/// rescale without classifier-free guidance to rescale, and the words of `--prompt` and
 /// `--negative-prompt` that a text model's tokenizer never saw in training.
 pub fn request_warnings(run: &LdmRun, args: &GenerateArgs) -> Result<Vec<String>> {
-    let mut lines = vec![];
-    if args.img2img.is_none() {
-        lines.extend(sampler_warning(run, &args.sampler));
-    }
+    let mut lines = sampler_warnings(run, &args.sampler, args.img2img.is_none());
     let cfg = args.cfg.unwrap_or(run.config.guidance.cfg);
     let phi = args.sampler.guidance_rescale;
     if phi > 0.0 && (cfg == 1.0 || !run.conditional()) {

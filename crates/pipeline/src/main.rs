@@ -44,11 +44,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = builtin::resolve(&a.config)?;
             let overrides = vae_stage::Overrides {
                 data: a.data,
-                train: a.train.overrides(a.devices.as_deref()),
+                train: a.train.overrides(Some(&a.split)),
             };
             eprintln!(
                 "train-vae on {} -> {}",
-                on_devices(a.devices.as_deref(), &device.description),
+                on_devices(a.split.devices.as_deref(), &device.description),
                 a.out.display()
             );
             match vae_stage::train_vae(&config, &overrides, &a.out, &device.device, a.train.resume)?
@@ -91,10 +91,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::TrainLdm(a) => {
             let device = select(a.device.device)?;
             let config = builtin::resolve(&a.config)?;
-            let overrides = a.train.overrides(a.devices.as_deref());
+            let overrides = a.train.overrides(Some(&a.split));
             eprintln!(
                 "train-ldm on {} -> {}",
-                on_devices(a.devices.as_deref(), &device.description),
+                on_devices(a.split.devices.as_deref(), &device.description),
                 a.out.display()
             );
             match ldm_stage::train_ldm(
@@ -353,7 +353,7 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
         evaluator.label = format!("the reference evaluator {name}");
     }
     let sampler = generate::sampler_options(&run.config.sampler, &run.schedule, &a.sampler)?;
-    if let Some(line) = generate::sampler_warning(&run, &sampler) {
+    for line in generate::sampler_warnings(&run, &sampler, true) {
         eprintln!("{line}");
     }
     // bf16: the weights cast once here, not once per class's batch

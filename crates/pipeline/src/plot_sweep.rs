@@ -29,12 +29,28 @@ pub enum SweepAxis {
 struct SamplerPart {
     kind: String,
     steps: usize,
+    /// `trailing` (the default) in every file written so far but the Karras sweeps.
+    #[serde(default = "trailing")]
+    spacing: String,
     /// Absent in files of plain guidance.
     #[serde(default)]
     guidance_rescale: f64,
 }
 
+fn trailing() -> String {
+    "trailing".into()
+}
+
 impl EvalPoint {
+    /// The sampler as the labels and the table show it: `ddim`, or `ddim karras` where the
+    /// timestep spacing is not the default trailing.
+    fn sampler_text(&self) -> String {
+        match self.sampler.spacing.as_str() {
+            "trailing" => self.sampler.kind.clone(),
+            spacing => format!("{} {spacing}", self.sampler.kind),
+        }
+    }
+
     /// `cfg` as the table and the labels show it: `5`, or `5 rescaled by 0.7`.
     fn cfg_text(&self) -> String {
         format!(
@@ -87,20 +103,25 @@ fn group(
     for (_, p) in points {
         let (label, x) = match axis {
             SweepAxis::Steps => (
-                format!("{} cfg {}", p.sampler.kind, p.cfg_text()),
+                format!("{} cfg {}", p.sampler_text(), p.cfg_text()),
                 p.sampler.steps as f64,
             ),
             SweepAxis::Cfg => (
                 format!(
                     "{} {} steps{}",
-                    p.sampler.kind,
+                    p.sampler_text(),
                     p.sampler.steps,
                     p.rescale_text()
                 ),
                 p.cfg,
             ),
             SweepAxis::Rescale => (
-                format!("{} {} steps cfg {}", p.sampler.kind, p.sampler.steps, p.cfg),
+                format!(
+                    "{} {} steps cfg {}",
+                    p.sampler_text(),
+                    p.sampler.steps,
+                    p.cfg
+                ),
                 p.sampler.guidance_rescale,
             ),
         };
@@ -182,7 +203,7 @@ fn table(lines: &BTreeMap<String, Vec<(f64, EvalPoint)>>) -> String {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {:.1}% | {:.2} | {:.2} | {:.3} | {:.3} | {:.1} |",
-            p.sampler.kind,
+            p.sampler_text(),
             p.sampler.steps,
             p.cfg_text(),
             p.per_class,

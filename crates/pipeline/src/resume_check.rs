@@ -19,6 +19,7 @@ const MAY_CHANGE: &[&str] = &[
     "train.sample_every",
     "train.checkpoint_every",
     "train.devices",
+    "train.gradient_accumulation_steps",
     "train.foreach",
 ];
 

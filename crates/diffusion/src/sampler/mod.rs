@@ -309,7 +309,20 @@ impl SamplerOptions {
 
     /// The descending timesteps these options visit on `schedule`.
     pub fn timesteps(&self, schedule: &Schedule) -> Result<Vec<usize>> {
-        timesteps(schedule.num_timesteps(), self.steps, self.spacing)
+        timesteps(schedule, self.steps, self.spacing)
+    }
+
+    /// A one-line note when the options visit fewer timesteps than `steps` (Karras levels that
+    /// round to the same trained timestep, [`crate::spacing::karras`]); `None` otherwise.
+    pub fn fewer_steps_note(&self, schedule: &Schedule) -> Option<String> {
+        let visited = self.timesteps(schedule).ok()?.len();
+        (visited < self.steps).then(|| {
+            format!(
+                "note: sampler.spacing = {}: the {} noise levels fall on {visited} distinct trained timesteps (they crowd near the lowest level), so {visited} steps run",
+                self.spacing.name(),
+                self.steps
+            )
+        })
     }
 }
 

@@ -381,7 +381,7 @@ fn plms_matches_compvis_recurrence_on_scalars() {
             ab.sqrt() * x0 + (1.0 - ab).sqrt() * e
         })
     };
-    let ts = timesteps(1000, 5, TimestepSpacing::Leading).unwrap();
+    let ts = timesteps(&schedule, 5, TimestepSpacing::Leading).unwrap();
     let reference = |mut z: f64| {
         let mut old: Vec<f64> = vec![];
         for (i, &t) in ts.iter().enumerate() {
@@ -417,7 +417,7 @@ fn ddim_with_eta_one_is_ddpm_with_the_posterior_variance() {
     let schedule = linear();
     let model = gaussian_denoiser(&schedule, -0.5, 2.0);
     let x_t = randn(&mut stream(13, "sampler-test", 0), [3, 2, 2, 2], &device);
-    let ts = timesteps(1000, 20, TimestepSpacing::Leading).unwrap();
+    let ts = timesteps(&schedule, 20, TimestepSpacing::Leading).unwrap();
     let ddim = sample_ddim(
         &model,
         &schedule,
@@ -445,7 +445,7 @@ fn image_to_image_starts_from_a_partially_noised_latent() {
     let mut rng = stream(14, "sampler-test", 0);
     let c = randn(&mut rng, [2, 1, 3, 3], &device);
     let model = point_denoiser(&schedule, c.clone());
-    let all = timesteps(1000, 20, TimestepSpacing::Trailing).unwrap();
+    let all = timesteps(&schedule, 20, TimestepSpacing::Trailing).unwrap();
     let tail = for_strength(&all, 0.4).unwrap();
     assert_eq!(tail[0], 399);
     // Start from another point noised to tail[0]: the denoiser pulls it onto c.
@@ -479,7 +479,7 @@ fn hooks_see_every_step_and_can_cancel() {
     let device = Device::flex();
     let schedule = linear();
     let model = |z: Tensor<4>, _t: usize| z * 0.1;
-    let ts = timesteps(1000, 5, TimestepSpacing::Trailing).unwrap();
+    let ts = timesteps(&schedule, 5, TimestepSpacing::Trailing).unwrap();
     let mut seen = Vec::new();
     let mut done = Vec::new();
     {

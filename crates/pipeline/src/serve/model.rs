@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use ldm_diffusion::sampler::{SamplerKind, SamplerOptions};
 use ldm_diffusion::schedule::Schedule;
+use ldm_diffusion::spacing::TimestepSpacing;
 
 use crate::ldm_stage::{LdmRun, LdmRunConfig};
 
@@ -43,6 +44,8 @@ pub struct ModelInfo {
     pub conditioning: String,
     pub classes: Vec<String>,
     pub samplers: Vec<&'static str>,
+    /// The timestep spacings a request may name (`spacing`).
+    pub spacings: Vec<&'static str>,
     pub default_sampler: SamplerOptions,
     /// The classifier-free guidance scale used when a request gives none.
     pub default_cfg: f64,
@@ -81,6 +84,7 @@ impl ModelInfo {
                 .unwrap_or_default(),
             classes: run.info.class_names.clone(),
             samplers: SamplerKind::ALL.iter().map(|k| k.name()).collect(),
+            spacings: TimestepSpacing::ALL.iter().map(|s| s.name()).collect(),
             default_sampler: run.config.sampler.clone(),
             default_cfg: run.config.guidance.cfg,
             timesteps: run.schedule.num_timesteps(),

@@ -93,7 +93,11 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         sampler: get(&map, "sampler", "a sampler name (a string)")?,
         steps: get(&map, "steps", "an integer")?,
         eta: get(&map, "eta", "a number")?,
-        spacing: get(&map, "spacing", "leading, trailing or linspace (a string)")?,
+        spacing: get(
+            &map,
+            "spacing",
+            "leading, trailing, linspace or karras (a string)",
+        )?,
         clip_x0: get(&map, "clip_x0", "a number")?,
         guidance_rescale: get(&map, "guidance_rescale", "a number")?,
         // the model's `sampler.precision`

@@ -54,6 +54,13 @@ pub struct TrainConfig {
     /// `--device`. See [`super::parallel`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// Gradient accumulation (`--gradient-accumulation-steps`): each device computes its share
+    /// of the batch in this many equal sequential parts, one backward pass each, and one
+    /// optimizer step follows. `batch_size` stays the batch of one optimizer step (DeepSpeed's
+    /// convention; in diffusers' scripts the batch is per part), so a recipe keeps its meaning
+    /// and only the activation memory shrinks. See [`super::parallel`].
+    #[serde(default = "d_one", skip_serializing_if = "is_one")]
+    pub gradient_accumulation_steps: usize,
     /// `"f32"`, or `"bf16"`: mixed precision, f32 weights and optimizer state with forward and
     /// backward in bf16 (`ldm_common::precision`). For the GPU, and for libtorch on a CPU with
     /// bf16 arithmetic (AVX512_BF16); elsewhere, and always on burn-flex, it is slower than f32
@@ -68,6 +75,12 @@ pub struct TrainConfig {
     pub foreach: Foreach,
 }
 
+fn d_one() -> usize {
+    1
+}
+fn is_one(k: &usize) -> bool {
+    *k == 1
+}
 fn d_steps() -> u64 {
     2000
 }
@@ -126,6 +139,11 @@ impl TrainConfig {
             ("log_every", "", self.log_every),
             ("sample_every", "", self.sample_every),
             ("checkpoint_every", "", self.checkpoint_every),
+            (
+                "gradient_accumulation_steps",
+                "--gradient-accumulation-steps",
+                self.gradient_accumulation_steps as u64,
+            ),
         ];
         for (key, flag, value) in positive {
             if value == 0 {
@@ -146,7 +164,11 @@ impl TrainConfig {
         if !(self.weight_decay >= 0.0 && self.grad_clip >= 0.0) {
             return Err("train.weight_decay and train.grad_clip must be >= 0".into());
         }
-        super::parallel::check_devices(&self.devices, self.batch_size)
+        super::parallel::check_split(
+            &self.devices,
+            self.batch_size,
+            self.gradient_accumulation_steps,
+        )
     }
 
     /// Refuses mixed precision for a stage that trains in f32 only.
@@ -221,6 +243,8 @@ pub struct TrainOverrides {
     pub seed: Option<u64>,
     /// `--devices LIST`, split at commas (`train.devices`).
     pub devices: Option<Vec<String>>,
+    /// `--gradient-accumulation-steps K`.
+    pub gradient_accumulation_steps: Option<usize>,
 }
 
 impl TrainOverrides {
@@ -240,6 +264,9 @@ impl TrainOverrides {
         }
         if let Some(v) = &self.devices {
             train.devices = v.clone();
+        }
+        if let Some(v) = self.gradient_accumulation_steps {
+            train.gradient_accumulation_steps = v;
         }
     }
 }

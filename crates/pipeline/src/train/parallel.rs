@@ -13,6 +13,12 @@
 //! Each replica draws the global batch's samples and noise from the seed and keeps its rows,
 //! so training over N devices follows single-device training up to float rounding.
 //!
+//! Gradient accumulation (`train.gradient_accumulation_steps` = K) splits each device's rows
+//! further into K equal parts run one after the other on that device, each weighted by its
+//! share of B in the same way, their gradients summed before the transfer: the step is the same
+//! up to float rounding, and only one part's activations are alive at a time. On one device it
+//! runs through the same path, with a single replica.
+//!
 //! burn 0.22.1's collective all-reduce (burn-train's DDP strategy) is not used: it runs only on
 //! cubecl's CUDA runtime with NCCL; on flex and libtorch devices burn-dispatch panics
 //! ("Distributed operations are not supported for device Flex(Cpu)"). See README, "Several
@@ -94,13 +100,29 @@ fn parse(devices: &[String]) -> std::result::Result<Vec<DeviceChoice>, String> {
     Ok(choices)
 }
 
-/// Checks `train.devices` against the batch size: each device takes B / N rows.
-pub fn check_devices(devices: &[String], batch_size: usize) -> std::result::Result<(), String> {
+/// Checks `train.devices` and `train.gradient_accumulation_steps` (K) against the batch size:
+/// each of N devices takes B / N rows, in K parts of B / (N K).
+pub fn check_split(
+    devices: &[String],
+    batch_size: usize,
+    accumulation: usize,
+) -> std::result::Result<(), String> {
     let n = parse(devices)?.len();
     if n > 1 && !batch_size.is_multiple_of(n) {
         return Err(format!(
             "train.batch_size = {batch_size} (--batch-size) is not divisible by the {n} devices of --devices {}: expected a multiple of {n}, each device taking an equal share",
             shown(devices)
+        ));
+    }
+    let share = batch_size / n.max(1);
+    if accumulation > 1 && !share.is_multiple_of(accumulation) {
+        let whose = if n > 1 {
+            format!("the {share} samples each device takes of the batch of {batch_size}")
+        } else {
+            format!("train.batch_size = {batch_size} (--batch-size)")
+        };
+        return Err(format!(
+            "train.gradient_accumulation_steps = {accumulation} (--gradient-accumulation-steps): {whose} cannot be split into {accumulation} equal parts; expected a divisor of {share}"
         ));
     }
     Ok(())
@@ -124,22 +146,35 @@ pub fn main_device(config: &TrainConfig, device: &Device) -> Result<Device> {
     })
 }
 
-/// One line saying how each batch is split.
-pub fn describe(devices: &[SelectedDevice], batch_size: usize) -> String {
-    let names: Vec<&str> = devices.iter().map(|d| d.description.as_str()).collect();
-    format!(
-        "data parallel over {} devices ({}): {} of the {batch_size} samples of each step on each",
-        devices.len(),
-        names.join(", "),
-        batch_size / devices.len().max(1)
-    )
+/// One line saying how each batch is split over `devices` (a description of each, or none
+/// for the one `--device`) and into `accumulation` parts.
+pub fn describe(devices: &[String], batch_size: usize, accumulation: usize) -> String {
+    let share = batch_size / devices.len().max(1);
+    let parts = if accumulation > 1 {
+        format!(
+            ", in {accumulation} parts of {} (gradient accumulation)",
+            share / accumulation
+        )
+    } else {
+        String::new()
+    };
+    if devices.len() > 1 {
+        format!(
+            "data parallel over {} devices ({}): {share} of the {batch_size} samples of each step on each{parts}",
+            devices.len(),
+            devices.join(", "),
+        )
+    } else {
+        format!("each step's {batch_size} samples{parts}, then one optimizer step")
+    }
 }
 
-/// The replicas' devices and the rows of the global batch each one takes.
+/// The replicas' devices and the rows of the global batch each one takes, in parts.
 pub struct DataParallel {
     /// Plain devices; the first holds the model, the optimizer state and the summed gradients.
     devices: Vec<Device>,
-    rows: Vec<Range<usize>>,
+    /// Per device, its rows of the batch as the parts it computes one after the other.
+    parts: Vec<Vec<Range<usize>>>,
     batch_size: usize,
 }
 
@@ -148,21 +183,28 @@ pub struct DataParallel {
 pub type StepOutput = (Tensor<1>, Vec<Tensor<1>>, GradientsParams);
 
 impl DataParallel {
-    /// Splits batches of `batch_size` evenly over `devices` (checked by [`check_devices`]).
-    pub fn new(devices: &[SelectedDevice], batch_size: usize) -> Self {
+    /// Splits batches of `batch_size` evenly over `devices` (plain devices), and each device's
+    /// share into `accumulation` equal parts (checked by [`check_split`]).
+    pub fn new(devices: Vec<Device>, batch_size: usize, accumulation: usize) -> Self {
         let share = batch_size / devices.len();
+        let part = share / accumulation;
         Self {
-            devices: devices.iter().map(|d| d.device.clone()).collect(),
-            rows: (0..devices.len())
-                .map(|k| k * share..(k + 1) * share)
+            parts: (0..devices.len())
+                .map(|k| {
+                    (0..accumulation)
+                        .map(|j| k * share + j * part..k * share + (j + 1) * part)
+                        .collect()
+                })
                 .collect(),
+            devices,
             batch_size,
         }
     }
 
-    /// Forward and backward of batch `step` on every replica, one thread each; returns the
-    /// batch's loss and scalars (row-weighted means) and the summed gradients, on the first
-    /// device. `model` lives on the first device (with autodiff).
+    /// Forward and backward of batch `step` on every replica, one thread each, each replica's
+    /// parts one after the other; returns the batch's loss and scalars (row-weighted means)
+    /// and the summed gradients, on the first device. `model` lives on the first device (with
+    /// autodiff).
     pub fn step<T: ShardedTask>(
         &self,
         task: &mut T,
@@ -177,26 +219,29 @@ impl DataParallel {
             let workers: Vec<_> = self
                 .devices
                 .iter()
-                .zip(&self.rows)
-                .map(|(device, rows)| {
+                .zip(&self.parts)
+                .map(|(device, parts)| {
                     let replica = model.clone();
                     let indices = &indices;
                     scope.spawn(move || {
                         let ad = device.clone().autodiff();
                         let replica = replica.fork(&ad);
-                        let (loss, scalars) = task.forward_rows(
-                            &precision.compute_copy(&replica),
-                            step,
-                            indices,
-                            rows.clone(),
-                            &ad,
-                        );
-                        let weight = rows.len() as f64 / total;
-                        let loss = loss * weight;
-                        let grads = GradientsParams::from_grads(loss.backward(), &replica);
-                        let scalars: Vec<Tensor<1>> =
-                            scalars.into_iter().map(|s| s.inner() * weight).collect();
-                        (loss.inner(), scalars, grads)
+                        let mut sum = Summed::default();
+                        for rows in parts {
+                            let (loss, scalars) = task.forward_rows(
+                                &precision.compute_copy(&replica),
+                                step,
+                                indices,
+                                rows.clone(),
+                                &ad,
+                            );
+                            let weight = rows.len() as f64 / total;
+                            let loss = loss * weight;
+                            let grads = GradientsParams::from_grads(loss.backward(), &replica);
+                            let scalars = scalars.into_iter().map(|s| s.inner() * weight);
+                            sum.add(&replica, loss.inner(), scalars.collect(), grads, device);
+                        }
+                        sum
                     })
                 })
                 .collect();
@@ -215,29 +260,73 @@ impl DataParallel {
         })?;
 
         let main = &self.devices[0];
-        let mut accumulator = GradientsAccumulator::<T::Model>::new();
-        let mut loss: Option<Tensor<1>> = None;
-        let mut scalars: Vec<Tensor<1>> = Vec::new();
-        for (shard_loss, shard_scalars, grads) in outputs {
-            accumulator.accumulate(model, grads.to_device(main, model));
-            let shard_loss = shard_loss.to_device(main);
-            loss = Some(match loss {
-                Some(sum) => sum + shard_loss,
-                None => shard_loss,
-            });
-            if scalars.is_empty() {
-                scalars = shard_scalars
-                    .into_iter()
-                    .map(|s| s.to_device(main))
-                    .collect();
-            } else {
-                for (sum, s) in scalars.iter_mut().zip(shard_scalars) {
-                    *sum = sum.clone() + s.to_device(main);
-                }
+        let mut total = Summed::default();
+        for shard in outputs {
+            let Summed {
+                loss,
+                scalars,
+                grads,
+            } = shard;
+            let (Some(loss), Some(mut grads)) = (loss, grads) else {
+                continue;
+            };
+            total.add(model, loss, scalars, grads.grads(), main);
+        }
+        match total {
+            Summed {
+                loss: Some(loss),
+                scalars,
+                grads: Some(mut grads),
+            } => Ok((loss, scalars, grads.grads())),
+            _ => Err(anyhow!("--devices: no device to train on")),
+        }
+    }
+}
+
+/// Losses, scalars and gradients summed over parts of a batch, on one device.
+struct Summed<M: Module> {
+    loss: Option<Tensor<1>>,
+    scalars: Vec<Tensor<1>>,
+    grads: Option<GradientsAccumulator<M>>,
+}
+
+impl<M: Module> Default for Summed<M> {
+    fn default() -> Self {
+        Self {
+            loss: None,
+            scalars: Vec::new(),
+            grads: None,
+        }
+    }
+}
+
+impl<M: Module> Summed<M> {
+    /// Adds one part's weighted loss, scalars and gradients (of `model`'s parameters), moved
+    /// to `device` first.
+    fn add(
+        &mut self,
+        model: &M,
+        loss: Tensor<1>,
+        scalars: Vec<Tensor<1>>,
+        grads: GradientsParams,
+        device: &Device,
+    ) {
+        let loss = loss.to_device(device);
+        self.loss = Some(match self.loss.take() {
+            Some(sum) => sum + loss,
+            None => loss,
+        });
+        let scalars = scalars.into_iter().map(|s| s.to_device(device));
+        if self.scalars.is_empty() {
+            self.scalars = scalars.collect();
+        } else {
+            for (sum, s) in self.scalars.iter_mut().zip(scalars) {
+                *sum = sum.clone() + s;
             }
         }
-        let loss = loss.ok_or_else(|| anyhow!("--devices: no device to train on"))?;
-        Ok((loss, scalars, accumulator.grads()))
+        self.grads
+            .get_or_insert_with(GradientsAccumulator::new)
+            .accumulate(model, grads.to_device(device, model));
     }
 }
 
@@ -259,6 +348,7 @@ mod tests {
 
     #[test]
     fn lists_parse_and_refuse_what_they_should() {
+        let check_devices = |devices: &[String], batch| check_split(devices, batch, 1);
         assert!(check_devices(&names("cpu,cpu"), 8).is_ok());
         assert!(check_devices(&[], 7).is_ok());
         assert!(check_devices(&names("cpu"), 7).is_ok());
@@ -273,6 +363,16 @@ mod tests {
         assert!(check_devices(&names("cpu,"), 8).is_err());
         let mixed = check_devices(&names("cpu,cuda:0"), 8).unwrap_err();
         assert!(mixed.contains("mixes cpu with cuda:0"), "{mixed}");
+        assert!(check_split(&names("cpu,cpu"), 8, 4).is_ok());
+        assert!(check_split(&[], 12, 3).is_ok());
+        assert_eq!(
+            check_split(&[], 10, 4).unwrap_err(),
+            "train.gradient_accumulation_steps = 4 (--gradient-accumulation-steps): train.batch_size = 10 (--batch-size) cannot be split into 4 equal parts; expected a divisor of 10"
+        );
+        assert_eq!(
+            check_split(&names("cpu,cpu"), 8, 3).unwrap_err(),
+            "train.gradient_accumulation_steps = 3 (--gradient-accumulation-steps): the 4 samples each device takes of the batch of 8 cannot be split into 3 equal parts; expected a divisor of 4"
+        );
     }
 
     /// Least squares y = x w on 3 inputs, x and y drawn from the seed per step.
@@ -324,53 +424,61 @@ mod tests {
         ldm_common::tensor::to_vec_f32(t)
     }
 
-    /// Two replicas of four rows each give the loss and the gradient of all eight rows on one
-    /// device, up to float rounding (the sums run in another order).
+    /// N replicas in K parts each give the loss and the gradient of all eight rows on one
+    /// device in one part, up to float rounding (the sums run in another order): two devices
+    /// (data parallel), two parts on one device (gradient accumulation), and both.
     #[test]
-    fn two_devices_give_the_gradient_of_the_whole_batch() {
+    fn split_batches_give_the_gradient_of_the_whole_batch() {
         let device = Device::flex().autodiff();
         device.seed(3);
         let model = burn::nn::LinearConfig::new(3, 1).init(&device);
-        let mut task = Regression {
-            seen: Default::default(),
-        };
-        let (loss, _) = task.forward(&model, 5);
-        let single = GradientsParams::from_grads(loss.backward(), &model);
-        let cpu = || SelectedDevice {
-            device: Device::flex(),
-            description: "cpu".into(),
-        };
-        let (dp_loss, dp_scalars, dp_grads) = DataParallel::new(&[cpu(), cpu()], 8)
-            .step(&mut task, &model, 5, Precision::F32)
-            .unwrap();
-        let seen = task.seen.lock().unwrap().clone();
-        assert_eq!(seen[0], 0..8);
-        let mut shards = seen[1..].to_vec();
-        shards.sort_by_key(|r| r.start);
-        assert_eq!(shards, vec![0..4, 4..8], "each replica takes its own rows");
         let close = |a: &[f32], b: &[f32]| {
             assert_eq!(a.len(), b.len());
             for (x, y) in a.iter().zip(b) {
                 assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{a:?} vs {b:?}");
             }
         };
-        close(&values(loss.inner()), &values(dp_loss.clone()));
-        close(&values(dp_scalars[0].clone()), &values(dp_loss));
         let weight = |g: &GradientsParams| values(g.get::<2>(model.weight.id).unwrap());
         let bias =
             |g: &GradientsParams| values(g.get::<1>(model.bias.as_ref().unwrap().id).unwrap());
-        assert!(weight(&single).iter().any(|v| v.abs() > 1e-3));
-        close(&weight(&single), &weight(&dp_grads));
-        close(&bias(&single), &bias(&dp_grads));
+        for (devices, parts, rows) in [
+            (2, 1, vec![0..4, 4..8]),
+            (1, 2, vec![0..4, 4..8]),
+            (2, 2, vec![0..2, 2..4, 4..6, 6..8]),
+        ] {
+            let mut task = Regression {
+                seen: Default::default(),
+            };
+            let (loss, _) = task.forward(&model, 5);
+            let single = GradientsParams::from_grads(loss.backward(), &model);
+            let (dp_loss, dp_scalars, dp_grads) =
+                DataParallel::new(vec![Device::flex(); devices], 8, parts)
+                    .step(&mut task, &model, 5, Precision::F32)
+                    .unwrap();
+            let seen = task.seen.lock().unwrap().clone();
+            assert_eq!(seen[0], 0..8);
+            let mut shards = seen[1..].to_vec();
+            shards.sort_by_key(|r| r.start);
+            assert_eq!(
+                shards, rows,
+                "{devices} x {parts}: each part takes its own rows"
+            );
+            close(&values(loss.inner()), &values(dp_loss.clone()));
+            close(&values(dp_scalars[0].clone()), &values(dp_loss));
+            assert!(weight(&single).iter().any(|v| v.abs() > 1e-3));
+            close(&weight(&single), &weight(&dp_grads));
+            close(&bias(&single), &bias(&dp_grads));
+        }
     }
 
     #[test]
-    fn rows_are_equal_shares() {
-        let cpu = || SelectedDevice {
-            device: Device::flex(),
-            description: "cpu".into(),
-        };
-        let dp = DataParallel::new(&[cpu(), cpu(), cpu()], 12);
-        assert_eq!(dp.rows, vec![0..4, 4..8, 8..12]);
+    fn rows_are_equal_shares_in_equal_parts() {
+        let dp = DataParallel::new(vec![Device::flex(); 3], 12, 1);
+        assert_eq!(dp.parts, vec![vec![0..4], vec![4..8], vec![8..12]]);
+        let dp = DataParallel::new(vec![Device::flex(); 2], 12, 3);
+        assert_eq!(
+            dp.parts,
+            vec![vec![0..2, 2..4, 4..6], vec![6..8, 8..10, 10..12]]
+        );
     }
 }

@@ -74,6 +74,12 @@ pub fn train<T: TrainTask>(
             config.devices.join(",")
         );
     }
+    if config.gradient_accumulation_steps > 1 {
+        bail!(
+            "train.gradient_accumulation_steps = {}: this stage computes each batch in one part (gradient accumulation is for train-vae and train-ldm); remove the key",
+            config.gradient_accumulation_steps
+        );
+    }
     run(
         task,
         model,
@@ -86,7 +92,8 @@ pub fn train<T: TrainTask>(
 }
 
 /// Like [`train`], with each batch split evenly over `train.devices` when it names more than
-/// one; the model must live on the first of them ([`parallel::main_device`]).
+/// one, and each device's share into `train.gradient_accumulation_steps` sequential parts; the
+/// model must live on the first device ([`parallel::main_device`]).
 pub fn train_sharded<T: ShardedTask>(
     task: &mut T,
     model: T::Model,
@@ -96,7 +103,8 @@ pub fn train_sharded<T: ShardedTask>(
     resume: bool,
 ) -> Result<Outcome<T::Model>> {
     let devices = parallel::select_all(&config.devices)?;
-    if devices.len() <= 1 {
+    let accumulation = config.gradient_accumulation_steps;
+    if devices.len() <= 1 && accumulation == 1 {
         return run(
             task,
             model,
@@ -107,8 +115,17 @@ pub fn train_sharded<T: ShardedTask>(
             |task, model, step| one_device(task, model, step, config.precision),
         );
     }
-    eprintln!("{}", parallel::describe(&devices, config.batch_size));
-    let replicas = DataParallel::new(&devices, config.batch_size);
+    let names: Vec<String> = devices.iter().map(|d| d.description.clone()).collect();
+    eprintln!(
+        "{}",
+        parallel::describe(&names, config.batch_size, accumulation)
+    );
+    let devices: Vec<Device> = match devices.len() {
+        0 => model.devices().into_iter().take(1).collect(),
+        _ => devices.into_iter().map(|d| d.device).collect(),
+    };
+    let devices = devices.into_iter().map(Device::without_autodiff).collect();
+    let replicas = DataParallel::new(devices, config.batch_size, accumulation);
     run(
         task,
         model,

@@ -44,6 +44,8 @@ async function loadModel() {
   $("class").disabled = m.conditioning !== "class";
   for (const name of m.samplers) $("sampler").append(option(name, name));
   $("sampler").value = m.default_sampler.kind;
+  for (const name of m.spacings) $("spacing").append(option(name, name));
+  $("spacing").value = m.default_sampler.spacing;
   $("steps").max = String(Math.min(m.timesteps, 1000));
   $("steps").value = String(m.default_sampler.steps);
   showSteps();
@@ -76,6 +78,7 @@ function request() {
   if (!$("guidance_rescale").disabled) body.guidance_rescale = Number($("guidance_rescale").value);
   body.steps = Number($("steps").value);
   body.sampler = $("sampler").value;
+  body.spacing = $("spacing").value;
   body.n = Number($("n").value);
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
@@ -214,7 +217,8 @@ function summary(s) {
   const what = s.prompt ? `"${s.prompt}"` : s.class ? `class ${s.class}` : "unconditional";
   const from = s.img2img ? ` · from an image at strength ${s.img2img.strength}${s.img2img.mask_sha256 ? " with a mask" : ""}` : "";
   const rescale = s.sampler.guidance_rescale ? ` (rescale ${s.sampler.guidance_rescale})` : "";
-  return `${what} · cfg ${s.cfg}${rescale} · ${s.sampler.kind} ${s.sampler.steps} steps · seed ${s.seed} · ${s.n} images${from}`;
+  const karras = s.sampler.spacing === "karras" ? " (karras)" : "";
+  return `${what} · cfg ${s.cfg}${rescale} · ${s.sampler.kind} ${s.sampler.steps} steps${karras} · seed ${s.seed} · ${s.n} images${from}`;
 }
 
 function pngUrl(b64) { return `data:image/png;base64,${b64}`; }
@@ -292,6 +296,7 @@ function reuseSettings(s) {
   $("guidance_rescale").value = String(s.sampler.guidance_rescale || 0);
   showRescale();
   $("sampler").value = s.sampler.kind;
+  $("spacing").value = s.sampler.spacing;
   $("steps").value = String(s.sampler.steps);
   showSteps();
   $("seed").value = String(s.seed);
