@@ -8,7 +8,7 @@
 #       -> docs/results/NAME-cfg<w>.json, then assemble
 #   scripts/results.sh sweep-steps MODEL EVALUATOR NAME
 #       pipeline eval --sampler s --steps n for s in $SAMPLERS (default ddpm ddim plms
-#       dpm-solver++ heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5),
+#       dpm-solver++ unipc heun langevin) and n in $STEPS (default 10 20 50 100 250 1000) at --cfg $CFG (default 5),
 #       with --spacing $SPACING when set (default: the model's)
 #       -> docs/results/NAME-<s>-steps<n>.json (NAME-<s>-<SPACING>-steps<n>.json), then assemble
 #   scripts/results.sh sweep-ablation VAE EVALUATOR NAME
@@ -77,7 +77,7 @@ sweep_cfg() {
 sweep_steps() {
   local model=$1 evaluator=$2 name=$3
   local spacing=(${SPACING:+--spacing "$SPACING"}) file
-  for s in ${SAMPLERS:-ddpm ddim plms dpm-solver++ heun langevin}; do
+  for s in ${SAMPLERS:-ddpm ddim plms dpm-solver++ unipc heun langevin}; do
     for n in ${STEPS:-10 20 50 100 250 1000}; do
       file="$RESULTS/$name-$s${SPACING:+-$SPACING}-steps$n.json"
       measure "$file" "$PIPELINE" eval --model "$model" \
@@ -197,7 +197,7 @@ plot_sweeps() {
     if [[ $name =~ ^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$ ]]; then
       cfg_groups[${BASH_REMATCH[1]}]+="$f "
       if [[ -n ${BASH_REMATCH[2]} ]]; then rescale_groups[${BASH_REMATCH[1]}]=1; fi
-    elif [[ $name =~ ^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$ ]]; then
+    elif [[ $name =~ ^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|unipc|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$ ]]; then
       step_groups[${BASH_REMATCH[1]}]+="$f "
     fi
   done
@@ -387,7 +387,7 @@ def cfg_text(j):
 def group_of(f):
     name = os.path.basename(f)[:-5]
     m = re.match(r"^(.+)-cfg[0-9.]+(-rescale[0-9.]+)?$", name) or \
-        re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$", name)
+        re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|unipc|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$", name)
     return m.group(1) if m else name
 
 def sampler_text(j):

@@ -140,7 +140,7 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
     for (out, flags, line) in [
         (
             "vae-k2",
-            &["--gradient-accumulation-steps", "2"][..],
+            &["--gradient-accumulation-steps", "2", "--device", "cpu"][..],
             "each step's 8 samples, in 2 parts of 4 (gradient accumulation)",
         ),
         (
@@ -163,7 +163,11 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
         );
         assert_same_metrics(&t.path("vae"), &t.path(out), METRIC_TOLERANCE);
     }
-    let o = train_ldm(&t, "ldm-k2", &["--gradient-accumulation-steps", "2"]);
+    let o = train_ldm(
+        &t,
+        "ldm-k2",
+        &["--gradient-accumulation-steps", "2", "--device", "cpu"],
+    );
     assert_ok(&o);
     let diff = max_weight_difference(
         &t.path("ldm/model.safetensors"),
@@ -178,10 +182,17 @@ fn vae_and_ldm_on_two_cpu_devices_match_one_device() {
     let o = train_ldm(
         &t,
         "ldm-k4",
-        &["--gradient-accumulation-steps", "4", "--steps", "2"],
+        &[
+            "--gradient-accumulation-steps",
+            "4",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
     );
     assert_ok(&o);
-    let o = train_ldm(&t, "ldm-k4", &["--resume"]);
+    let o = train_ldm(&t, "ldm-k4", &["--resume", "--device", "cpu"]);
     assert_ok(&o);
     let diff = max_weight_difference(
         &t.path("ldm/model.safetensors"),

@@ -102,7 +102,15 @@ fn train_generate_evaluate() {
     assert!(generate(&t.p("g3"), &["--seed", "8"]).status.success());
     let sha = |f: &str| ldm_common::checkpoint::sha256_file(&t.path(f)).unwrap();
     assert_ne!(sha("g1/000.png"), sha("g3/000.png"));
-    for sampler in ["ddpm", "ddim", "dpm-solver++", "heun", "langevin"] {
+    for sampler in [
+        "ddpm",
+        "ddim",
+        "plms",
+        "dpm-solver++",
+        "unipc",
+        "heun",
+        "langevin",
+    ] {
         let o = generate(
             &t.p(&format!("s-{sampler}")),
             &["--sampler", sampler, "--steps", "4"],
@@ -641,7 +649,7 @@ fn generate_bad_inputs() {
     );
     assert_error(
         &run(&["--sampler", "euler", "--class", "top-left"]),
-        "sampler = euler: one of ddpm, ddim, plms, dpm-solver++, heun, langevin",
+        "sampler = euler: one of ddpm, ddim, plms, dpm-solver++, unipc, heun, langevin",
     );
     assert_error(
         &run(&["--spacing", "middle"]),

@@ -8,6 +8,7 @@ use std::sync::Once;
 use anyhow::{Context, Result, anyhow, bail};
 use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
 use plotters::coord::types::RangedCoordf64;
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 /// Size of one panel in pixels; a figure is `cols * PANEL_W` by `rows * PANEL_H`.
@@ -67,6 +68,9 @@ pub enum Style {
     Main(usize),
     /// Colour `i`, 2 px, no dots: a smoothed curve.
     Smooth(usize),
+    /// Colour `i`, 2 px dashed, with a dot on each point: a variant of the line drawn in
+    /// `Main(i)` (another timestep spacing of the same sampler).
+    Dashed(usize),
     /// Grey and dashed: a reference level such as an FID floor.
     Reference,
 }
@@ -350,6 +354,11 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> PanelResult {
                 let colour = PALETTE[i % PALETTE.len()];
                 chart.draw_series(LineSeries::new(points, colour.stroke_width(2)))?
             }
+            Style::Dashed(i) => {
+                let colour = PALETTE[i % PALETTE.len()];
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
+                chart.draw_series(DashedLineSeries::new(points, 7, 4, colour.stroke_width(2)))?
+            }
             Style::Reference => {
                 chart.draw_series(DashedLineSeries::new(points, 6, 4, GREY.stroke_width(1)))?
             }
@@ -358,12 +367,19 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> PanelResult {
             legend = true;
             let colour = match line.style {
                 Style::Raw => RGBColor(170, 185, 215),
-                Style::Main(i) | Style::Smooth(i) => PALETTE[i % PALETTE.len()],
+                Style::Main(i) | Style::Smooth(i) | Style::Dashed(i) => PALETTE[i % PALETTE.len()],
                 Style::Reference => GREY,
             };
-            series.label(label.as_str()).legend(move |(x, y)| {
-                PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2))
-            });
+            let series = series.label(label.as_str());
+            if let Style::Dashed(_) = line.style {
+                series.legend(move |(x, y)| {
+                    DashedPathElement::new([(x, y), (x + 18, y)], 5, 3, colour.stroke_width(2))
+                });
+            } else {
+                series.legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], colour.stroke_width(2))
+                });
+            }
         }
     }
     if legend {

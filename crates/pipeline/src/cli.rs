@@ -315,7 +315,7 @@ pub struct ScheduleArgs {
 /// The sampler flags of `generate` and `eval`; each overrides the model's `[sampler]` key.
 #[derive(Debug, Args, Default)]
 pub struct SamplerFlags {
-    /// Sampler: ddpm, ddim, plms, dpm-solver++, heun or langevin (default: the model's).
+    /// Sampler: ddpm, ddim, plms, dpm-solver++, unipc, heun or langevin (default: the model's).
     #[arg(long)]
     pub sampler: Option<String>,
     /// Denoising steps (default: the model's `sampler.steps`).

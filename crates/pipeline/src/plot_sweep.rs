@@ -152,14 +152,35 @@ pub fn plot_sweep(files: &[PathBuf], axis: SweepAxis, out: &Path) -> Result<Stri
         SweepAxis::Steps => Scale::Log,
         SweepAxis::Cfg | SweepAxis::Rescale => Scale::Linear,
     };
+    // A line's colour is that of its label with the sampler's plain name: the same sampler on
+    // another timestep spacing (`ddim karras`) is its line dashed.
+    let plain = |label: &str, p: &EvalPoint| {
+        format!("{}{}", p.sampler.kind, &label[p.sampler_text().len()..])
+    };
+    let colours: Vec<String> = lines
+        .iter()
+        .map(|(label, pts)| plain(label, &pts[0].1))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut fid = Vec::new();
     let mut acc = Vec::new();
     for (i, (label, pts)) in lines.iter().enumerate() {
         let xy = |f: fn(&EvalPoint) -> f64| pts.iter().map(|(x, p)| (*x, f(p))).collect();
+        let first = &pts[0].1;
+        let colour = colours
+            .iter()
+            .position(|c| *c == plain(label, first))
+            .unwrap_or(i);
+        let style = if first.sampler.spacing == "trailing" {
+            Style::Main(colour)
+        } else {
+            Style::Dashed(colour)
+        };
         fid.push(Line {
             label: Some(label.clone()),
             points: xy(|p| p.fid),
-            style: Style::Main(i),
+            style,
         });
         // the floors depend on the images per class only: one legend entry for all
         fid.push(Line {
@@ -170,7 +191,7 @@ pub fn plot_sweep(files: &[PathBuf], axis: SweepAxis, out: &Path) -> Result<Stri
         acc.push(Line {
             label: Some(label.clone()),
             points: xy(|p| 100.0 * p.accuracy),
-            style: Style::Main(i),
+            style,
         });
     }
     let panel = |title: &str, y: &str, scale, lines| Panel {

@@ -17,6 +17,7 @@ mod dpm_solver;
 mod heun;
 mod langevin;
 mod plms;
+mod unipc;
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +32,7 @@ pub use dpm_solver::sample_dpm_solver_pp;
 pub use heun::sample_heun;
 pub use langevin::sample_langevin;
 pub use plms::sample_plms;
+pub use unipc::sample_unipc;
 
 use crate::denoiser::Denoiser;
 use crate::error::{DiffusionError, Result, parse_name};
@@ -142,8 +144,8 @@ pub fn check_timesteps(schedule: &Schedule, timesteps: &[usize]) -> Result<()> {
     }
 }
 
-/// Which sampler runs. Config / CLI names: `ddpm`, `ddim`, `plms`, `dpm-solver++`, `heun`,
-/// `langevin`.
+/// Which sampler runs. Config / CLI names: `ddpm`, `ddim`, `plms`, `dpm-solver++`, `unipc`,
+/// `heun`, `langevin`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SamplerKind {
     #[serde(rename = "ddpm")]
@@ -155,6 +157,8 @@ pub enum SamplerKind {
     Plms,
     #[serde(rename = "dpm-solver++")]
     DpmSolverPP,
+    #[serde(rename = "unipc")]
+    UniPc,
     #[serde(rename = "heun")]
     Heun,
     #[serde(rename = "langevin")]
@@ -162,11 +166,12 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Ddpm,
         Self::Ddim,
         Self::Plms,
         Self::DpmSolverPP,
+        Self::UniPc,
         Self::Heun,
         Self::Langevin,
     ];
@@ -178,6 +183,7 @@ impl SamplerKind {
             Self::Ddim => "ddim",
             Self::Plms => "plms",
             Self::DpmSolverPP => "dpm-solver++",
+            Self::UniPc => "unipc",
             Self::Heun => "heun",
             Self::Langevin => "langevin",
         }
@@ -194,8 +200,47 @@ impl FromStr for SamplerKind {
     type Err = DiffusionError;
 
     fn from_str(s: &str) -> Result<Self> {
-        parse_name("sampler", s, &Self::ALL, Self::name)
+        parse_name("sampler", s, &Self::ALL, Self::name).map_err(|e| match (e, known_as(s)) {
+            (
+                DiffusionError::InvalidConfig {
+                    key,
+                    value,
+                    expected,
+                },
+                Some(hint),
+            ) => DiffusionError::InvalidConfig {
+                key,
+                value,
+                expected: format!("{expected} ({hint})"),
+            },
+            (e, _) => e,
+        })
     }
+}
+
+/// Where a sampler name from diffusers, k-diffusion or the web UIs is found here.
+fn known_as(name: &str) -> Option<&'static str> {
+    let name = name.to_lowercase().replace(['_', ' '], "-");
+    let name = name.strip_prefix("k-").unwrap_or(&name);
+    Some(match name {
+        "euler" => "Euler is `ddim` here: an Euler step of the probability-flow ODE is a DDIM step",
+        "euler-a" | "euler-ancestral" | "eulera" => {
+            "Euler ancestral is `ddim --eta 1` here: the same step and noise"
+        }
+        "pndm" => "diffusers' PNDM with skip_prk_steps is CompVis' PLMS: `plms`",
+        "dpm++"
+        | "dpmpp"
+        | "dpmpp-2m"
+        | "dpm++-2m"
+        | "dpm-solver"
+        | "dpmsolver++"
+        | "dpm-solver-multistep" => "DPM-Solver++(2M) is `dpm-solver++`",
+        "dpm++-2m-karras" | "dpmpp-2m-karras" => {
+            "DPM++ 2M Karras is `dpm-solver++ --spacing karras`"
+        }
+        "uni-pc" | "unipcmultistep" => "`unipc`",
+        _ => return None,
+    })
 }
 
 /// Everything that picks and tunes a sampler. TOML (`[sampler]`): `kind`, `steps`, `eta`,
@@ -357,6 +402,7 @@ pub fn sample_from(
         SamplerKind::Ddim => sample_ddim(model, schedule, x, timesteps, options.eta, hooks),
         SamplerKind::Plms => sample_plms(model, schedule, x, timesteps, hooks),
         SamplerKind::DpmSolverPP => sample_dpm_solver_pp(model, schedule, x, timesteps, hooks),
+        SamplerKind::UniPc => sample_unipc(model, schedule, x, timesteps, hooks),
         SamplerKind::Heun => sample_heun(model, schedule, x, timesteps, hooks),
         SamplerKind::Langevin => sample_langevin(
             model,

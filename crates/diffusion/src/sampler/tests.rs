@@ -292,6 +292,128 @@ fn full_loop_with_a_dummy_model_matches_the_reference_script() {
     }
 }
 
+/// The same loop through diffusers' schedulers (`scripts/fixtures/diffusers_reference.py`,
+/// diffusers 0.42.1): DDIM, DPM-Solver++(2M), UniPC (bh2, order 2) and Heun with trailing
+/// timesteps give diffusers' numbers, for the linear dummy model and a nonlinear,
+/// time-dependent one; diffusers' Euler (`EulerDiscreteScheduler`) gives our DDIM's, since an
+/// Euler step of the probability-flow ODE in (sigma, z / sqrt(ab)) is a DDIM step (eta 0), and
+/// its Euler ancestral (`EulerAncestralDiscreteScheduler`, the same noise draws) our DDIM with
+/// eta 1: its sigma_up^2 = sigma_s^2 (sigma_t^2 - sigma_s^2) / sigma_t^2 is DDIM's eq. 16
+/// variance over ab_s.
+/// diffusers keeps alphas_cumprod in float32 and its Euler and Heun sigmas too (their rows
+/// differ from a float64 loop by up to 2e-5 relative); the bound is the f32 one of the test
+/// above, 1e-4 relative.
+#[test]
+fn samplers_match_diffusers() {
+    let device = Device::flex();
+    let schedule = linear();
+    let linear_model = |z: Tensor<4>, _t: usize| z * 0.1;
+    let sin_t = |z: Tensor<4>, t: usize| z.clone() * 0.1 + z.sin() * (0.3 * t as f64 / 1000.0);
+    let models: [(&str, &dyn Denoiser); 2] = [("linear", &linear_model), ("sin-t", &sin_t)];
+    // (model, sampler, diffusers' scheduler, sum, mean |x|); eta 1 is "euler-ancestral"
+    let cases = [
+        (
+            "linear",
+            SamplerKind::Ddim,
+            "ddim",
+            2.018305051537e+02,
+            6.307203286053e+01,
+        ),
+        (
+            "linear",
+            SamplerKind::DpmSolverPP,
+            "dpm-solver++",
+            1.840834076970e+02,
+            5.752606815635e+01,
+        ),
+        (
+            "linear",
+            SamplerKind::UniPc,
+            "unipc",
+            1.813472692745e+02,
+            5.667102164827e+01,
+        ),
+        (
+            "linear",
+            SamplerKind::Heun,
+            "heun",
+            1.691842626643e+02,
+            5.287008208260e+01,
+        ),
+        (
+            "linear",
+            SamplerKind::Ddim,
+            "euler",
+            2.018264114591e+02,
+            6.307075402679e+01,
+        ),
+        (
+            "sin-t",
+            SamplerKind::Ddim,
+            "ddim",
+            1.677258107498e+02,
+            4.697133204606e+01,
+        ),
+        (
+            "sin-t",
+            SamplerKind::DpmSolverPP,
+            "dpm-solver++",
+            1.581745758591e+02,
+            4.333354823709e+01,
+        ),
+        (
+            "sin-t",
+            SamplerKind::UniPc,
+            "unipc",
+            1.562642496723e+02,
+            4.271254823681e+01,
+        ),
+        (
+            "sin-t",
+            SamplerKind::Heun,
+            "heun",
+            1.504363270927e+02,
+            4.033220504109e+01,
+        ),
+        (
+            "sin-t",
+            SamplerKind::Ddim,
+            "euler",
+            1.677214863056e+02,
+            4.697018242182e+01,
+        ),
+    ];
+    for (model_name, kind, scheduler, sum, mean_abs) in cases {
+        let model = models.iter().find(|(n, _)| *n == model_name).unwrap().1;
+        let ancestral = scheduler == "euler-ancestral";
+        let opts = SamplerOptions {
+            eta: if ancestral { 1.0 } else { 0.0 },
+            ..options(kind, 10)
+        };
+        let mut hooks = reference_noise(device.clone());
+        let x = sample(
+            model,
+            &schedule,
+            reference_start(&device),
+            &opts,
+            &mut hooks,
+        )
+        .unwrap();
+        let v: Vec<f64> = to_vec_f32(x).into_iter().map(f64::from).collect();
+        let got_sum: f64 = v.iter().sum();
+        let got_mean_abs = v.iter().map(|x| x.abs()).sum::<f64>() / 8.0;
+        let what = format!("{kind} against diffusers' {scheduler}, model {model_name}");
+        assert!(
+            (got_sum - sum).abs() < 1e-4 * sum.abs(),
+            "{what}: sum {got_sum} vs {sum}"
+        );
+        assert!(
+            (got_mean_abs - mean_abs).abs() < 1e-4 * mean_abs,
+            "{what}: mean |x| {got_mean_abs} vs {mean_abs}"
+        );
+    }
+}
+
 /// On Gaussian data N(mu, s^2) the probability-flow ODE maps z_T to
 /// mu + s / sqrt(ab_T s^2 + 1 - ab_T) (z_T - sqrt(ab_T) mu) (the affine map between the two
 /// Gaussians). PLMS's multistep eps makes it far more accurate than DDIM at the same steps
@@ -598,11 +720,30 @@ fn sampler_names_parse_and_list_the_valid_ones() {
         assert_eq!(kind.name().parse::<SamplerKind>().unwrap(), kind);
         assert_eq!(kind.to_string(), kind.name());
     }
-    let e = "euler".parse::<SamplerKind>().unwrap_err().to_string();
+    let e = "lms".parse::<SamplerKind>().unwrap_err().to_string();
     assert_eq!(
         e,
-        "sampler = euler: one of ddpm, ddim, plms, dpm-solver++, heun, langevin"
+        "sampler = lms: one of ddpm, ddim, plms, dpm-solver++, unipc, heun, langevin"
     );
+    // Names from diffusers, k-diffusion and the web UIs say what they are here.
+    for (name, hint) in [
+        ("euler", "Euler is `ddim` here"),
+        ("Euler a", "Euler ancestral is `ddim --eta 1` here"),
+        (
+            "k_euler_ancestral",
+            "Euler ancestral is `ddim --eta 1` here",
+        ),
+        ("DPM++ 2M Karras", "`dpm-solver++ --spacing karras`"),
+        ("dpmpp_2m", "is `dpm-solver++`"),
+        ("pndm", "`plms`"),
+    ] {
+        let e = name.parse::<SamplerKind>().unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("sampler = {name}: one of ddpm, ddim, plms,"))
+                && e.contains(hint),
+            "{e}"
+        );
+    }
     let opts: SamplerOptions =
         ldm_common::config::parse_toml("kind = \"dpm-solver++\"\nsteps = 20\nspacing = \"leading\"\nddpm_variance = \"fixed-large\"")
             .unwrap();
