@@ -92,13 +92,20 @@ def main():
             rescale.send_keys(Keys.ARROW_RIGHT)
         check(driver.find_element(By.ID, "guidance_rescale-out").text == "0.7",
               "the arrow keys move the guidance rescale slider to 0.7")
+        # Typing a letter on a focused select picks the first option starting with it.
+        driver.find_element(By.ID, "sampler").send_keys("u")
+        driver.find_element(By.ID, "spacing").send_keys("k")
+        picked = (driver.find_element(By.ID, "sampler").get_attribute("value"),
+                  driver.find_element(By.ID, "spacing").get_attribute("value"))
+        check(picked == ("unipc", "karras"), f"the keyboard picks UniPC on Karras timesteps: {picked}")
         steps = driver.find_element(By.ID, "steps")
         steps.send_keys(Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
         wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
         check(True, "Enter on a slider generates; the history holds both generations")
         line = driver.find_element(By.ID, "results-line").text
-        check("(rescale 0.7)" in line, f"the second generation is rescaled: {line}")
+        check("(rescale 0.7)" in line and "unipc" in line and "(karras)" in line,
+              f"the second generation is rescaled, UniPC on Karras timesteps: {line}")
         driver.execute_script("document.activeElement.blur()")
         driver.save_screenshot(a.out)
         print(f"screenshot: {a.out}")

@@ -390,6 +390,12 @@ def group_of(f):
         re.match(r"^(.+)-(ddpm|ddim|plms|dpm-solver\+\+|unipc|heun|langevin)(-(leading|trailing|linspace|karras))?-steps[0-9]+$", name)
     return m.group(1) if m else name
 
+def kid_text(j):
+    """KID x 1000 with its floor, `-` in files written before `pipeline eval` measured it."""
+    if j.get("kid") is None:
+        return "-"
+    return f"{1000 * j['kid']:.1f} ({1000 * j['kid_floor']:.1f})"
+
 def sampler_text(j):
     """The sampler, with its timestep spacing where it is not the default trailing: `ddim`, `ddim karras`."""
     spacing = j["sampler"].get("spacing", "trailing")
@@ -412,12 +418,12 @@ if kinds["eval"]:
         classes = [c for c, _ in members[0][1]["accuracy_per_class"]]
         w(f"### {g}")
         w("")
-        w("| sampler | steps | cfg | n/class | " + " | ".join(classes) + " | all | FID (floor) | precision / recall | images/s |")
-        w("|---" * (len(classes) + 8) + "|")
+        w("| sampler | steps | cfg | n/class | " + " | ".join(classes) + " | all | FID (floor) | KID×10³ (floor) | precision / recall | images/s |")
+        w("|---" * (len(classes) + 9) + "|")
         for f, j in members:
             accs = " | ".join(pct(a) for _, a in j["accuracy_per_class"])
             w(f"| {sampler_text(j)} | {j['sampler']['steps']} | {cfg_text(j)} | {j['per_class']} | {accs} | "
-              f"**{pct(j['accuracy'])}** | {j['fid']:.2f} ({j['fid_floor']:.2f}) | "
+              f"**{pct(j['accuracy'])}** | {j['fid']:.2f} ({j['fid_floor']:.2f}) | {kid_text(j)} | "
               f"{j['precision']:.3f} / {j['recall']:.3f} | {j['images_per_second']:.1f} |")
         w("")
         with_class_fid = [(f, j) for f, j in members if "fid_per_class" in j]
@@ -425,7 +431,9 @@ if kinds["eval"]:
             r = with_class_fid[0][1]["fid_per_class"]
             w(f"Per-class FID (floor): `d` in the evaluator's {r['feature_dim']} features, `k` in the top "
               f"{r['pca_dim']} principal directions of the held-out features (a lower bound of the d figure); "
-              "`-` where the class has too few images for the dimension (FID needs more samples than dimensions).")
+              "`-` where the class has too few images for the dimension (FID needs more samples than dimensions); "
+              "KID×10³ (floor) in the d features divided by the held-out features' RMS, unbiased, defined from 2 images "
+              "(in files written since 2026-12-08).")
             w("")
             w("| sampler | steps | cfg | " + " | ".join(classes) + " |")
             w("|---" * (len(classes) + 3) + "|")
@@ -434,7 +442,9 @@ if kinds["eval"]:
                 for c in j["fid_per_class"]["classes"]:
                     d = f"d {num(c['fid'])} ({num(c['fid_floor'])})" if c["fid"] is not None else None
                     k = f"k {num(c['fid_pca'])} ({num(c['fid_pca_floor'])})" if c["fid_pca"] is not None else None
-                    cells.append("<br>".join(x for x in (d, k) if x) or "-")
+                    kid = (f"KID×10³ {1000 * c['kid']:.0f} ({1000 * c['kid_floor']:.0f})"
+                           if c.get("kid") is not None and c.get("kid_floor") is not None else None)
+                    cells.append("<br>".join(x for x in (d, k, kid) if x) or "-")
                 w(f"| {sampler_text(j)} | {j['sampler']['steps']} | {cfg_text(j)} | " + " | ".join(cells) + " |")
             w("")
             reasons = sorted({c["note"] for f, j in with_class_fid for c in j["fid_per_class"]["classes"] if c.get("note")})

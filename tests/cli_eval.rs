@@ -315,7 +315,10 @@ fn eval_reports_fid_per_class_with_its_floor_or_says_why_not() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.contains("FID d=24 (floor)") && out.contains("FID k=16 (floor)"),
+        out.contains("FID d=24 (floor)")
+            && out.contains("FID k=16 (floor)")
+            && out.contains("KIDx1000 d=24 (floor)")
+            && out.contains("KIDx1000 "),
         "{out}"
     );
     assert!(
@@ -364,6 +367,9 @@ fn eval_reports_fid_per_class_with_its_floor_or_says_why_not() {
             "{c}"
         );
         assert!(c["note"].as_str().unwrap().contains("d = 24"), "{c}");
+        // KID is defined per class where FID in d is not
+        let (k, k_floor) = (c["kid"].as_f64().unwrap(), c["kid_floor"].as_f64().unwrap());
+        assert!(k.is_finite() && k_floor.is_finite(), "{c}");
     }
     // without --evaluator, the reference evaluator of the model's data set: there is none for
     // these four classes, and the error names the references and the way out

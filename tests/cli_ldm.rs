@@ -117,6 +117,58 @@ fn train_generate_evaluate() {
         );
         assert!(o.status.success(), "{sampler}: {}", stderr(&o));
     }
+    // --trajectory: one row per image, one column per step (6 steps: all shown); DDIM's last
+    // step returns its x0 estimate, so the last column is the image itself.
+    let o = generate(
+        &t.p("traj"),
+        &["--trajectory", "--steps", "6", "--seed", "7"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("grid.png, trajectory.png and generate.json"));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("traj/generate.json")).unwrap())
+            .unwrap();
+    let traj = &record["trajectory"];
+    assert_eq!(traj["file"], "trajectory.png");
+    assert_eq!(traj["steps"], serde_json::json!([1, 2, 3, 4, 5, 6]));
+    assert_eq!(
+        (traj["sampler_steps"].as_u64(), traj["rows"].as_u64()),
+        (Some(6), Some(3))
+    );
+    let grid = image::open(t.path("traj/trajectory.png"))
+        .unwrap()
+        .to_luma8();
+    // cells of 32 pixels with a 2-pixel border
+    assert_eq!(grid.dimensions(), (6 * 34 + 2, 3 * 34 + 2));
+    let cell = |row: u32, col: u32| -> Vec<u8> {
+        let (x0, y0) = (2 + col * 34, 2 + row * 34);
+        (0..32)
+            .flat_map(|y| (0..32).map(move |x| (x, y)))
+            .map(|(x, y)| grid.get_pixel(x0 + x, y0 + y)[0])
+            .collect()
+    };
+    for (row, file) in ["traj/000.png", "traj/001.png", "traj/002.png"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(
+            cell(row as u32, 5),
+            luma(&t, file),
+            "{file}: the last column is the image"
+        );
+    }
+    assert_ne!(
+        cell(0, 0),
+        cell(0, 5),
+        "the first estimate is not yet the image"
+    );
+    // Without the flag: no trajectory, and the same images.
+    assert!(!t.path("g1/trajectory.png").exists());
+    assert_eq!(luma(&t, "traj/000.png"), {
+        let o = generate(&t.p("traj-off"), &["--steps", "6", "--seed", "7"]);
+        assert!(o.status.success());
+        luma(&t, "traj-off/000.png")
+    });
     // Karras spacing is recorded; where levels round to one timestep (100 levels on T = 100),
     // a note says how many steps run.
     let o = generate(
@@ -765,6 +817,7 @@ fn evaluator_scores_a_model_and_refuses_bad_requests() {
     let acc = e["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
     assert!(e["fid"].as_f64().unwrap().is_finite() && e["fid_floor"].as_f64().unwrap().is_finite());
+    assert!(e["kid"].as_f64().unwrap().is_finite() && e["kid_floor"].as_f64().unwrap().is_finite());
     // 4 classes x 1 image = 4 samples for 4 feature dimensions: FID is undefined.
     assert_error(
         &eval(&["-n", "1"]),

@@ -9,12 +9,15 @@
 //! features (k = [`PCA_DIM`]), fitted on real data only: an orthogonal projection cannot
 //! increase the Fréchet (2-Wasserstein) distance of Gaussians, so that figure is a lower
 //! bound of the full one, reported under its own name with the variance the k directions keep.
+//! KID ([`crate::kid`]) needs no covariance: each class gets it in the full d from two
+//! images up, with its floor on the same halves.
 
 use serde::Serialize;
 
 use crate::error::{EvalError, Result};
 use crate::features::Features;
 use crate::frechet::fid;
+use crate::kid::{feature_scale, kid};
 use crate::pca::Pca;
 
 /// k of the principal-direction FID: small enough for 50 samples per set.
@@ -38,6 +41,9 @@ pub struct ClassFid {
     /// FID in the report's `pca_dim` principal directions (a lower bound of `fid`).
     pub fid_pca: Option<f64>,
     pub fid_pca_floor: Option<f64>,
+    /// KID in the evaluator's d features (null where a set has fewer than 2 images).
+    pub kid: Option<f64>,
+    pub kid_floor: Option<f64>,
     /// Why a figure is null.
     pub note: Option<String>,
 }
@@ -85,6 +91,7 @@ pub fn class_fids(
     let d = real.dim();
     let pca_dim = PCA_DIM.min(d);
     let pca = Pca::fit(real, pca_dim).ok();
+    let scale = feature_scale(real);
     let rows_of = |labels: &[usize], c: usize| -> Vec<usize> {
         (0..labels.len()).filter(|&i| labels[i] == c).collect()
     };
@@ -121,6 +128,10 @@ pub fn class_fids(
                 [None, None]
             }
         };
+        let kernel =
+            |a: &Features, b: &Features| (a.len() >= 2 && b.len() >= 2).then(|| kid(a, b, scale));
+        let kid_c = kernel(&real_c, &gen_c).transpose()?;
+        let kid_floor = kernel(&floor_a, &floor_b).transpose()?;
         classes.push(ClassFid {
             class: name.clone(),
             generated: g,
@@ -131,6 +142,8 @@ pub fn class_fids(
             fid_floor: floor_full,
             fid_pca,
             fid_pca_floor: floor_pca,
+            kid: kid_c,
+            kid_floor,
             note: (!notes.is_empty()).then(|| notes.join("; ")),
         });
     }
@@ -251,6 +264,22 @@ mod tests {
         // k = d: the principal directions only rotate, FID is unchanged
         assert!((c1.fid_pca.unwrap() - c1.fid.unwrap()).abs() < 1e-4 * c1.fid.unwrap());
         assert!(c1.note.is_none());
+        // KID on the same subsets, far above the faithful class's
+        let expected_kid = kid(
+            &real.select(&(40..50).collect::<Vec<_>>()),
+            &generated.select(&(10..20).collect::<Vec<_>>()),
+            feature_scale(&real),
+        )
+        .unwrap();
+        assert!((c1.kid.unwrap() - expected_kid).abs() < 1e-12);
+        assert!(
+            c1.kid.unwrap() > 10.0 * c0.kid.unwrap().abs(),
+            "{c0:?} {c1:?}"
+        );
+        assert!(
+            c1.kid.unwrap() > 10.0 * c1.kid_floor.unwrap().abs(),
+            "{c1:?}"
+        );
     }
 
     #[test]
@@ -272,10 +301,13 @@ mod tests {
                 "FID in d = 40 needs more than 40 images per set, got 30 generated, floor halves of 30 (-n 41 or more and at least 82 held-out images of the class)"
             )
         );
+        // KID needs no covariance: defined in the full d from 30 images
+        assert!(c0.kid.unwrap().is_finite() && c0.kid_floor.unwrap().is_finite());
         // a class without held-out images
         let c2 = &report.classes[2];
         assert_eq!((c2.held_out, c2.real, c2.floor_size), (0, 0, 0));
         assert!(c2.fid.is_none() && c2.fid_pca.is_none() && c2.fid_pca_floor.is_none());
+        assert!(c2.kid.is_none() && c2.kid_floor.is_none());
         assert!(c2.note.as_deref().unwrap().contains("k = 16"), "{c2:?}");
         let json = serde_json::to_value(&report).unwrap();
         assert!(json["classes"][0]["fid"].is_null());

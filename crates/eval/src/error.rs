@@ -33,6 +33,8 @@ pub enum EvalError {
     FeatureDims { real: usize, generated: usize },
     #[error("FID needs more samples than feature dimensions: got n = {n} for d = {d}; use -n {} or more", d + 1)]
     TooFewSamples { n: usize, d: usize },
+    #[error("KID needs at least 2 samples per set; one set has {n}")]
+    TooFewForKernel { n: usize },
     #[error("precision/recall with k = {k} needs at least {} samples per set; the {which} set has {n}", k + 1)]
     TooFewForNeighbours {
         which: &'static str,

@@ -1,4 +1,4 @@
-//! Yardsticks for the three stages: evaluator CNN, FID (overall and per class),
+//! Yardsticks for the three stages: evaluator CNN, FID (overall and per class), KID,
 //! precision/recall, PSNR, SSIM.
 
 pub mod class_fid;
@@ -7,6 +7,7 @@ pub mod evaluator;
 pub mod features;
 pub mod frechet;
 mod images;
+pub mod kid;
 pub mod pca;
 pub mod prdc;
 pub mod psnr;
@@ -17,6 +18,7 @@ pub use error::EvalError;
 pub use evaluator::{Evaluator, EvaluatorConfig, batch_accuracy};
 pub use features::Features;
 pub use frechet::{GaussianStats, fid, frechet_distance};
+pub use kid::{feature_scale, kid};
 pub use pca::Pca;
 pub use prdc::{DEFAULT_K, PrecisionRecall, precision_recall};
 pub use psnr::{mean_psnr, psnr, psnr_per_image};

@@ -377,6 +377,10 @@ pub struct GenerateCliArgs {
     pub img2img: Img2ImgFlags,
     #[command(flatten)]
     pub guidance: ClassifierFlags,
+    /// Also write trajectory.png: how the clean-image estimate forms over the steps (one row
+    /// per image, the first 8; one column per step shown, up to 10 from first to last).
+    #[arg(long)]
+    pub trajectory: bool,
     /// Output folder.
     #[arg(long, default_value = "generated")]
     pub out: PathBuf,

@@ -229,6 +229,10 @@ pub struct ModelEval {
     pub fid: f64,
     /// FID between two disjoint halves of the held-out split of the same size: the floor.
     pub fid_floor: f64,
+    /// KID ([`ldm_eval::kid`]: unbiased squared MMD, cubic kernel) on the same sets as `fid`,
+    /// and on the floor's halves.
+    pub kid: f64,
+    pub kid_floor: f64,
     pub precision: f64,
     pub recall: f64,
     pub images_per_second: f64,
@@ -310,6 +314,7 @@ pub fn eval_model(
                 labels: chunk,
                 scale,
             }),
+            trajectory: None,
         };
         let images = run.sample_images_with(
             Some(chunk),
@@ -357,6 +362,7 @@ pub fn eval_model(
         device,
     )?;
     let fid_floor = ldm_eval::frechet::fid(&a, &b)?;
+
     let pr = ldm_eval::prdc::precision_recall(&real, &generated, ldm_eval::prdc::DEFAULT_K)?;
     let all_real = features_of(
         &evaluator.model,
@@ -364,6 +370,12 @@ pub fn eval_model(
         &(0..held_out.labels.len()).collect::<Vec<_>>(),
         device,
     )?;
+    // KID's features are scaled by the RMS of all the held-out ones (as per class)
+    let scale = ldm_eval::feature_scale(&all_real);
+    let (kid, kid_floor) = (
+        ldm_eval::kid(&real, &generated, scale)?,
+        ldm_eval::kid(&a, &b, scale)?,
+    );
     let fid_per_class = ldm_eval::class_fid::class_fids(
         &run.info.class_names,
         &all_real,
@@ -395,6 +407,8 @@ pub fn eval_model(
         real_accuracy_per_class,
         fid,
         fid_floor,
+        kid,
+        kid_floor,
         precision: pr.precision,
         recall: pr.recall,
         images_per_second,
@@ -421,9 +435,10 @@ pub fn class_table(e: &ModelEval) -> String {
     let mut out = String::new();
     let full = format!("FID d={} (floor)", r.feature_dim);
     let pca = format!("FID k={} (floor)", r.pca_dim);
+    let kid = format!("KIDx1000 d={} (floor)", r.feature_dim);
     let _ = writeln!(
         out,
-        "{:<16} {:>9} {:>9}  {full:>20}  {pca:>20}",
+        "{:<16} {:>9} {:>9}  {full:>20}  {pca:>20}  {kid:>24}",
         "class", "accuracy", "(real)"
     );
     let mut reasons: Vec<(String, Vec<&str>)> = Vec::new();
@@ -433,13 +448,15 @@ pub fn class_table(e: &ModelEval) -> String {
         .zip(&e.real_accuracy_per_class)
         .zip(&r.classes)
     {
+        let thousandths = |v: Option<f64>| v.map(|v| 1000.0 * v);
         let _ = writeln!(
             out,
-            "{name:<16} {:>8.1}% {:>8.1}%  {:>20}  {:>20}",
+            "{name:<16} {:>8.1}% {:>8.1}%  {:>20}  {:>20}  {:>24}",
             100.0 * acc,
             100.0 * real,
             cell(c.fid, c.fid_floor),
-            cell(c.fid_pca, c.fid_pca_floor)
+            cell(c.fid_pca, c.fid_pca_floor),
+            cell(thousandths(c.kid), thousandths(c.kid_floor))
         );
         if let Some(note) = &c.note {
             match reasons.iter_mut().find(|(n, _)| n == note) {

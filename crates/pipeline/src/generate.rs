@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use serde::Serialize;
 
 use ldm_common::checkpoint::{atomic_write, ensure_writable_dir, write_json};
@@ -18,7 +18,7 @@ use crate::classifier_stage::{ClassifierArgs, ClassifierRun};
 use crate::cli::SamplerFlags;
 use crate::img2img::Img2ImgArgs;
 use crate::ldm_stage::{Condition, LdmRun};
-use crate::sampling::{ClassifierGuide, SampleExtras};
+use crate::sampling::{ClassifierGuide, SampleExtras, Trajectory};
 
 /// What the user asked for.
 #[derive(Debug, Clone)]
@@ -36,6 +36,28 @@ pub struct GenerateArgs {
     pub img2img: Option<Img2ImgArgs>,
     /// Classifier guidance: `--classifier`, `--classifier-scale`.
     pub classifier: Option<ClassifierArgs>,
+    /// `--trajectory`: also draw the clean-latent estimate of the steps ([`TrajectoryRecord`]).
+    pub trajectory: bool,
+}
+
+/// Rows (the first images) and columns (steps) of `trajectory.png`.
+pub const TRAJECTORY_ROWS: usize = 8;
+pub const TRAJECTORY_COLUMNS: usize = 10;
+
+/// `trajectory.png`: how the clean-image estimate forms over the sampler's steps. One row per
+/// image (the first [`TRAJECTORY_ROWS`]), one column per shown step: the VAE decode of the x0
+/// the sampler's last network answer implied after that step (classifier-free guidance, a
+/// guidance rescale, classifier guidance and clipping included), at up to
+/// [`TRAJECTORY_COLUMNS`] steps evenly spread from the first to the last. The last column is
+/// the final image for every sampler whose last step returns its x0 estimate (DDIM, PLMS,
+/// DPM-Solver++, UniPC, Heun; DDPM and Langevin add their last noise-free update to it).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrajectoryRecord {
+    pub file: String,
+    /// The steps the columns show, 1-based, out of `sampler_steps`.
+    pub steps: Vec<usize>,
+    pub sampler_steps: usize,
+    pub rows: usize,
 }
 
 /// Every setting of a generation, as written to `generate.json` and each PNG.
@@ -58,6 +80,8 @@ pub struct GenerateRecord {
     pub img2img: Option<Img2ImgRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub classifier_guidance: Option<ClassifierRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trajectory: Option<TrajectoryRecord>,
     pub files: Vec<String>,
 }
 
@@ -238,6 +262,8 @@ pub struct Generation {
     /// img2img: the init image as the VAE reconstructs it (PNG), named
     /// `record.img2img.init_reconstruction`.
     pub init_reconstruction: Option<Vec<u8>>,
+    /// `--trajectory`: the PNG named `record.trajectory.file`.
+    pub trajectory: Option<Vec<u8>>,
 }
 
 /// The sampler of a request: the model's `[sampler]` (`defaults`) with the given overrides,
@@ -336,6 +362,7 @@ pub fn generate_images(
         .as_ref()
         .map(|c| load_guide(run, args, c, class, device))
         .transpose()?;
+    let trajectory = args.trajectory.then(Trajectory::default);
     let extras = SampleExtras {
         init: init.as_ref(),
         classifier: guide.as_ref().map(|g| ClassifierGuide {
@@ -343,6 +370,7 @@ pub fn generate_images(
             labels: &g.labels,
             scale: g.scale,
         }),
+        trajectory: trajectory.as_ref(),
     };
     let images = run.sample(
         &condition,
@@ -378,7 +406,22 @@ pub fn generate_images(
             class: run.info.class_names[g.labels[0]].clone(),
             scale: g.scale,
         }),
+        trajectory: None,
         files: vec![],
+    };
+    let trajectory = match trajectory.map(|t| t.take()) {
+        Some(estimates) if !estimates.is_empty() => {
+            let (steps, rows) = trajectory_columns(estimates.len(), args.n);
+            let png = trajectory_png(run, &estimates, &steps, rows)?;
+            record.trajectory = Some(TrajectoryRecord {
+                file: "trajectory.png".into(),
+                steps: steps.iter().map(|s| s + 1).collect(),
+                sampler_steps: estimates.len(),
+                rows,
+            });
+            Some(png)
+        }
+        _ => None,
     };
     let pixels = to_pixels(images);
     let settings = serde_json::to_string(&record)?;
@@ -405,7 +448,40 @@ pub fn generate_images(
         images: pngs,
         grid,
         init_reconstruction,
+        trajectory,
     })
+}
+
+/// The 0-based steps `trajectory.png` shows out of `total` (up to [`TRAJECTORY_COLUMNS`],
+/// evenly spread, first and last included) and its rows out of `n` images.
+fn trajectory_columns(total: usize, n: usize) -> (Vec<usize>, usize) {
+    let columns = total.min(TRAJECTORY_COLUMNS);
+    let steps = (0..columns)
+        .map(|j| match columns {
+            1 => total - 1,
+            _ => (j as f64 * (total - 1) as f64 / (columns - 1) as f64).round() as usize,
+        })
+        .collect();
+    (steps, n.min(TRAJECTORY_ROWS))
+}
+
+/// The grid of [`TrajectoryRecord`]: image i's estimate after `steps[j]` at row i, column j.
+fn trajectory_png(
+    run: &LdmRun,
+    estimates: &[Tensor<4>],
+    steps: &[usize],
+    rows: usize,
+) -> Result<Vec<u8>> {
+    let decoded: Vec<Tensor<4>> = steps
+        .iter()
+        .map(|&s| crate::sampling::decode(&run.vae, estimates[s].clone().narrow(0, 0, rows)))
+        .collect();
+    let cells = (0..rows)
+        .flat_map(|i| decoded.iter().map(move |d| d.clone().narrow(0, i, 1)))
+        .collect();
+    let pixels = to_pixels(Tensor::cat(cells, 0));
+    let (g, width, height) = grid(&pixels, steps.len());
+    Ok(encode_png(&g, width, height, pixels.channels, &[]))
 }
 
 /// A loaded `--classifier`, the class of every image, and the scale.
@@ -472,6 +548,9 @@ pub fn generate(
     atomic_write(&out.join("grid.png"), &generation.grid)?;
     if let (Some(png), Some(r)) = (&generation.init_reconstruction, &generation.record.img2img) {
         atomic_write(&out.join(&r.init_reconstruction), png)?;
+    }
+    if let (Some(png), Some(r)) = (&generation.trajectory, &generation.record.trajectory) {
+        atomic_write(&out.join(&r.file), png)?;
     }
     write_json(&out.join("generate.json"), &generation.record)?;
     Ok(generation.record)

@@ -172,6 +172,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     a.guidance.classifier,
                     a.guidance.classifier_scale,
                 )?,
+                trajectory: a.trajectory,
             };
             let record = generate::generate(&run, &args, &a.out, &device.device)?;
             let mut what = match (&record.class, &record.prompt) {
@@ -183,8 +184,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 what += &format!(", negative prompt {negative:?}");
             }
             let rescale = rescale_suffix(record.sampler.guidance_rescale);
+            let trajectory = if record.trajectory.is_some() {
+                ", trajectory.png"
+            } else {
+                ""
+            };
             println!(
-                "wrote {} images, grid.png and generate.json to {} ({what}, cfg {}{rescale}, {} {} steps, seed {})",
+                "wrote {} images, grid.png{trajectory} and generate.json to {} ({what}, cfg {}{rescale}, {} {} steps, seed {})",
                 record.n,
                 a.out.display(),
                 record.cfg,
@@ -385,8 +391,14 @@ fn eval(a: ldm_pipeline::cli::EvalArgs) -> Result<ExitCode> {
     );
     print!("{}", evaluator_stage::class_table(&e));
     println!(
-        "FID {:.3} (real-vs-real floor {:.3}), precision {:.3}, recall {:.3}, {:.1} images/s",
-        e.fid, e.fid_floor, e.precision, e.recall, e.images_per_second
+        "FID {:.3} (real-vs-real floor {:.3}), KIDx1000 {:.3} (floor {:.3}), precision {:.3}, recall {:.3}, {:.1} images/s",
+        e.fid,
+        e.fid_floor,
+        1000.0 * e.kid,
+        1000.0 * e.kid_floor,
+        e.precision,
+        e.recall,
+        e.images_per_second
     );
     if let Some(path) = a.json {
         ldm_common::checkpoint::write_json(&path, &e)?;

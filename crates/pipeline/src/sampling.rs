@@ -1,6 +1,8 @@
 //! Turning a trained model into images: conditioning, guidance, the sampler, and the VAE
 //! decoder. One place for it, used by the training previews and by `generate`.
 
+use std::cell::RefCell;
+
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -12,7 +14,7 @@ use ldm_diffusion::denoiser::{Conditioning, Denoiser, TextConditioning};
 use ldm_diffusion::guidance::{ClassifierFreeGuidance, ClassifierGuidance, ModelDenoiser};
 use ldm_diffusion::ldm_model::LdmModel;
 use ldm_diffusion::noisy_classifier::NoisyClassifier;
-use ldm_diffusion::parameterization::Parameterization;
+use ldm_diffusion::parameterization::{Parameterization, eps_to_x0};
 use ldm_diffusion::sampler::{SampleHooks, SamplerOptions, sample};
 use ldm_diffusion::schedule::Schedule;
 
@@ -82,11 +84,44 @@ pub struct ClassifierGuide<'a> {
 }
 
 /// What may change a plain sampling run: an init latent to start from (image-to-image,
-/// inpainting) and classifier guidance around the (classifier-free guided) model.
+/// inpainting) and classifier guidance around the (classifier-free guided) model; or what it
+/// may record: the clean-latent estimate of every step.
 #[derive(Clone, Copy, Default)]
 pub struct SampleExtras<'a> {
     pub init: Option<&'a crate::img2img::InitLatent>,
     pub classifier: Option<ClassifierGuide<'a>>,
+    pub trajectory: Option<&'a Trajectory>,
+}
+
+/// The clean-latent estimates of a sampling run, one per sampler step (`generate
+/// --trajectory`): after step i, the x0 = (z_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) of the last
+/// network answer the sampler used, with guidance, classifier guidance and clipping applied.
+#[derive(Default)]
+pub struct Trajectory {
+    steps: RefCell<Vec<Tensor<4>>>,
+}
+
+impl Trajectory {
+    /// The recorded estimates, in step order (`[n, c, h, w]` each).
+    pub fn take(&self) -> Vec<Tensor<4>> {
+        self.steps.take()
+    }
+}
+
+/// A denoiser that keeps the x0 of its last answer.
+struct Recording<'a> {
+    inner: &'a dyn Denoiser,
+    schedule: &'a Schedule,
+    last: RefCell<Option<Tensor<4>>>,
+}
+
+impl Denoiser for Recording<'_> {
+    fn predict_eps(&self, z_t: Tensor<4>, t: usize) -> Tensor<4> {
+        let eps = self.inner.predict_eps(z_t.clone(), t);
+        self.last
+            .replace(Some(eps_to_x0(self.schedule, z_t, eps.clone(), t)));
+        eps
+    }
 }
 
 /// Samples `request.n` latents (in the diffusion model's scaled latent space).
@@ -122,10 +157,6 @@ pub fn sample_latents_with(
     device: &Device,
     progress: Option<&mut dyn FnMut(usize, usize) -> bool>,
 ) -> Result<Tensor<4>> {
-    let mut hooks = SampleHooks::seeded(request.seed, device.clone());
-    if let Some(p) = progress {
-        hooks = hooks.with_progress(p);
-    }
     let plain = |cond| ModelDenoiser {
         backbone: model,
         parameterization,
@@ -205,6 +236,28 @@ pub fn sample_latents_with(
             &clipped
         }
     };
+    // The trajectory records the outermost answer, after every step.
+    let recording = extras.trajectory.map(|_| Recording {
+        inner: denoiser,
+        schedule,
+        last: RefCell::new(None),
+    });
+    let denoiser: &dyn Denoiser = match &recording {
+        Some(r) => r,
+        None => denoiser,
+    };
+    let mut progress = progress;
+    let mut hooks = SampleHooks::seeded(request.seed, device.clone());
+    if progress.is_some() || recording.is_some() {
+        hooks = hooks.with_progress(|done, total| {
+            if let (Some(r), Some(t)) = (&recording, extras.trajectory)
+                && let Some(x0) = r.last.borrow().clone()
+            {
+                t.steps.borrow_mut().push(x0);
+            }
+            progress.as_mut().is_none_or(|p| p(done, total))
+        });
+    }
     if let Some(init) = extras.init {
         return crate::img2img::sample(denoiser, schedule, init, request, hooks, device);
     }

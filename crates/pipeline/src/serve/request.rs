@@ -138,6 +138,7 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         seed: seed.unwrap_or_else(|| rand::random::<u32>() as u64),
         img2img,
         classifier,
+        trajectory: false,
     })
 }
 
