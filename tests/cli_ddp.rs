@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
@@ -18,49 +17,6 @@ fn ldm_config() -> String {
         ..Default::default()
     }
     .toml()
-}
-
-/// Every tensor of a safetensors file (all F32 here), by name.
-fn weights(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8 + n..];
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .map(|(name, info)| {
-            assert_eq!(info["dtype"], "F32", "{name}");
-            let at = |i: usize| info["data_offsets"][i].as_u64().unwrap() as usize;
-            let values = data[at(0)..at(1)]
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
-            (name.clone(), values)
-        })
-        .collect()
-}
-
-/// The largest |a - b| over all weights of two runs of one architecture.
-fn max_weight_difference(a: &Path, b: &Path) -> f32 {
-    let (a, b) = (weights(a), weights(b));
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "the two runs hold different tensors"
-    );
-    let mut max = 0f32;
-    for (name, x) in &a {
-        let y = &b[name];
-        assert_eq!(x.len(), y.len(), "{name}");
-        for (u, v) in x.iter().zip(y) {
-            assert!(u.is_finite() && v.is_finite(), "{name}");
-            max = max.max((u - v).abs());
-        }
-    }
-    max
 }
 
 /// Asserts both runs logged the same rows, each value within `rel` relative difference.

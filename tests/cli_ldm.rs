@@ -260,6 +260,115 @@ fn resume_is_exact_and_the_cache_is_reused() {
     );
 }
 
+/// `--init-from`: a run that starts from another run's weights begins where that one ended
+/// (one step at a vanishing learning rate stays within 1e-5 of them, while training from
+/// scratch does not), records where it came from, and is refused another architecture or a
+/// model of another VAE.
+#[test]
+fn fine_tuning_starts_from_another_runs_weights() {
+    let t = setup();
+    assert_ok(&t.train_ldm("ldm.toml", "base", &[]));
+    let tiny_step = [
+        "--steps",
+        "1",
+        "--lr",
+        "1e-12",
+        "--set",
+        "train.warmup_steps=1",
+    ];
+    let base = t.p("base");
+    let mut flags = vec!["--init-from", base.as_str()];
+    flags.extend_from_slice(&tiny_step);
+    let o = t.train_ldm("ldm.toml", "tuned", &flags);
+    assert_ok(&o);
+    assert!(
+        stderr(&o).contains("starting from the weights of"),
+        "{}",
+        stderr(&o)
+    );
+    let diff = max_weight_difference(
+        &t.path("base/model.safetensors"),
+        &t.path("tuned/model.safetensors"),
+    );
+    assert!(
+        diff < 1e-5,
+        "the fine-tuned run moved {diff} from its start"
+    );
+    assert_ok(&t.train_ldm("ldm.toml", "scratch", &tiny_step));
+    let scratch = max_weight_difference(
+        &t.path("base/model.safetensors"),
+        &t.path("scratch/model.safetensors"),
+    );
+    assert!(scratch > 1e-3, "from scratch: {scratch}");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.path("tuned/ldm.json")).unwrap()).unwrap();
+    assert_eq!(
+        info["init_from"]["weights_sha256"].as_str(),
+        Some(t.sha("base/model.safetensors").as_str())
+    );
+    assert!(info["init_from"]["dir"].as_str().unwrap().ends_with("base"));
+    let saved = std::fs::read_to_string(t.path("tuned/config.toml")).unwrap();
+    assert!(saved.contains("init_from = "), "{saved}");
+    // A fresh run into the same folder without it forgets the source.
+    assert_ok(&t.train_ldm("ldm.toml", "tuned", &tiny_step));
+    let info = std::fs::read_to_string(t.path("tuned/ldm.json")).unwrap();
+    assert!(!info.contains("init_from"), "{info}");
+
+    // Another architecture, a VAE run, and a missing folder are refused before training.
+    let o = t.train_ldm(
+        "ldm.toml",
+        "wider",
+        &["--init-from", &base, "--set", "backbone.hidden_size=48"],
+    );
+    assert_error(&o, "--init-from");
+    assert!(
+        stderr(&o).contains("weights were made for another architecture"),
+        "{}",
+        stderr(&o)
+    );
+    let vae = t.p("vae");
+    assert_error(
+        &t.train_ldm("ldm.toml", "x1", &["--init-from", &vae]),
+        "a VAE run folder (vae.json) where an LDM run folder was expected",
+    );
+    let nothing = t.p("nothing");
+    assert_error(
+        &t.train_ldm("ldm.toml", "x2", &["--init-from", &nothing]),
+        "no such LDM run folder",
+    );
+    // A model of another VAE: its latent space is not this one's.
+    assert_ok(&t.train_vae("vae.toml", "vae2", &["--seed", "5"]));
+    let o = t.train_ldm_on(
+        "ldm.toml",
+        "vae2",
+        "x3",
+        &["--init-from", &base, "--device", "cpu"],
+    );
+    assert_error(&o, "that model learned the latents of another VAE");
+    for refused in ["x1", "x2", "x3"] {
+        assert!(
+            !t.path(refused).join("latents").exists(),
+            "{refused}: refused before encoding"
+        );
+    }
+    // The VAE stage fine-tunes too; the evaluator stage refuses it.
+    let o = t.train_vae(
+        "vae.toml",
+        "vae-tuned",
+        &["--init-from", &vae, "--steps", "1"],
+    );
+    assert_ok(&o);
+    let info = std::fs::read_to_string(t.path("vae-tuned/vae.json")).unwrap();
+    assert!(info.contains(&t.sha("vae/model.safetensors")), "{info}");
+    let evaluator = tiny_evaluator_config(&t.path("data"), 4, TINY_EVALUATOR_TRAIN);
+    std::fs::write(t.path("ev.toml"), evaluator).unwrap();
+    let set = format!("train.init_from={vae}");
+    assert_error(
+        &t.train_evaluator("ev.toml", "ev", &["--set", &set]),
+        "train.init_from (--init-from) = ",
+    );
+}
+
 #[test]
 fn schedule_prints_csv() {
     let t = setup();

@@ -678,6 +678,7 @@ pub fn bench(o: &BenchOptions, device: &SelectedDevice) -> Result<BenchReport> {
                 class_names: Vec::new(),
                 steps: 0,
                 weights_sha256: String::new(),
+                init_from: None,
             },
             model: vae.valid(),
         };

@@ -449,6 +449,11 @@ pub struct TrainFlags {
     /// Continue from `<out>/checkpoint` with the same optimizer state and data order.
     #[arg(long)]
     pub resume: bool,
+    /// Fine-tune: start from the weights of this finished run of the same stage and
+    /// architecture (an LDM's on the same VAE) instead of a random initialisation; optimizer,
+    /// steps and data order start afresh (overrides `train.init_from`; train-vae, train-ldm).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl TrainFlags {
@@ -465,6 +470,7 @@ impl TrainFlags {
                 .and_then(|s| s.devices.as_deref())
                 .map(crate::train::parallel::split_list),
             gradient_accumulation_steps: split.and_then(|s| s.gradient_accumulation_steps),
+            init_from: self.init_from.clone(),
         }
     }
 }

@@ -32,6 +32,7 @@ use ldm_diffusion::training_table::TrainingTable;
 use rand::RngExt;
 
 use crate::latents::{self, LatentSet, LatentSource};
+use crate::run_dir::InitFrom;
 use crate::sampling::{self, GuidanceConfig};
 use crate::text::{self, Captions, PromptTokenizer, TextSettings};
 use crate::train::parallel::take_rows;
@@ -165,6 +166,9 @@ pub struct LdmInfo {
     /// other tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_sha256: Option<String>,
+    /// The run whose weights training started from (`--init-from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
 }
 
 /// Tensor names of `model.safetensors`: the backbone's as a bare backbone's ("DiT.blocks.0...",
@@ -172,6 +176,53 @@ pub struct LdmInfo {
 /// encoder joined the model still load.
 const SAVED_NAMES: &[(&str, &str)] = &[(r"^backbone\.", "")];
 const LOADED_NAMES: &[(&str, &str)] = &[(r"^(UNet|DiT)\.", "backbone.${1}.")];
+
+/// `--init-from`, checked before anything is encoded: the finished LDM run in `src`, which
+/// must have learned the latents of this run's VAE; its `ldm.json`.
+fn init_source(src: &Path, vae: &VaeRun) -> Result<LdmInfo> {
+    run_dir::require(
+        src,
+        "LDM run",
+        &["config.toml", "ldm.json", "model.safetensors"],
+        &format!("pipeline train-ldm --out {}", src.display()),
+    )?;
+    let info: LdmInfo = read_json(&src.join("ldm.json"))?;
+    if info.vae_sha256 != vae.info.weights_sha256 {
+        bail!(
+            "--init-from {}: that model learned the latents of another VAE (sha256 {}…) than --vae {} ({}…); fine-tune it on the latents of the VAE it was trained on",
+            src.display(),
+            &info.vae_sha256[..12.min(info.vae_sha256.len())],
+            vae.dir.display(),
+            &vae.info.weights_sha256[..12]
+        );
+    }
+    Ok(info)
+}
+
+/// `model` (this run's architecture) with the weights of the run `src` ([`init_source`]); a
+/// text model's tokenizer (`out/tokenizer.json`, from this run's captions) must be the one
+/// `src` was trained with, or its token ids would mean other words.
+fn init_from(
+    model: LdmModel,
+    src: &Path,
+    info: &LdmInfo,
+    out: &Path,
+    text: bool,
+) -> Result<(LdmModel, InitFrom)> {
+    if text {
+        let ours = sha256_file(&out.join("tokenizer.json"))?;
+        if info.tokenizer_sha256.as_deref() != Some(ours.as_str()) {
+            bail!(
+                "--init-from {}: its tokenizer differs from the one this run's captions give (other classes or captions, or not a text model): its token ids would mean other words",
+                src.display()
+            );
+        }
+    }
+    let record = InitFrom::of(src)?;
+    let model = load_safetensors_renamed(model, &src.join("model.safetensors"), LOADED_NAMES)
+        .with_context(|| format!("--init-from {}", src.display()))?;
+    Ok((model, record))
+}
 
 /// The conditioning spec of a config and data set.
 fn conditioning_spec(config: &LdmRunConfig, num_classes: usize) -> ConditioningSpec {
@@ -738,6 +789,10 @@ pub fn train_ldm(
         );
     }
     let vae = VaeRun::load(vae_dir, device)?;
+    let source = match (&config.train.init_from, resume) {
+        (Some(src), false) => Some((src, init_source(src, &vae)?)),
+        _ => None,
+    };
     let [c, s, _] = vae.info.latent_shape;
     let class_names = vae.info.class_names.clone();
     let spec = conditioning_spec(&config, class_names.len());
@@ -775,6 +830,22 @@ pub fn train_ldm(
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
     let model = build_model(&config, [c, s], class_names.len(), tokenizer.as_ref(), &ad)?;
+    let model = match (source, resume) {
+        (_, true) => model,
+        (None, false) => {
+            InitFrom::remember(out, None)?;
+            model
+        }
+        (Some((src, info)), false) => {
+            let (model, record) = init_from(model, src, &info, out, tokenizer.is_some())?;
+            eprintln!(
+                "starting from the weights of {} (--init-from)",
+                src.display()
+            );
+            InitFrom::remember(out, Some(&record))?;
+            model
+        }
+    };
     let num_params = model.num_params();
     let mut task = LdmTask {
         order: BatchOrder::new(
@@ -834,6 +905,7 @@ pub fn train_ldm(
         tokenizer_sha256: tokenizer
             .map(|_| sha256_file(&out.join("tokenizer.json")))
             .transpose()?,
+        init_from: InitFrom::recall(out)?,
     };
     write_json(&out.join("ldm.json"), &info).context("writing ldm.json")?;
     Ok(Some(LdmSummary {

@@ -56,6 +56,50 @@ pub fn require(dir: &Path, what: &str, files: &[&str], how: &str) -> Result<()> 
 /// `weights_sha256` that `info_file` holds from the end of training: the weights were
 /// replaced since. They are used as they are, and what is recorded downstream (the
 /// checksum `generate.json` names, the VAE check of an LDM) is the file's own.
+/// The run whose weights a training run started from (`--init-from`, `train.init_from`),
+/// recorded in its `vae.json` / `ldm.json`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InitFrom {
+    pub dir: std::path::PathBuf,
+    /// SHA-256 of the `model.safetensors` the weights were read from.
+    pub weights_sha256: String,
+}
+
+impl InitFrom {
+    /// Where a run folder keeps the record from the start of training to its end (through
+    /// `--resume`, which does not read the source run again).
+    const FILE: &'static str = "init_from.json";
+
+    /// The record of the source run `src`: its folder and the checksum of its weights.
+    pub fn of(src: &Path) -> Result<Self> {
+        Ok(Self {
+            dir: std::path::absolute(src).unwrap_or_else(|_| src.to_path_buf()),
+            weights_sha256: ldm_common::checkpoint::sha256_file(&src.join("model.safetensors"))?,
+        })
+    }
+
+    /// At the start of a fresh run in `out`: keeps `record`, or removes an earlier run's.
+    pub fn remember(out: &Path, record: Option<&Self>) -> Result<()> {
+        let file = out.join(Self::FILE);
+        match record {
+            Some(r) => ldm_common::checkpoint::write_json(&file, r)?,
+            None if file.exists() => std::fs::remove_file(&file)?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// At the end of training: the record kept in `out`, if any.
+    pub fn recall(out: &Path) -> Result<Option<Self>> {
+        let file = out.join(Self::FILE);
+        Ok(if file.exists() {
+            Some(ldm_common::checkpoint::read_json(&file)?)
+        } else {
+            None
+        })
+    }
+}
+
 pub fn weights_sha256(dir: &Path, info_file: &str, recorded: &str) -> Result<String> {
     let weights = dir.join("model.safetensors");
     let actual = ldm_common::checkpoint::sha256_file(&weights)?;

@@ -20,6 +20,7 @@ use ldm_common::tensor::to_vec_f32;
 use ldm_common::weights::{load_safetensors, save_safetensors};
 use ldm_vae::{Vae, VaeConfig};
 
+use crate::run_dir::InitFrom;
 use crate::train::parallel::take_rows;
 use crate::train::{self, Outcome, ShardedTask, TrainConfig, TrainTask};
 
@@ -47,6 +48,9 @@ pub struct VaeInfo {
     pub steps: u64,
     /// SHA-256 of `model.safetensors`.
     pub weights_sha256: String,
+    /// The run whose weights training started from (`--init-from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<InitFrom>,
 }
 
 /// A trained VAE and what is known about it.
@@ -230,6 +234,30 @@ pub fn train_vae(
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
     let model = Vae::new(&config.vae, channels, &ad);
+    let model = match (&config.train.init_from, resume) {
+        (_, true) => model,
+        (None, false) => {
+            InitFrom::remember(out, None)?;
+            model
+        }
+        (Some(src), false) => {
+            crate::run_dir::require(
+                src,
+                "VAE run",
+                &["vae.json", "model.safetensors"],
+                &format!("pipeline train-vae --out {}", src.display()),
+            )?;
+            let record = InitFrom::of(src)?;
+            let model = load_safetensors(model, &src.join("model.safetensors"))
+                .with_context(|| format!("--init-from {}", src.display()))?;
+            eprintln!(
+                "starting from the weights of {} (--init-from)",
+                src.display()
+            );
+            InitFrom::remember(out, Some(&record))?;
+            model
+        }
+    };
     let preview_set = if held_out.labels.is_empty() {
         &train
     } else {
@@ -269,6 +297,7 @@ pub fn train_vae(
         class_names: task.train.class_names.clone(),
         steps: config.train.steps,
         weights_sha256: sha256_file(&weights)?,
+        init_from: InitFrom::recall(out)?,
     };
     write_json(&out.join("vae.json"), &info).context("writing vae.json")?;
     Ok(Some(VaeSummary {

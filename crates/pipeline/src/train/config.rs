@@ -61,6 +61,13 @@ pub struct TrainConfig {
     /// and only the activation memory shrinks. See [`super::parallel`].
     #[serde(default = "d_one", skip_serializing_if = "is_one")]
     pub gradient_accumulation_steps: usize,
+    /// A finished run of the same stage and architecture whose weights (`model.safetensors`;
+    /// an LDM's are its EMA weights) this run starts from instead of a random initialisation
+    /// (`--init-from`; diffusers' `--pretrained_model_name_or_path`): fine-tuning. The
+    /// optimizer, the step count, the learning-rate schedule and the data order start afresh;
+    /// an LDM's EMA starts from the same weights. For `train-vae` and `train-ldm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<std::path::PathBuf>,
     /// `"f32"`, or `"bf16"`: mixed precision, f32 weights and optimizer state with forward and
     /// backward in bf16 (`ldm_common::precision`). For the GPU, and for libtorch on a CPU with
     /// bf16 arithmetic (AVX512_BF16); elsewhere, and always on burn-flex, it is slower than f32
@@ -245,6 +252,8 @@ pub struct TrainOverrides {
     pub devices: Option<Vec<String>>,
     /// `--gradient-accumulation-steps K`.
     pub gradient_accumulation_steps: Option<usize>,
+    /// `--init-from DIR`.
+    pub init_from: Option<std::path::PathBuf>,
 }
 
 impl TrainOverrides {
@@ -267,6 +276,9 @@ impl TrainOverrides {
         }
         if let Some(v) = self.gradient_accumulation_steps {
             train.gradient_accumulation_steps = v;
+        }
+        if let Some(v) = &self.init_from {
+            train.init_from = Some(v.clone());
         }
     }
 }

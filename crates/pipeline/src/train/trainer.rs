@@ -74,6 +74,12 @@ pub fn train<T: TrainTask>(
             config.devices.join(",")
         );
     }
+    if let Some(dir) = &config.init_from {
+        bail!(
+            "train.init_from (--init-from) = {}: this stage starts from a random initialisation (fine-tuning is for train-vae and train-ldm); remove it",
+            dir.display()
+        );
+    }
     if config.gradient_accumulation_steps > 1 {
         bail!(
             "train.gradient_accumulation_steps = {}: this stage computes each batch in one part (gradient accumulation is for train-vae and train-ldm); remove the key",
