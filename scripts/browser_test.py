@@ -98,6 +98,11 @@ def main():
         picked = (driver.find_element(By.ID, "sampler").get_attribute("value"),
                   driver.find_element(By.ID, "spacing").get_attribute("value"))
         check(picked == ("unipc", "karras"), f"the keyboard picks UniPC on Karras timesteps: {picked}")
+        check(not driver.find_element(By.ID, "trajectory-figure").is_displayed(),
+              "no trajectory unless asked for")
+        driver.find_element(By.ID, "trajectory").send_keys(Keys.SPACE)
+        check(driver.find_element(By.ID, "trajectory").is_selected(),
+              "Space ticks 'Show how the images form'")
         steps = driver.find_element(By.ID, "steps")
         steps.send_keys(Keys.ENTER)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
@@ -106,6 +111,10 @@ def main():
         line = driver.find_element(By.ID, "results-line").text
         check("(rescale 0.7)" in line and "unipc" in line and "(karras)" in line,
               f"the second generation is rescaled, UniPC on Karras timesteps: {line}")
+        caption = driver.find_element(By.ID, "trajectory-caption").text
+        check(driver.find_element(By.ID, "trajectory-img").is_displayed()
+              and caption.startswith("How they formed") and "after steps 1, " in caption,
+              f"the trajectory is shown: {caption}")
         driver.execute_script("document.activeElement.blur()")
         driver.save_screenshot(a.out)
         print(f"screenshot: {a.out}")

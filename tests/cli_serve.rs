@@ -293,6 +293,41 @@ fn api_generates_and_names_every_bad_field() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(t.path("g/001.png")).unwrap(), pngs[1].0);
+    // "trajectory": true adds generate --trajectory's PNG, the same bytes; the images stay.
+    assert!(a["trajectory"].is_null());
+    let mut with_trajectory = req.clone();
+    with_trajectory["trajectory"] = json!(true);
+    let tr = server.generate(&with_trajectory).json();
+    assert_eq!(tr["images"], a["images"]);
+    assert_eq!(
+        tr["settings"]["trajectory"]["steps"],
+        json!([1, 2, 3, 4, 5, 6, 7])
+    );
+    let png = BASE64.decode(tr["trajectory"].as_str().unwrap()).unwrap();
+    let o = pipeline(&[
+        "generate",
+        "--model",
+        &t.p("ldm"),
+        "--class",
+        "top-right",
+        "--cfg",
+        "3",
+        "--sampler",
+        "dpm-solver++",
+        "--steps",
+        "7",
+        "-n",
+        "3",
+        "--seed",
+        "11",
+        "--out",
+        &t.p("gt"),
+        "--device",
+        "cpu",
+        "--trajectory",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(t.path("gt/trajectory.png")).unwrap(), png);
     // No seed: one is drawn, and the answer says which.
     let drawn = server
         .generate(&json!({"prompt": "a bottom-left", "n": 1}))
@@ -341,6 +376,11 @@ fn api_generates_and_names_every_bad_field() {
     bad(json!({"n": 5}), "n", "expected 1 to 4");
     bad(json!({"n": 0}), "n", "expected 1 to 4");
     bad(json!({"cfg": "abc"}), "cfg", "expected a number");
+    bad(
+        json!({"trajectory": "yes"}),
+        "trajectory",
+        "expected true or false",
+    );
     bad(json!({"cfg": -1}), "cfg", "expected a number >= 0");
     bad(json!({"eta": 2}), "eta", "[0, 1]");
     bad(

@@ -409,20 +409,6 @@ pub fn generate_images(
         trajectory: None,
         files: vec![],
     };
-    let trajectory = match trajectory.map(|t| t.take()) {
-        Some(estimates) if !estimates.is_empty() => {
-            let (steps, rows) = trajectory_columns(estimates.len(), args.n);
-            let png = trajectory_png(run, &estimates, &steps, rows)?;
-            record.trajectory = Some(TrajectoryRecord {
-                file: "trajectory.png".into(),
-                steps: steps.iter().map(|s| s + 1).collect(),
-                sampler_steps: estimates.len(),
-                rows,
-            });
-            Some(png)
-        }
-        _ => None,
-    };
     let pixels = to_pixels(images);
     let settings = serde_json::to_string(&record)?;
     let mut pngs = Vec::with_capacity(args.n);
@@ -439,6 +425,21 @@ pub fn generate_images(
     }
     let (g, gw, gh) = grid(&pixels, (args.n as f64).sqrt().ceil() as usize);
     let grid = encode_png(&g, gw, gh, pixels.channels, &[("parameters", &settings)]);
+    // after the PNGs: their `parameters` hold what makes the image, not what else was drawn
+    let trajectory = match trajectory.map(|t| t.take()) {
+        Some(estimates) if !estimates.is_empty() => {
+            let (steps, rows) = trajectory_columns(estimates.len(), args.n);
+            let png = trajectory_png(run, &estimates, &steps, rows)?;
+            record.trajectory = Some(TrajectoryRecord {
+                file: "trajectory.png".into(),
+                steps: steps.iter().map(|s| s + 1).collect(),
+                sampler_steps: estimates.len(),
+                rows,
+            });
+            Some(png)
+        }
+        _ => None,
+    };
     let init_reconstruction = init.map(|i| {
         let p = to_pixels(crate::sampling::decode(&run.vae, i.z0));
         encode_png(&interleaved(&p, 0), p.width, p.height, p.channels, &[])

@@ -165,7 +165,7 @@ async fn finish(job: JobHandle) -> Response {
 }
 
 /// The answer of a finished job: `{id, settings, images: [base64 PNG], grid,
-/// init_reconstruction, warnings}`.
+/// init_reconstruction, trajectory, warnings}`.
 fn result(id: u64, status: &Status) -> Result<Value, ApiError> {
     match status {
         Status::Done {
@@ -177,6 +177,7 @@ fn result(id: u64, status: &Status) -> Result<Value, ApiError> {
             "images": g.images.iter().map(|png| BASE64.encode(png)).collect::<Vec<_>>(),
             "grid": BASE64.encode(&g.grid),
             "init_reconstruction": g.init_reconstruction.as_ref().map(|png| BASE64.encode(png)),
+            "trajectory": g.trajectory.as_ref().map(|png| BASE64.encode(png)),
             "warnings": warnings,
         })),
         Status::Failed(e) => Err(e.clone()),

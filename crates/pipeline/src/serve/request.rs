@@ -37,6 +37,7 @@ pub const FIELDS: &[&str] = &[
     "strength",
     "mask",
     "classifier_scale",
+    "trajectory",
 ];
 
 /// Longest prompt accepted, in characters.
@@ -128,6 +129,7 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         (Some(scale), Some(dir)) => classifier_stage::from_flags(Some(dir.clone()), Some(scale))
             .map_err(|e| ApiError::from_library(&e, FIELDS))?,
     };
+    let trajectory: Option<bool> = get(&map, "trajectory", "true or false")?;
     Ok(GenerateArgs {
         prompt,
         negative_prompt,
@@ -138,7 +140,7 @@ pub fn parse(body: &[u8], model: &ModelInfo) -> Result<GenerateArgs, ApiError> {
         seed: seed.unwrap_or_else(|| rand::random::<u32>() as u64),
         img2img,
         classifier,
-        trajectory: false,
+        trajectory: trajectory.unwrap_or(false),
     })
 }
 

@@ -57,6 +57,7 @@ async function loadModel() {
   $("n").value = String(Math.min(4, m.limits.max_images));
   const has = (f) => state.fields.includes(f);
   $("guidance_rescale").disabled = !has("guidance_rescale");
+  $("trajectory").disabled = !has("trajectory");
   $("negative_prompt").disabled = !has("negative_prompt");
   if (!has("negative_prompt")) $("negative_prompt").placeholder = "not supported by this build";
   const img2img = has("init_image");
@@ -80,6 +81,7 @@ function request() {
   body.sampler = $("sampler").value;
   body.spacing = $("spacing").value;
   body.n = Number($("n").value);
+  if ($("trajectory").checked && !$("trajectory").disabled) body.trajectory = true;
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = Number(seed);
   if (!$("img2img").disabled) {
@@ -259,6 +261,15 @@ function show(result, fresh) {
     fig.append(enlarge, caption);
     grid.append(fig);
   });
+  const t = s.trajectory;
+  $("trajectory-figure").hidden = !(result.trajectory && t);
+  if (result.trajectory && t) {
+    $("trajectory-img").src = pngUrl(result.trajectory);
+    $("trajectory-img").alt = `how the first ${t.rows} images formed`;
+    $("trajectory-caption").textContent =
+      `How they formed: one row per image, the clean-image estimate after steps ` +
+      `${t.steps.join(", ")} of ${t.sampler_steps}.`;
+  }
   if (fresh) addHistory(result);
 }
 
@@ -297,6 +308,7 @@ function reuseSettings(s) {
   showRescale();
   $("sampler").value = s.sampler.kind;
   $("spacing").value = s.sampler.spacing;
+  $("trajectory").checked = Boolean(s.trajectory);
   $("steps").value = String(s.sampler.steps);
   showSteps();
   $("seed").value = String(s.seed);
