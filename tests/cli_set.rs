@@ -182,10 +182,11 @@ fn run_takes_stage_settings_and_keeps_only_matching_stages() {
     )
     .unwrap();
     let run = |sets: &[&str]| {
-        pipeline(&with_sets(
-            &["run", &t.p("recipe.toml"), "--device", "cpu"],
-            sets,
-        ))
+        pipeline_home(
+            &std::env::temp_dir(),
+            &t.path("home"),
+            &with_sets(&["run", &t.p("recipe.toml"), "--device", "cpu"], sets),
+        )
     };
     assert_error(
         &run(&["schedule.kind=cosine"]),
@@ -236,7 +237,9 @@ fn a_recipe_sets_config_keys_before_the_command_line() {
         )
     };
     std::fs::write(t.path("bad.toml"), recipe("\"train.steps=3\"")).unwrap();
-    let o = pipeline(&["run", &t.p("bad.toml"), "--device", "cpu"]);
+    let home = t.path("home");
+    let run = |args: &[&str]| pipeline_home(&std::env::temp_dir(), &home, args);
+    let o = run(&["run", &t.p("bad.toml"), "--device", "cpu"]);
     assert_error(
         &o,
         "bad.toml: set = train.steps=3: expected a key starting with vae. or ldm.",
@@ -247,7 +250,7 @@ fn a_recipe_sets_config_keys_before_the_command_line() {
     )
     .unwrap();
     // the command line's settings come after the recipe's
-    let o = pipeline(&[
+    let o = run(&[
         "run",
         &t.p("r.toml"),
         "--device",

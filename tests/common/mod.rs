@@ -13,8 +13,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Runs `pipeline` with `args` from `cwd`.
+/// Runs `pipeline` with `args` from `cwd`. Not for `run`, which records its model as the
+/// default of `generate` in the per-user folder: that takes [`pipeline_home`], so that the
+/// tests never replace the model of the developer's README command.
 pub fn pipeline_in(cwd: &Path, args: &[&str]) -> Output {
+    assert_ne!(
+        args.first(),
+        Some(&"run"),
+        "`pipeline run` writes the per-user default model: use pipeline_home"
+    );
     Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(args)
         .current_dir(cwd)
