@@ -270,27 +270,33 @@ fn api_generates_and_names_every_bad_field() {
     other["seed"] = json!(12);
     assert_ne!(server.generate(&other).json()["images"], a["images"]);
     // The same bytes as `pipeline generate` writes for the same settings.
-    let o = pipeline(&[
-        "generate",
-        "--model",
-        &t.p("ldm"),
-        "--class",
-        "top-right",
-        "--cfg",
-        "3",
-        "--sampler",
-        "dpm-solver++",
-        "--steps",
-        "7",
-        "-n",
-        "3",
-        "--seed",
-        "11",
-        "--out",
-        &t.p("g"),
-        "--device",
-        "cpu",
-    ]);
+    let generate = |out: &str, extra: &[&str]| {
+        let (model, out) = (t.p("ldm"), t.p(out));
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--class",
+            "top-right",
+            "--cfg",
+            "3",
+            "--sampler",
+            "dpm-solver++",
+            "--steps",
+            "7",
+            "-n",
+            "3",
+            "--seed",
+            "11",
+            "--out",
+            &out,
+            "--device",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        pipeline(&args)
+    };
+    let o = generate("g", &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(t.path("g/001.png")).unwrap(), pngs[1].0);
     // "trajectory": true adds generate --trajectory's PNG, the same bytes; the images stay.
@@ -304,28 +310,7 @@ fn api_generates_and_names_every_bad_field() {
         json!([1, 2, 3, 4, 5, 6, 7])
     );
     let png = BASE64.decode(tr["trajectory"].as_str().unwrap()).unwrap();
-    let o = pipeline(&[
-        "generate",
-        "--model",
-        &t.p("ldm"),
-        "--class",
-        "top-right",
-        "--cfg",
-        "3",
-        "--sampler",
-        "dpm-solver++",
-        "--steps",
-        "7",
-        "-n",
-        "3",
-        "--seed",
-        "11",
-        "--out",
-        &t.p("gt"),
-        "--device",
-        "cpu",
-        "--trajectory",
-    ]);
+    let o = generate("gt", &["--trajectory"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(std::fs::read(t.path("gt/trajectory.png")).unwrap(), png);
     // No seed: one is drawn, and the answer says which.

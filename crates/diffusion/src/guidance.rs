@@ -363,22 +363,29 @@ mod tests {
         }
     }
 
+    /// Guidance at scale 4 of a v-predicting `backbone`, classes 1 and 3 against class 0.
+    fn cfg_four<'a>(
+        backbone: &'a Stub,
+        schedule: &'a Schedule,
+        device: &Device,
+    ) -> ClassifierFreeGuidance<'a, Stub> {
+        ClassifierFreeGuidance::new(
+            backbone,
+            Parameterization::Velocity,
+            schedule,
+            &classes([1, 3], device),
+            &classes([0, 0], device),
+            4.0,
+        )
+        .unwrap()
+    }
+
     #[test]
     fn guidance_rescale_zero_is_plain_guidance_and_out_of_range_is_refused() {
         let device = Device::flex();
         let schedule = Schedule::new(&ScheduleConfig::default()).unwrap();
         let backbone = stub();
-        let make = || {
-            ClassifierFreeGuidance::new(
-                &backbone,
-                Parameterization::Velocity,
-                &schedule,
-                &classes([1, 3], &device),
-                &classes([0, 0], &device),
-                4.0,
-            )
-            .unwrap()
-        };
+        let make = || cfg_four(&backbone, &schedule, &device);
         let z = Tensor::<4>::from_floats([[[[1.0, -2.0]]], [[[0.5, 4.0]]]], &device);
         let plain = to_vec_f32(make().predict_eps(z.clone(), 300));
         let zero = to_vec_f32(
@@ -401,15 +408,7 @@ mod tests {
         let device = Device::flex();
         let schedule = Schedule::new(&ScheduleConfig::default()).unwrap();
         let backbone = stub();
-        let cfg = ClassifierFreeGuidance::new(
-            &backbone,
-            Parameterization::Velocity,
-            &schedule,
-            &classes([1, 3], &device),
-            &classes([0, 0], &device),
-            4.0,
-        )
-        .unwrap();
+        let cfg = cfg_four(&backbone, &schedule, &device);
         let ts = timesteps(&schedule, 7, TimestepSpacing::Trailing).unwrap();
         let x = Tensor::<4>::ones([2, 1, 2, 2], &device) * 0.1;
         let mut hooks = SampleHooks::seeded(0, device);

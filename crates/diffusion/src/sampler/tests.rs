@@ -191,6 +191,22 @@ fn reference_noise(device: Device) -> SampleHooks<'static> {
     })
 }
 
+/// Asserts the sum and mean |x| of a reference loop's 8 results within 1e-4 relative (f32
+/// arithmetic against float64 references).
+fn assert_sum_and_mean_abs(x: Tensor<4>, sum: f64, mean_abs: f64, what: &str) {
+    let v: Vec<f64> = to_vec_f32(x).into_iter().map(f64::from).collect();
+    let got_sum: f64 = v.iter().sum();
+    let got_mean_abs = v.iter().map(|x| x.abs()).sum::<f64>() / 8.0;
+    assert!(
+        (got_sum - sum).abs() < 1e-4 * sum.abs(),
+        "{what}: sum {got_sum} vs {sum}"
+    );
+    assert!(
+        (got_mean_abs - mean_abs).abs() < 1e-4 * mean_abs,
+        "{what}: mean |x| {got_mean_abs} vs {mean_abs}"
+    );
+}
+
 #[test]
 fn full_loop_with_a_dummy_model_matches_the_reference_script() {
     // `python3 scripts/fixtures/sampler_reference.py`, part 1: (sum, mean |x|) of the result.
@@ -276,19 +292,8 @@ fn full_loop_with_a_dummy_model_matches_the_reference_script() {
             &mut hooks,
         )
         .unwrap();
-        let v: Vec<f64> = to_vec_f32(x).into_iter().map(f64::from).collect();
-        let got_sum: f64 = v.iter().sum();
-        let got_mean_abs = v.iter().map(|x| x.abs()).sum::<f64>() / 8.0;
-        // f32 arithmetic against float64: relative 1e-4.
         let what = format!("{} eta={} {:?}", opts.kind, opts.eta, opts.ddpm_variance);
-        assert!(
-            (got_sum - sum).abs() < 1e-4 * sum.abs(),
-            "{what}: sum {got_sum} vs {sum}"
-        );
-        assert!(
-            (got_mean_abs - mean_abs).abs() < 1e-4 * mean_abs,
-            "{what}: mean |x| {got_mean_abs} vs {mean_abs}"
-        );
+        assert_sum_and_mean_abs(x, sum, mean_abs, &what);
     }
 }
 
@@ -399,18 +404,8 @@ fn samplers_match_diffusers() {
             &mut hooks,
         )
         .unwrap();
-        let v: Vec<f64> = to_vec_f32(x).into_iter().map(f64::from).collect();
-        let got_sum: f64 = v.iter().sum();
-        let got_mean_abs = v.iter().map(|x| x.abs()).sum::<f64>() / 8.0;
         let what = format!("{kind} against diffusers' {scheduler}, model {model_name}");
-        assert!(
-            (got_sum - sum).abs() < 1e-4 * sum.abs(),
-            "{what}: sum {got_sum} vs {sum}"
-        );
-        assert!(
-            (got_mean_abs - mean_abs).abs() < 1e-4 * mean_abs,
-            "{what}: mean |x| {got_mean_abs} vs {mean_abs}"
-        );
+        assert_sum_and_mean_abs(x, sum, mean_abs, &what);
     }
 }
 

@@ -34,13 +34,24 @@ impl Level {
 /// level `t`, with h = lambda_t - lambda_s0 and B(h) = e^-h - 1 (UniPC's `bh2` in data
 /// prediction, Zhao et al. 2023, Algorithms 1 and 2 with their Appendix's B(h)):
 /// x_t = (sigma_t / sigma_s0) x - alpha_t (e^-h - 1) m0 - alpha_t B(h) correction,
-/// the first two terms DPM-Solver++'s first-order step. At the data (sigma_t = 0) it is m0.
-fn update(x: Tensor<4>, m0: &Tensor<4>, s0: Level, t: Level, correction: Tensor<4>) -> Tensor<4> {
+/// the first two terms DPM-Solver++'s first-order step (all of it without a correction). At
+/// the data (sigma_t = 0) it is m0.
+fn update(
+    x: Tensor<4>,
+    m0: &Tensor<4>,
+    s0: Level,
+    t: Level,
+    correction: Option<Tensor<4>>,
+) -> Tensor<4> {
     if t.sigma == 0.0 {
         return m0.clone();
     }
     let b_h = (-(t.lambda - s0.lambda)).exp_m1();
-    x * (t.sigma / s0.sigma) - m0.clone() * (t.alpha * b_h) - correction * (t.alpha * b_h)
+    let first_order = x * (t.sigma / s0.sigma) - m0.clone() * (t.alpha * b_h);
+    match correction {
+        Some(c) => first_order - c * (t.alpha * b_h),
+        None => first_order,
+    }
 }
 
 /// The corrector's weights (rho_1, rho_2) for order 2 with r1 = (lambda_{s1} - lambda_s0) / h:
@@ -59,7 +70,8 @@ fn corrector_weights(h: f64, r1: f64) -> (f64, f64) {
 /// `predict_x0=True`, `lower_order_final=True`). At step i the network's data prediction m_i
 /// at t_i first corrects x_i (UniC, except at the first step) using m_i, the previous
 /// predictions and x_{i-1}, then the predictor (UniP) moves the corrected x_i to t_{i+1}: order
-/// 1 at the first and the last step, else order 2 with the divided difference
+/// 1 at the first step (and at the last, which returns m whatever the order), else order 2
+/// with the divided difference
 /// D1 = (m_{i-1} - m_i) / r1, r1 = (lambda_{i-1} - lambda_i) / h, weighted 1/2. The corrector
 /// reuses the evaluation the next step makes anyway, so N steps cost N network calls; the last
 /// step lands on the data and returns m. Deterministic.
@@ -92,7 +104,7 @@ pub fn sample_unipc(
                 }
                 _ => d1_t * 0.5,
             };
-            x = update(x_prev, m0, *s0, level, correction);
+            x = update(x_prev, m0, *s0, level, Some(correction));
         }
         history.push((m, level));
         if history.len() > 2 {
@@ -104,13 +116,11 @@ pub fn sample_unipc(
         previous = Some((x.clone(), order));
         let (m0, s0) = history.last().expect("just pushed");
         let target = Level::of(next.map_or(1.0, |s| schedule.alpha_bar(s)));
-        let correction = if order == 2 {
+        let correction = (order == 2).then(|| {
             let (m1, s1) = &history[0];
             let r1 = (s1.lambda - s0.lambda) / (target.lambda - s0.lambda);
             (m1.clone() - m0.clone()) * (0.5 / r1)
-        } else {
-            m0.zeros_like()
-        };
+        });
         x = update(x, m0, *s0, target, correction);
         x = hooks.end_step(i, timesteps.len(), next, x)?;
     }
