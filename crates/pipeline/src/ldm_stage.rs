@@ -208,7 +208,7 @@ fn init_from(
     info: &LdmInfo,
     out: &Path,
     text: bool,
-) -> Result<(LdmModel, InitFrom)> {
+) -> Result<LdmModel> {
     if text {
         let ours = sha256_file(&out.join("tokenizer.json"))?;
         if info.tokenizer_sha256.as_deref() != Some(ours.as_str()) {
@@ -218,10 +218,8 @@ fn init_from(
             );
         }
     }
-    let record = InitFrom::of(src)?;
-    let model = load_safetensors_renamed(model, &src.join("model.safetensors"), LOADED_NAMES)
-        .with_context(|| format!("--init-from {}", src.display()))?;
-    Ok((model, record))
+    load_safetensors_renamed(model, &src.join("model.safetensors"), LOADED_NAMES)
+        .with_context(|| format!("--init-from {}", src.display()))
 }
 
 /// The conditioning spec of a config and data set.
@@ -830,21 +828,12 @@ pub fn train_ldm(
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
     let model = build_model(&config, [c, s], class_names.len(), tokenizer.as_ref(), &ad)?;
-    let model = match (source, resume) {
-        (_, true) => model,
-        (None, false) => {
-            InitFrom::remember(out, None)?;
-            model
-        }
-        (Some((src, info)), false) => {
-            let (model, record) = init_from(model, src, &info, out, tokenizer.is_some())?;
-            eprintln!(
-                "starting from the weights of {} (--init-from)",
-                src.display()
-            );
-            InitFrom::remember(out, Some(&record))?;
-            model
-        }
+    let text = tokenizer.is_some();
+    let model = match source {
+        Some((src, info)) => InitFrom::start(out, Some(src), resume, model, |model, src| {
+            init_from(model, src, &info, out, text)
+        })?,
+        None => InitFrom::start(out, None, resume, model, |model, _| Ok(model))?,
     };
     let num_params = model.num_params();
     let mut task = LdmTask {

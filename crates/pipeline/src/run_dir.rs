@@ -71,15 +71,42 @@ impl InitFrom {
     const FILE: &'static str = "init_from.json";
 
     /// The record of the source run `src`: its folder and the checksum of its weights.
-    pub fn of(src: &Path) -> Result<Self> {
+    fn of(src: &Path) -> Result<Self> {
         Ok(Self {
             dir: std::path::absolute(src).unwrap_or_else(|_| src.to_path_buf()),
             weights_sha256: ldm_common::checkpoint::sha256_file(&src.join("model.safetensors"))?,
         })
     }
 
+    /// The model a training run in `out` starts from: on `--resume` `model` as it is (the
+    /// checkpoint holds the weights, and the kept record stays); else `model` as initialised,
+    /// or with `src` (`--init-from`) `load(model, src)`, announced and remembered for the run's
+    /// `vae.json` / `ldm.json`.
+    pub fn start<M>(
+        out: &Path,
+        src: Option<&Path>,
+        resume: bool,
+        model: M,
+        load: impl FnOnce(M, &Path) -> Result<M>,
+    ) -> Result<M> {
+        if resume {
+            return Ok(model);
+        }
+        let Some(src) = src else {
+            Self::remember(out, None)?;
+            return Ok(model);
+        };
+        let model = load(model, src)?;
+        Self::remember(out, Some(&Self::of(src)?))?;
+        eprintln!(
+            "starting from the weights of {} (--init-from)",
+            src.display()
+        );
+        Ok(model)
+    }
+
     /// At the start of a fresh run in `out`: keeps `record`, or removes an earlier run's.
-    pub fn remember(out: &Path, record: Option<&Self>) -> Result<()> {
+    fn remember(out: &Path, record: Option<&Self>) -> Result<()> {
         let file = out.join(Self::FILE);
         match record {
             Some(r) => ldm_common::checkpoint::write_json(&file, r)?,

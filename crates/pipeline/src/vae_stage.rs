@@ -234,30 +234,17 @@ pub fn train_vae(
     let ad = device.clone().autodiff();
     ad.seed(config.train.seed);
     let model = Vae::new(&config.vae, channels, &ad);
-    let model = match (&config.train.init_from, resume) {
-        (_, true) => model,
-        (None, false) => {
-            InitFrom::remember(out, None)?;
-            model
-        }
-        (Some(src), false) => {
-            crate::run_dir::require(
-                src,
-                "VAE run",
-                &["vae.json", "model.safetensors"],
-                &format!("pipeline train-vae --out {}", src.display()),
-            )?;
-            let record = InitFrom::of(src)?;
-            let model = load_safetensors(model, &src.join("model.safetensors"))
-                .with_context(|| format!("--init-from {}", src.display()))?;
-            eprintln!(
-                "starting from the weights of {} (--init-from)",
-                src.display()
-            );
-            InitFrom::remember(out, Some(&record))?;
-            model
-        }
-    };
+    let source = config.train.init_from.as_deref();
+    let model = InitFrom::start(out, source, resume, model, |model, src| {
+        crate::run_dir::require(
+            src,
+            "VAE run",
+            &["vae.json", "model.safetensors"],
+            &format!("pipeline train-vae --out {}", src.display()),
+        )?;
+        load_safetensors(model, &src.join("model.safetensors"))
+            .with_context(|| format!("--init-from {}", src.display()))
+    })?;
     let preview_set = if held_out.labels.is_empty() {
         &train
     } else {
